@@ -1,0 +1,51 @@
+"""One exception hierarchy. Every message is a single line that names the file or input at fault and the fix.
+
+The CLI prints ``error: <message>`` for these and exits non-zero; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HubmergeError",
+    "InputError",
+    "CorruptFileError",
+    "UnsafeFileError",
+    "IncompatibleError",
+    "HubAccessError",
+    "VerificationError",
+    "OutputError",
+]
+
+
+class HubmergeError(Exception):
+    """Base class: a problem the user can fix. ``str(err)`` is the one-line message to show."""
+
+    exit_code = 1
+
+
+class InputError(HubmergeError):
+    """An input folder or file is missing, unsupported or malformed (config, adapter, tokenizer)."""
+
+
+class CorruptFileError(InputError):
+    """A weight file is truncated or damaged (bad header, offsets past the end, broken zip)."""
+
+
+class UnsafeFileError(InputError):
+    """A file asks for something hubmerge refuses to do, e.g. a pickle that references code, a path escaping a folder."""
+
+
+class IncompatibleError(HubmergeError):
+    """Inputs are individually fine but do not fit together (shapes, vocabularies, adapter order)."""
+
+
+class HubAccessError(HubmergeError):
+    """The Hub refused or could not serve a request (authentication, access, missing repo or revision)."""
+
+
+class VerificationError(HubmergeError):
+    """A file's hash differs from the recorded or known one."""
+
+
+class OutputError(HubmergeError):
+    """The output cannot be written where asked (exists, inside an input, disk full)."""

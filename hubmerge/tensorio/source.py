@@ -1,0 +1,174 @@
+"""What a readable tensor is (:class:`TensorSource`), its file-backed form (:class:`TensorRef`), and the shared
+machinery of the streaming writers."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..errors import CorruptFileError, InputError
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Anything that can hand out blocks of rows of one tensor (dim 0), e.g. a :class:`TensorRef` or a tensor
+    joined from model-parallel slices. ``label`` names where it comes from, for error messages."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    label: str
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Return rows ``[start, stop)`` (all rows by default) as a new CPU tensor of ``self.dtype``."""
+        ...
+
+
+def row_count(shape: Sequence[int]) -> int:
+    """Rows along dim 0; a 0-d tensor counts as one row."""
+    return shape[0] if shape else 1
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor stored in a file: ``nbytes`` bytes at absolute ``offset``, row-major unless ``stride`` says otherwise."""
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None = None  # only set for non-contiguous tensors (rare in pickles)
+    span: int = 0  # elements of storage covered from ``offset`` (non-contiguous only)
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        rows = row_count(self.shape)
+        stop = rows if stop is None else stop
+        if self.stride is not None:
+            # A strided view: read its storage span once and let torch do the indexing.
+            flat = _pread_tensor(self.path, self.offset, self.span, self.dtype)
+            return flat.as_strided(self.shape, self.stride)[start:stop].clone()
+        row_elems = self.numel // rows if rows else 0
+        block = _pread_tensor(self.path, self.offset + start * row_elems * self.dtype.itemsize,
+                              (stop - start) * row_elems, self.dtype)
+        return block.reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+
+def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Read ``numel`` elements at ``offset`` straight into a fresh tensor's memory (one copy, no mmap)."""
+    nbytes = numel * dtype.itemsize
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror}); check the file exists and is readable") from None
+    try:
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CorruptFileError(
+                    f"{path}: file is truncated (needed {nbytes} bytes at offset {offset}, got {done}); "
+                    "download it again")
+            done += got
+    finally:
+        os.close(fd)
+    return out.view(dtype)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor a writer will receive: its name, dtype and shape, declared before any byte is written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class StreamingTensorWriter:
+    """Shared logic of the file writers: tensors arrive as row blocks in the declared order; the writer checks that
+    every declared byte arrives exactly once, and subclasses only move bytes."""
+
+    def __init__(self, path: Path, entries: Sequence[Entry]):
+        self.path = Path(path)
+        self.entries = list(entries)
+        self._index = 0
+        self._written = 0  # bytes of the current entry
+
+    def write(self, block: torch.Tensor) -> None:
+        """Append a block of rows of the current tensor (the next declared one once the previous is complete)."""
+        if block.numel() == 0:
+            return
+        while self._index < len(self.entries) and self.entries[self._index].nbytes == 0 and self._written == 0:
+            self._begin(self._index)
+            self._finish(self._index)
+            self._index += 1
+        if self._index >= len(self.entries):
+            raise ValueError(f"{self.path.name}: more data than declared")
+        entry = self.entries[self._index]
+        if block.dtype != entry.dtype:
+            raise ValueError(f"{entry.name}: got {block.dtype}, declared {entry.dtype}")
+        data = tensor_bytes(block)
+        if self._written == 0:
+            self._begin(self._index)
+        if self._written + data.nbytes > entry.nbytes:
+            raise ValueError(f"{entry.name}: more bytes than its shape {entry.shape} holds")
+        self._put(data)
+        self._written += data.nbytes
+        if self._written == entry.nbytes:
+            self._finish(self._index)
+            self._index += 1
+            self._written = 0
+
+    def close(self) -> None:
+        """Finish the file; raises ``ValueError`` when a declared tensor did not fully arrive."""
+        while self._index < len(self.entries) and self.entries[self._index].nbytes == 0:
+            self._begin(self._index)
+            self._finish(self._index)
+            self._index += 1
+        if self._index != len(self.entries):
+            raise ValueError(f"{self.path.name}: {self.entries[self._index].name} was not fully written")
+        self._close(complete=True)
+
+    def abort(self) -> None:
+        """Close without completing; the caller removes the partial file."""
+        self._close(complete=False)
+
+    # Subclass hooks.
+    def _begin(self, index: int) -> None:
+        pass
+
+    def _put(self, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def _finish(self, index: int) -> None:
+        pass
+
+    def _close(self, complete: bool) -> None:
+        raise NotImplementedError
