@@ -1,0 +1,146 @@
+"""The base model: an HF-format LLaMA folder opened lazily (config, tensor index, tokenizer), never loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layouts
+from .errors import CorruptFileError, InputError
+from .tensorio import TensorSource, read_safetensors, read_torch_zip
+from .tokenizer import TokenizerInfo, read_tokenizer
+
+# Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
+_WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors", read_safetensors),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", read_torch_zip),
+)
+SUPPORTED = "LLaMA-family models (config.json model_type 'llama', e.g. LLaMA, Llama-2, Chinese-LLaMA)"
+
+
+@dataclass
+class BaseModel:
+    """An opened base: ``tensors`` maps HF names to lazily readable sources; nothing is loaded."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorSource]
+    files: list[Path]  # weight files, in index order
+    tokenizer: TokenizerInfo | None
+    extra_files: list[Path] = field(default_factory=list)  # generation_config.json and the like, copied to outputs
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tensors["model.embed_tokens.weight"].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors["model.embed_tokens.weight"].dtype
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Read and check ``config.json`` of an HF LLaMA folder.
+
+    Raises:
+        InputError: missing or unreadable config, or a model type other than LLaMA.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder "
+                         "(a Meta checkpoint can be converted with `hubmerge convert`)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); restore the original file") from None
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise InputError(f"{path}: model_type {model_type!r} is not supported; hubmerge merges {SUPPORTED}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise InputError(f"{path}: missing or invalid {key!r}; restore the original config.json")
+    return config
+
+
+def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
+    """Index the weights of an HF folder (single or sharded safetensors, else single or sharded .bin).
+
+    Returns:
+        ``(tensors, files)``.
+    Raises:
+        InputError: no weights, or an index naming a missing file. CorruptFileError: a damaged shard.
+    """
+    for index_name, single_name, reader in _WEIGHT_LAYOUTS:
+        index_path, single_path = folder / index_name, folder / single_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CorruptFileError(f"{index_path}: not a valid weight index; restore the original file") from None
+            files = list(dict.fromkeys(folder / f for f in weight_map.values()))
+            for f in files:
+                if f.parent != folder or not f.is_file():
+                    raise InputError(f"{index_path}: lists {f.name}, which is not in {folder}; "
+                                     "download the missing shard")
+            tensors: dict[str, TensorSource] = {}
+            for f in files:
+                tensors.update(reader(f))
+            missing = [n for n, f in weight_map.items() if n not in tensors]
+            if missing:
+                raise CorruptFileError(f"{index_path}: {missing[0]} is not in {weight_map[missing[0]]}; "
+                                       "the shard or the index is damaged, download both again")
+            return tensors, files
+        if single_path.is_file():
+            return dict(reader(single_path)), [single_path]
+    raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded index); "
+                     "point --base at a complete Hugging Face-format model folder")
+
+
+def open_base(folder: Path) -> BaseModel:
+    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies.
+
+    Returns:
+        a :class:`BaseModel`.
+    Raises:
+        InputError / CorruptFileError: see :func:`read_config` and :func:`open_checkpoint`; tensors missing or foreign
+        to a LLaMA model of this config.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
+    config = read_config(folder)
+    tensors, files = open_checkpoint(folder)
+    expected = layouts.hf_tensor_names(config)
+    for name in list(tensors):
+        if layouts.match(name, layouts.HF_DROPPED) or (name == "lm_head.weight" and name not in expected):
+            del tensors[name]  # stale rotary caches; a tied head transformers never reads
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise InputError(f"{folder}: tensor {unknown[0]} does not belong to a LLaMA model with this config.json "
+                         f"({len(unknown)} such); hubmerge merges {SUPPORTED}")
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise InputError(f"{folder}: the weights lack {missing[0]} ({len(missing)} tensors missing); "
+                         "the download is incomplete or config.json belongs to another model")
+    ordered = {n: tensors[n] for n in expected}
+    extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
+    return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra)
