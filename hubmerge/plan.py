@@ -1,0 +1,233 @@
+"""Plan a merge: decide, for every output tensor, where it comes from and which LoRA terms add to it, and check
+everything that can be checked before the first byte is written (shapes, ranks, vocabulary order, tokenizer size).
+
+The same :class:`MergePlan` drives the merge, every writer, the dry-run and the recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import layouts
+from .adapters import Adapter, LoraPair
+from .base import BaseModel
+from .errors import IncompatibleError, InputError
+from .tensorio import TensorSource
+from .tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float16"``/``"fp16"``, ``"bfloat16"``/``"bf16"``, ``"float32"``/``"fp32"`` or a torch dtype; None keeps the
+    base's. Raises InputError for anything else."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise InputError(f"unknown dtype {value!r}; use float16, bfloat16 or float32") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class LoraTerm:
+    """One adapter's LoRA contribution to one tensor."""
+
+    adapter: int  # index into MergePlan.adapters
+    pair: LoraPair
+
+
+@dataclass
+class TensorPlan:
+    """How one output tensor is made: read ``source`` (from the base or the adapter ``origin``), add ``terms``."""
+
+    name: str
+    source: TensorSource
+    origin: str  # "base" or the label of the adapter whose whole matrix replaced the base's
+    terms: list[LoraTerm] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+    @property
+    def changed(self) -> bool:
+        return self.origin != "base" or bool(self.terms)
+
+
+@dataclass
+class MergePlan:
+    """Everything the merge and the writers need, decided and checked up front."""
+
+    base: BaseModel
+    adapters: list[Adapter]
+    tensors: list[TensorPlan]
+    dtype: torch.dtype
+    vocab_size: int
+    config: dict[str, Any]  # the output config.json
+    tokenizer: TokenizerInfo
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the output dtype."""
+        n = 0
+        for t in self.tensors:
+            numel = 1
+            for d in t.shape:
+                numel *= d
+            n += numel * self.out_dtype(t).itemsize
+        return n
+
+    def out_dtype(self, tensor: TensorPlan) -> torch.dtype:
+        """Floating tensors take the output dtype; anything else (rare) keeps its own."""
+        return self.dtype if tensor.source.dtype.is_floating_point else tensor.source.dtype
+
+    def tokenizer_files(self) -> list[Path]:
+        """Tokenizer files for an HF output: the chosen tokenizer's, plus the base's tokenizer_config.json and
+        special_tokens_map.json when it lacks them (never the base's vocabulary files: they would contradict it)."""
+        files = list(self.tokenizer.files)
+        have = {p.name for p in files}
+        if self.base.tokenizer is not None and self.base.tokenizer is not self.tokenizer:
+            files += [p for p in self.base.tokenizer.files if p.name in CONFIG_ONLY_FILES and p.name not in have]
+        return files
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: base, each adapter in order, and the output."""
+        b = self.base
+        lines = [f"base: {b.path} (hidden {b.hidden_size}, {b.config['num_hidden_layers']} layers, "
+                 f"{b.num_heads} heads, {b.num_kv_heads} kv heads, vocab {b.vocab_size}, {dtype_name(b.dtype)})"]
+        for i, a in enumerate(self.adapters, 1):
+            scales = sorted({round(p.scale, 6) for p in a.lora.values()})
+            replaced = ", ".join(n.rsplit(".", 2)[-2] for n in a.replacements) or "nothing"
+            vocab = f" -> vocab {a.vocab_size}" if a.vocab_size else ""
+            lines.append(f"adapter {i}: {a.label} ({a.layout} layout) r={a.r} alpha={a.lora_alpha:g}"
+                         f"{' rslora' if a.use_rslora else ''} scale={'/'.join(f'{s:g}' for s in scales) or '-'}, "
+                         f"{len(a.lora)} LoRA modules, replaces {replaced}{vocab}")
+        changed = sum(t.changed for t in self.tensors)
+        lines.append(f"output: {dtype_name(self.dtype)}, vocab {self.vocab_size} (tokenizer from "
+                     f"{self.tokenizer.folder}), {len(self.tensors)} tensors ({changed} changed), "
+                     f"{self.nbytes / 1e9:.2f} GB of weights")
+        return lines + [f"warning: {w}" for w in self.warnings]
+
+
+def _vocab_shrink_message(adapter: Adapter, rows: int, previous: str, prev_rows: int) -> str:
+    if previous == "the base":
+        return (f"adapter {adapter.label} has a {rows}-token vocabulary, smaller than the base's {prev_rows}: "
+                "it was trained for another base model; use the base it was made for")
+    return (f"adapter {adapter.label} has a {rows}-token vocabulary, smaller than the {prev_rows} tokens of "
+            f"{previous} given before it; adapters apply in the order given and the vocabulary cannot shrink: "
+            "reverse the order (for the Plus recipe: the llama-plus adapter first, then alpaca-plus)")
+
+
+def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) -> None:
+    a, b = tuple(pair.A.shape), tuple(pair.B.shape)
+    if pair.kind == "linear":
+        want_a, want_b = (pair.r, shape[1]), (shape[0], pair.r)
+    else:
+        want_a, want_b = (pair.r, shape[0]), (shape[1], pair.r)
+    if a != want_a or b != want_b:
+        raise IncompatibleError(
+            f"adapter {adapter.label}: {pair.module} has lora_A {list(a)} / lora_B {list(b)} but the base tensor is "
+            f"{list(shape)} (needs {list(want_a)} / {list(want_b)}); the adapter was trained for a different model "
+            "size, e.g. a 7B adapter on a 13B base: use the matching base")
+
+
+def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool) -> None:
+    if tok.size == rows:
+        return
+    if owner == "the base" and vocab_changed:
+        raise IncompatibleError(
+            f"the adapters extend the vocabulary to {rows} tokens but none ships a tokenizer (tokenizer.model or "
+            "tokenizer.json): put the adapter's tokenizer files in its folder")
+    hint = ""
+    if abs(tok.size - rows) == 1:
+        hint = " (a LLaMA-type tokenizer with an Alpaca-type adapter, or the reverse)"
+    raise IncompatibleError(
+        f"{tok.folder}: the tokenizer has {tok.size} tokens but {owner}'s embeddings have {rows} rows{hint}; "
+        "use the tokenizer published with that model")
+
+
+def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None) -> MergePlan:
+    """Plan merging ``adapters`` in order into ``base``.
+
+    Linear deltas add up; whole matrices (modules_to_save) replace what came before, including earlier deltas to
+    that tensor, as sequential ``merge_and_unload()`` calls would.
+
+    Returns:
+        a checked :class:`MergePlan`.
+    Raises:
+        IncompatibleError: an adapter does not fit the base or the adapters before it, or the tokenizer size does not
+        match the merged embeddings. InputError: bad dtype, no tokenizer at all.
+    """
+    if not adapters:
+        raise InputError("no adapters given; name at least one LoRA adapter (folder or Hub ID)")
+    out_dtype = parse_dtype(dtype) or base.dtype
+    config = copy.deepcopy(base.config)
+    plans: dict[str, TensorPlan] = {n: TensorPlan(n, src, "base") for n, src in base.tensors.items()}
+    vocab_rows, vocab_owner = base.vocab_size, "the base"
+    warnings: list[str] = []
+    for index, adapter in enumerate(adapters):
+        warnings += adapter.warnings
+        for name, ref in adapter.replacements.items():
+            if name == HEAD and name not in plans and config.get("tie_word_embeddings"):
+                config["tie_word_embeddings"] = False  # the adapter trained its own head: untie
+                plans[name] = TensorPlan(name, plans[EMBED].source, "base")
+            if name not in plans:
+                raise IncompatibleError(f"adapter {adapter.label} replaces {name}, which the base does not have; "
+                                        "it was trained for another architecture")
+            current = plans[name].shape
+            if name in (EMBED, HEAD):
+                if tuple(ref.shape[1:]) != current[1:]:
+                    raise IncompatibleError(
+                        f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
+                        "the adapter was trained for a different model size, use the matching base")
+                if ref.shape[0] < current[0]:
+                    raise IncompatibleError(_vocab_shrink_message(adapter, ref.shape[0], vocab_owner, current[0]))
+            elif tuple(ref.shape) != current:
+                raise IncompatibleError(f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
+                                        f"{list(current)}; use the base the adapter was trained on")
+            plans[name] = TensorPlan(name, ref, adapter.label)
+        if EMBED in adapter.replacements:
+            rows = adapter.replacements[EMBED].shape[0]
+            if adapter.tokenizer is not None:
+                _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True)
+            vocab_rows, vocab_owner = rows, f"adapter {adapter.label}"
+        for name, pair in adapter.lora.items():
+            if name not in plans:
+                raise IncompatibleError(
+                    f"adapter {adapter.label} adapts {pair.module}, which this base does not have "
+                    f"({base.config['num_hidden_layers']} layers); the adapter was made for another model")
+            _check_lora_shape(adapter, pair, plans[name].shape)
+            plans[name].terms.append(LoraTerm(index, pair))
+
+    head = plans.get(HEAD)
+    if head is not None and head.shape[0] != vocab_rows:
+        raise IncompatibleError(f"lm_head has {head.shape[0]} rows but embed_tokens has {vocab_rows} after "
+                                f"{vocab_owner}; an adapter replaced one without the other, so it cannot be merged")
+    tok_owner = next((a for a in reversed(adapters) if a.tokenizer is not None), None)
+    tokenizer = tok_owner.tokenizer if tok_owner else base.tokenizer
+    if tokenizer is None:
+        raise InputError(f"{base.path}: no tokenizer.model or tokenizer.json in the base or any adapter; "
+                         "copy the base model's tokenizer files into its folder")
+    _check_tokenizer(tokenizer, vocab_rows, f"adapter {tok_owner.label}" if tok_owner else "the base",
+                     vocab_rows != base.vocab_size)
+
+    config["vocab_size"] = vocab_rows
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "torch_dtype":
+            config[key] = dtype_name(out_dtype)
+    order = layouts.hf_tensor_names(config)
+    return MergePlan(base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer,
+                     warnings)

@@ -1,0 +1,57 @@
+"""``hubmerge.json``: the machine-readable record of a merge (inputs with their hashes, scaling, formats, tool
+versions) and the SHA256 of every file written, so a result can be verified and reproduced later.
+
+It holds no timestamps and no local paths of the user's machine beyond what they typed, so that the same merge
+gives the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+RECIPE_NAME = "hubmerge.json"
+RECIPE_VERSION = 1
+_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA256 of a file, read in 8 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(paths: Iterable[Path], root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256}`` in the given order."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages that shape the output bytes."""
+    versions = {"python": platform.python_version()}
+    for pkg in ("hubmerge", "torch", "safetensors", "huggingface_hub", "sentencepiece"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions
+
+
+def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
+    """Write ``hubmerge.json`` into ``folder``; returns its path."""
+    path = folder / RECIPE_NAME
+    path.write_text(json.dumps({"hubmerge_recipe": RECIPE_VERSION, **recipe}, indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def read_recipe(folder: Path) -> dict[str, Any]:
+    """Read ``hubmerge.json`` from ``folder`` (raises OSError / ValueError as json does)."""
+    return json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))

@@ -1,0 +1,81 @@
+"""HF format: sharded safetensors (+ index), config.json, generation_config.json and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..merge import Block
+from ..plan import MergePlan
+from ..tensorio import SafetensorsWriter
+from ..tensorio.source import Entry
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _json_dump(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class HFWriter:
+    """Writes ``model.safetensors`` or ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size``
+    bytes (a single larger tensor gets a shard of its own), in plan order, one shard open at a time."""
+
+    def __init__(self, folder: Path, plan: MergePlan, max_shard_size: int):
+        self.folder, self.plan, self.max_shard_size = Path(folder), plan, max_shard_size
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i, t in enumerate(plan.tensors):
+            nbytes = Entry(t.name, plan.out_dtype(t), t.shape).nbytes
+            if groups[-1] and size + nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += nbytes
+        n = len(groups)
+        self.shard_names = ["model.safetensors"] if n == 1 else [
+            f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self._groups = groups
+        self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
+        self._open: tuple[int, SafetensorsWriter] | None = None
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _entries(self, k: int) -> list[Entry]:
+        return [Entry(self.plan.tensors[i].name, self.plan.out_dtype(self.plan.tensors[i]), self.plan.tensors[i].shape)
+                for i in self._groups[k]]
+
+    def write(self, block: Block) -> None:
+        k = self._shard_of[block.index]
+        if self._open is None or self._open[0] != k:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (k, SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k),
+                                               metadata={"format": "pt"}))
+        self._open[1].write(block.data)
+
+    def close(self) -> list[Path]:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+        files = [self.folder / name for name in self.shard_names]
+        if len(self.shard_names) > 1:
+            weight_map = {self.plan.tensors[i].name: self.shard_names[k]
+                          for k, g in enumerate(self._groups) for i in g}
+            _json_dump(self.folder / INDEX_NAME, {"metadata": {"total_size": self.plan.nbytes},
+                                                  "weight_map": weight_map})
+            files.append(self.folder / INDEX_NAME)
+        _json_dump(self.folder / "config.json", self.plan.config)
+        files.append(self.folder / "config.json")
+        for src in self.plan.base.extra_files + self.plan.tokenizer_files():
+            shutil.copyfile(src, self.folder / src.name)
+            files.append(self.folder / src.name)
+        return files
+
+    def describe(self) -> dict:
+        return {"shards": len(self.shard_names), "max_shard_size": self.max_shard_size}
+
+    def abort(self) -> None:
+        if self._open is not None:
+            self._open[1].abort()
+            self._open = None

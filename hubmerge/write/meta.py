@@ -1,0 +1,165 @@
+"""Meta / llama.cpp consolidated layout: ``consolidated.NN.pth`` model-parallel shards, ``params.json``,
+``tokenizer.model`` (and ``added_tokens.json`` when tokens sit on top of it). No config.json or safetensors here:
+llama.cpp's converter would prefer them over the .pth files.
+
+All shards are written at once, each block going to the shards that hold its rows or columns, so the merge still
+makes a single pass over the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import layouts
+from ..errors import IncompatibleError
+from ..merge import Block
+from ..plan import MergePlan
+from ..tensorio import TorchZipWriter
+from ..tensorio.source import Entry
+
+# Model-parallel shard count of the original release, by hidden size (formats.md).
+DEFAULT_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+
+
+def default_shards(hidden_size: int) -> int:
+    """The shard count Meta's release used for this size; 1 for sizes it never shipped."""
+    return DEFAULT_SHARDS.get(hidden_size, 1)
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Split ``total`` rows into ``parts`` nearly equal counts, the larger ones last (49953 -> [24976, 24977])."""
+    small, extra = divmod(total, parts)
+    return [small + (k >= parts - extra) for k in range(parts)]
+
+
+def ffn_params(dim: int, intermediate: int) -> dict[str, Any]:
+    """``multiple_of`` (and ``ffn_dim_multiplier`` when needed) that make Meta's FFN size formula give
+    ``intermediate``: multiple_of * ceil(int(f * int(8 * dim / 3)) / multiple_of)."""
+    base = int(2 * 4 * dim / 3)
+
+    def size(multiple: int, f: float | None) -> int:
+        hidden = int(f * base) if f else base
+        return multiple * math.ceil(hidden / multiple)
+
+    multiples = (4096, 1024, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+    for m in multiples[2:]:
+        if size(m, None) == intermediate:
+            return {"multiple_of": m}
+    for m in multiples:
+        for f in [round(intermediate / base, k) for k in range(1, 7)] + [(intermediate + 0.5) / base]:
+            if size(m, f) == intermediate:
+                return {"multiple_of": m, "ffn_dim_multiplier": f}
+    raise IncompatibleError(f"intermediate_size {intermediate} cannot be expressed in Meta's params.json")
+
+
+def params_json(plan: MergePlan) -> dict[str, Any]:
+    """params.json with real values (vocab_size included: old converters choke on -1)."""
+    c = plan.config
+    params: dict[str, Any] = {"dim": int(c["hidden_size"]), "n_layers": int(c["num_hidden_layers"]),
+                              "n_heads": plan.base.num_heads}
+    if plan.base.num_kv_heads != plan.base.num_heads:
+        params["n_kv_heads"] = plan.base.num_kv_heads
+    params.update(ffn_params(params["dim"], int(c["intermediate_size"])))
+    params["norm_eps"] = float(c.get("rms_norm_eps", 1e-6))
+    theta = float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+    if theta != 10000.0:
+        params["rope_theta"] = theta
+    params["vocab_size"] = plan.vocab_size
+    return params
+
+
+@dataclass
+class _Route:
+    meta_name: str
+    split: int | None  # dim split across shards, or None for a full copy in each
+    heads: int | None  # rotary head count when the rows must be permuted
+    bounds: list[int]  # dim-0 splits: row where each shard starts (+ total)
+
+
+class MetaWriter:
+    """Writes the consolidated layout in ``shards`` model-parallel files (see :func:`default_shards`)."""
+
+    def __init__(self, folder: Path, plan: MergePlan, shards: int | None = None):
+        self.folder, self.plan = Path(folder), plan
+        n = shards or default_shards(plan.base.hidden_size)
+        self.shards = n
+        if plan.tokenizer.model_file is None:
+            raise IncompatibleError(f"{plan.tokenizer.folder}: the pth format needs tokenizer.model, this tokenizer "
+                                    "has only tokenizer.json; use --format hf")
+        for what, value in (("attention heads", plan.base.num_heads), ("kv heads", plan.base.num_kv_heads),
+                            ("hidden size", plan.base.hidden_size),
+                            ("intermediate size", int(plan.config["intermediate_size"]))):
+            if value % n:
+                raise IncompatibleError(f"cannot split {value} {what} into {n} pth shards; choose a --pth-shards "
+                                        f"count that divides it")
+        self._routes: list[_Route] = []
+        per_shard: list[list[Entry]] = [[] for _ in range(n)]
+        for t in plan.tensors:
+            found = layouts.match(t.name, layouts.HF_TO_META)
+            if found is None:
+                raise IncompatibleError(f"{t.name} has no place in Meta's layout (it has no biases); use --format hf")
+            meta_template, split = layouts.HF_TO_META[found[0]]
+            route = _Route(layouts.fill(meta_template, found[1]), split,
+                           layouts.rotary_head_count(t.name, plan.config), [])
+            dtype = plan.out_dtype(t)
+            if split is None:
+                shapes = [t.shape] * n
+            elif split == 0:
+                sizes = split_sizes(t.shape[0], n)
+                route.bounds = [sum(sizes[:k]) for k in range(n + 1)]
+                shapes = [(s, *t.shape[1:]) for s in sizes]
+            else:
+                shapes = [(t.shape[0], t.shape[1] // n)] * n
+            for k in range(n):
+                per_shard[k].append(Entry(route.meta_name, dtype, shapes[k]))
+            self._routes.append(route)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._writers = [TorchZipWriter(self.folder / f"consolidated.{k:02d}.pth", per_shard[k]) for k in range(n)]
+
+    def write(self, block: Block) -> None:
+        route = self._routes[block.index]
+        data = block.data
+        if route.heads is not None:
+            data = layouts.hf_to_meta_rows(data, self.plan.base.head_dim)
+        if route.split is None:
+            for w in self._writers:
+                w.write(data)
+        elif route.split == 1:
+            cols = data.shape[1] // self.shards
+            for k, w in enumerate(self._writers):
+                w.write(data[:, k * cols:(k + 1) * cols])
+        else:
+            start, stop = block.start, block.start + data.shape[0]
+            for k, w in enumerate(self._writers):
+                lo, hi = max(start, route.bounds[k]), min(stop, route.bounds[k + 1])
+                if lo < hi:
+                    w.write(data[lo - start:hi - start])
+
+    def close(self) -> list[Path]:
+        for w in self._writers:
+            w.close()
+        files = [w.path for w in self._writers]
+        params = self.folder / "params.json"
+        params.write_text(json.dumps(params_json(self.plan), indent=2) + "\n", encoding="utf-8")
+        files.append(params)
+        tokenizer = self.folder / "tokenizer.model"
+        shutil.copyfile(self.plan.tokenizer.model_file, tokenizer)
+        files.append(tokenizer)
+        if self.plan.tokenizer.added:
+            added = self.folder / "added_tokens.json"
+            ordered = dict(sorted(self.plan.tokenizer.added.items(), key=lambda kv: kv[1]))
+            added.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            files.append(added)
+        return files
+
+    def describe(self) -> dict:
+        return {"shards": self.shards}
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.abort()
