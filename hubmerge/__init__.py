@@ -1,8 +1,14 @@
 """hubmerge: turn LoRA adapters into full, ready-to-run LLaMA-family models, streaming and verified.
 
-The pipeline, one module per stage: ``sources`` (resolve, fetch) -> ``verify`` -> ``plan`` -> ``merge`` -> ``write``
--> ``publish``; ``pipeline`` runs them in order. The public API is re-exported here.
+The pipeline, one module per stage: ``sources`` (resolve, fetch) -> ``verify`` -> ``plan`` -> ``merging`` -> ``write``
+-> ``publish``; ``pipeline`` runs them in order. The public API is re-exported here; the heavy parts (torch) load on
+first use, so ``import hubmerge.localhub`` or ``hubmerge --help`` stay fast.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CorruptFileError,
@@ -14,16 +20,30 @@ from .errors import (
     UnsafeFileError,
     VerificationError,
 )
-from .pipeline import MergeResult, merge, plan_merge
-from .plan import MergePlan
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_LAZY = {
+    "merge": "pipeline",
+    "plan_merge": "pipeline",
+    "MergeResult": "pipeline",
+    "MergePlan": "plan",
+}
+
+if TYPE_CHECKING:
+    from .pipeline import MergeResult, merge, plan_merge
+    from .plan import MergePlan
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hubmerge' has no attribute {name!r}")
+
+
 __all__ = [
-    "merge",
-    "plan_merge",
-    "MergeResult",
-    "MergePlan",
+    *_LAZY,
     "HubmergeError",
     "InputError",
     "CorruptFileError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,11 +19,12 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, open_adapter
 from .base import BaseModel, open_base
 from .errors import InputError, OutputError
-from .merge import DEFAULT_BLOCK_BYTES, merge_blocks
+from .merging import DEFAULT_BLOCK_BYTES, merge_blocks
 from .plan import MergePlan, build_plan, dtype_name
-from .recipe import RECIPE_NAME, hash_files, tool_versions, write_recipe
+from .recipe import hash_files, tool_versions, write_recipe
 from .sizes import format_size, parse_size
 from .sources import Source, resolve_local
+from .verify import file_digest
 from .write import FORMATS, Writer
 from .write.hf import HFWriter
 from .write.meta import MetaWriter
@@ -105,24 +107,40 @@ def _check_disk(folder: Path, needed: int) -> None:
                           "free some space or choose another --out")
 
 
+def _input_files(plan: MergePlan) -> list[list[Path]]:
+    """The files each input contributes, base first: what the recipe hashes."""
+    files = [list(plan.base.files)]
+    for a in plan.adapters:
+        files.append([a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else []))
+    return files
+
+
+def _hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
+    """Fill in the SHA256 of every input file not already known (Hub downloads come verified with theirs)."""
+    for src, files in zip(sources, _input_files(plan)):
+        for path in files:
+            if path.name not in src.hashes:
+                src.hashes[path.name] = file_digest(path)
+
+
 def _recipe(plan: MergePlan, base_src: Source, adapter_srcs: Sequence[Source], formats: dict, files: dict) -> dict:
     def source_record(src: Source, input_files: Sequence[Path]) -> dict:
         record = {"source": src.spec}
         if src.repo_id:
             record.update(repo_id=src.repo_id, revision=src.revision, commit=src.commit)
-        record["files"] = {p.name: src.hashes.get(p.name) for p in input_files}
+        record["files"] = {p.name: src.hashes[p.name] for p in input_files}
         return record
 
+    inputs = _input_files(plan)
     adapters = []
-    for src, a in zip(adapter_srcs, plan.adapters):
-        inputs = [a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else [])
-        record = source_record(src, inputs)
+    for src, a, files_in in zip(adapter_srcs, plan.adapters, inputs[1:]):
+        record = source_record(src, files_in)
         record.update(layout=a.layout, r=a.r, lora_alpha=a.lora_alpha, use_rslora=a.use_rslora,
                       scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
                       replaces=sorted(a.replacements), vocab_size=a.vocab_size)
         adapters.append(record)
     return {
-        "base": source_record(base_src, plan.base.files),
+        "base": source_record(base_src, inputs[0]),
         "adapters": adapters,
         "merge": {"dtype": dtype_name(plan.dtype), "vocab_size": plan.vocab_size,
                   "tokenizer": next((a.label for a in reversed(plan.adapters) if a.tokenizer is plan.tokenizer),
@@ -172,6 +190,9 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     writers: list[Writer] = []
+    # Hashing the inputs reads them a second time: do it on the other core while the merge runs.
+    hasher = ThreadPoolExecutor(max_workers=1)
+    input_hashes = hasher.submit(_hash_inputs, plan, [base_src, *adapter_srcs])
     try:
         folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
@@ -188,6 +209,7 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
                        for f, w in zip(formats, writers)}
         writers = []
         files = hash_files(written, staging)
+        input_hashes.result()
         write_recipe(staging, _recipe(plan, base_src, adapter_srcs, format_info, files))
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.hubmerge-old")
@@ -202,6 +224,8 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        hasher.shutdown(cancel_futures=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result_folders = {f: out_dir / folders[f].relative_to(staging) for f in formats}
     return MergeResult(out_dir, result_folders, files, plan, time.monotonic() - started, peak)

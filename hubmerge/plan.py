@@ -155,8 +155,8 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
     if abs(tok.size - rows) == 1:
         hint = " (a LLaMA-type tokenizer with an Alpaca-type adapter, or the reverse)"
     raise IncompatibleError(
-        f"{tok.folder}: the tokenizer has {tok.size} tokens but {owner}'s embeddings have {rows} rows{hint}; "
-        "use the tokenizer published with that model")
+        f"{tok.model_file or tok.folder / 'tokenizer.json'}: the tokenizer has {tok.size} tokens but {owner}'s "
+        f"embeddings have {rows} rows{hint}; use the tokenizer published with that model")
 
 
 def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None) -> MergePlan:
@@ -225,9 +225,8 @@ def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.
                      vocab_rows != base.vocab_size)
 
     config["vocab_size"] = vocab_rows
-    for key in ("torch_dtype", "dtype"):
-        if key in config or key == "torch_dtype":
-            config[key] = dtype_name(out_dtype)
+    # transformers 5 writes "dtype", older releases "torch_dtype": keep the base's spelling (both read the old one).
+    config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name(out_dtype)
     order = layouts.hf_tensor_names(config)
     return MergePlan(base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer,
                      warnings)

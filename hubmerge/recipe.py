@@ -7,30 +7,21 @@ gives the same file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .verify import file_digest
+
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
-_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA256 of a file, read in 8 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_files(paths: Iterable[Path], root: Path) -> dict[str, str]:
     """``{path relative to root: sha256}`` in the given order."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
 
 
 def tool_versions() -> dict[str, str]:

@@ -366,14 +366,13 @@ def _adapter_vocab(adapter_dir: Path) -> int | None:
     return rows[0] if rows else None
 
 
-def peft_merged_logits(
+def peft_merged_model(
     base_dir: str | Path,
     adapter_dirs: Sequence[str | Path],
-    input_ids: torch.Tensor,
     *,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """THE ORACLE: logits [B, T, V] of the base merged with each adapter in order by PEFT.
+) -> torch.nn.Module:
+    """THE ORACLE: the base merged with each adapter in order by PEFT, as a transformers model.
 
     The base is loaded by transformers in ``dtype``; for each adapter the embeddings are resized
     to its embed_tokens rows when that extends the vocab, then PeftModel.from_pretrained and
@@ -393,8 +392,19 @@ def peft_merged_logits(
         if vocab and vocab > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab, mean_resizing=False)  # rows replaced by the adapter's
         model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
+    return model
+
+
+def peft_merged_logits(
+    base_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    input_ids: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Logits [B, T, V] of :func:`peft_merged_model` for ``input_ids``."""
     with torch.no_grad():
-        return model(input_ids).logits
+        return peft_merged_model(base_dir, adapter_dirs, dtype=dtype)(input_ids).logits
 
 
 def model_logits(model_dir: str | Path, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

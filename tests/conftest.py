@@ -32,3 +32,15 @@ def localhub(tmp_path, monkeypatch):
 
 
 # ============================================ end of local Hub fixtures ============================================
+
+
+# =====================================================================================================================
+# Tiny model fixtures (hubmerge/tinymodels via tests/support.py).
+# =====================================================================================================================
+
+@_lh_pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A :class:`support.ModelCache`: tiny real-format bases and adapters, built once per session."""
+    from support import ModelCache
+
+    return ModelCache(tmp_path_factory.mktemp("models"))

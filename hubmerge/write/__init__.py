@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ..merge import Block
+from ..merging import Block
 
 FORMATS = ("hf", "pth")
 

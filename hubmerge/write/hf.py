@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..merge import Block
+from ..merging import Block
 from ..plan import MergePlan
 from ..tensorio import SafetensorsWriter
 from ..tensorio.source import Entry

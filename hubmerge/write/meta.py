@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import layouts
 from ..errors import IncompatibleError
-from ..merge import Block
+from ..merging import Block
 from ..plan import MergePlan
 from ..tensorio import TorchZipWriter
 from ..tensorio.source import Entry

@@ -1,0 +1,137 @@
+"""Shared test helpers: a cache of tiny real-format models, readers that follow other tools' rules (llama.cpp's
+joining of pth shards), and the PEFT oracle comparison."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from hubmerge import tinymodels as tm
+
+# One unit in the last place, relative: the most a single rounding to the output dtype can move a value. Our merge
+# and PEFT's agree in fp32 up to summation order, so after the one cast they may differ by at most that.
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -22}
+
+
+class ModelCache:
+    """Builds tiny models once per test session, keyed by the recipe that made them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[str, Path] = {}
+        self._serial = itertools.count()  # never reuse a folder name, even after a failed build
+
+    def _key(self, kind: str, kw: dict[str, Any]) -> str:
+        return kind + "-" + json.dumps({k: str(v) for k, v in sorted(kw.items())}, sort_keys=True)
+
+    def base(self, **kw: Any) -> Path:
+        key = self._key("base", kw)
+        if key not in self._built:
+            self._built[key] = tm.make_base(self.root / f"base{next(self._serial)}", **kw)
+        return self._built[key]
+
+    def adapter(self, base: Path, **kw: Any) -> Path:
+        key = self._key("adapter", {"base": base, **kw})
+        if key not in self._built:
+            self._built[key] = tm.make_adapter(self.root / f"adapter{next(self._serial)}", base, **kw)
+        return self._built[key]
+
+    def plus_recipe(self, base: Path) -> tuple[Path, Path]:
+        """(llama-plus-like, alpaca-plus-like): 2023 layout r=8 then current layout r=16, both extending the vocab."""
+        llama = self.adapter(base, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
+                             tokenizer="llama", seed=11)
+        alpaca = self.adapter(base, layout="current", r=16, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
+                              tokenizer="alpaca", seed=12)
+        return llama, alpaca
+
+    def copy(self, src: Path, name: str) -> Path:
+        """A private copy of a built folder, for tests that damage it."""
+        dst = self.root / "copies" / name
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        return dst
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF safetensors folder, read with the safetensors package."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def read_pth_like_llamacpp(folder: Path) -> dict[str, torch.Tensor]:
+    """Join consolidated.NN.pth shards as llama.cpp's converter does: tok_embeddings, wo and w2 along axis 1,
+    every other tensor of 2+ dims along axis 0, 1-D tensors from shard 0."""
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(folder.glob("consolidated.*.pth"))]
+    joined = {}
+    for name in shards[0]:
+        parts = [s[name] for s in shards]
+        if parts[0].dim() == 1:
+            joined[name] = parts[0]
+        elif name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            joined[name] = torch.cat(parts, dim=1)
+        else:
+            joined[name] = torch.cat(parts, dim=0)
+    return joined
+
+
+def meta_to_hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """formats.md's Meta->HF rotary permute, written out here independently of hubmerge.layouts."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def input_ids(vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (2, 24), generator=g)
+
+
+def assert_matches_peft(out_hf: Path, base: Path, adapters: Sequence[Path], dtype: torch.dtype) -> None:
+    """The oracle: hubmerge's HF output against PEFT's merge_and_unload() of the same inputs.
+
+    Tensors: PEFT merges in fp32; cast once to ``dtype``, its weights must equal ours within one ulp (a single
+    rounding; fp32 summation order decides the rare ties) and be bit-identical almost everywhere.
+    Logits: both models run in fp32 on their ``dtype`` weights. The few one-ulp weight differences move a logit by
+    at most about two ulps of the largest logit, so that is the tolerance; the merge itself must move the logits by
+    ten times more, or the comparison would prove nothing.
+    """
+    ref = tm.peft_merged_model(base, adapters, dtype=torch.float32)
+    ours = hf_tensors(out_hf)
+    ref_state = ref.state_dict()
+    assert set(ours) == set(ref_state), set(ours) ^ set(ref_state)
+    differing = 0
+    for name, want in ref_state.items():
+        got = ours[name]
+        assert got.dtype == dtype, (name, got.dtype)
+        cast = want.to(dtype)
+        torch.testing.assert_close(got.float(), cast.float(), rtol=ULP[dtype], atol=1e-7, msg=name)
+        differing += int((got != cast).sum())
+    assert differing <= 1e-3 * sum(t.numel() for t in ours.values()), differing
+    ids = input_ids(ref.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = ref.to(dtype).float()(ids).logits
+    got_logits = tm.model_logits(out_hf, ids)
+    tolerance = 2 * ULP[dtype] * float(ref_logits.abs().max())
+    torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=tolerance)
+    base_vocab = tm.sp_size(base / "tokenizer.model")
+    base_logits = tm.model_logits(base, ids % base_vocab)
+    moved = (tm.model_logits(out_hf, ids % base_vocab)[..., :base_vocab] - base_logits).abs()
+    assert moved.max() > 10 * tolerance, "the adapters should change the logits measurably"
+
+
+def no_partial_left(out: Path) -> bool:
+    """True when neither ``out`` nor any staging sibling exists."""
+    return not out.exists() and not any(out.parent.glob(f".{out.name}.hubmerge-*"))
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
