@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import HubmergeError
-from .pipeline import merge, plan_merge
+from .pipeline import merge
 from .write import FORMATS
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -33,36 +33,139 @@ def _formats(value: str) -> list[str]:
     return formats
 
 
-def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
-                   help="LoRA adapter folder or Hub ID (org/name[@revision]); several apply in the order given")
-    p.add_argument("--base", required=True, help="base model: HF-format folder or Hub ID")
-    p.add_argument("--out", help="output folder (default: ./<last adapter name>-merged)")
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that writes a model."""
     p.add_argument("--format", dest="formats", type=_formats, default=["hf"],
-                   help="hf, pth or hf,pth (default: hf); with several, each goes to OUT/<format>/")
+                   help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
+                        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf")
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default: 5GB)")
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking a Meta checkpoint against checklist.chk and the known SHA256 of the release")
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                   help="LoRA adapter folder or Hub ID (org/name[@revision]); several apply in the order given")
+    p.add_argument("--base", required=True,
+                   help="base model: HF-format folder, Hub ID, or Meta checkpoint folder (consolidated.*.pth)")
+    p.add_argument("--out", help="output folder (default: ./<last adapter name>-merged)")
+    _output_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (and, with --push-to, the files of an existing repo)")
+    p.add_argument("--push-to", metavar="ORG/NAME", help="publish the HF output to this Hub repo (private)")
+    p.add_argument("--public", action="store_true", help="with --push-to: create the repo public")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve everything and print the plan; download no weights, write nothing")
+    _hub_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary, only errors")
+
+
+def _hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN, then the token saved by `hf auth login`)")
+    p.add_argument("--cache-dir", help="download cache (default: the standard Hugging Face cache)")
 
 
 @command("merge", "merge adapters into a base (the default command)", _merge_args)
 def _run_merge(args: argparse.Namespace) -> int:
     say = (lambda *_: None) if args.quiet else print
     if args.dry_run:
-        plan = plan_merge(args.adapters, args.base, dtype=args.dtype)
-        for line in plan.describe():
+        from .preview import preview
+
+        for line in preview(args.adapters, args.base, out=args.out, formats=args.formats, dtype=args.dtype,
+                            token=args.token, cache_dir=args.cache_dir, progress=not args.quiet):
             print(line)
         return 0
     result = merge(args.adapters, args.base, args.out, formats=args.formats, dtype=args.dtype,
                    max_shard_size=args.max_shard_size, pth_shards=args.pth_shards, overwrite=args.overwrite,
-                   progress=not args.quiet)
+                   push_to=args.push_to, public=args.public, token=args.token, cache_dir=args.cache_dir,
+                   verify=args.verify, progress=not args.quiet)
     for w in result.plan.warnings:
         say(f"warning: {w}")
     for line in result.summary():
         say(line)
+    return 0
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a folder written by hubmerge (it holds hubmerge.json)")
+    p.add_argument("repo_id", metavar="ORG/NAME", help="the Hub repo to publish to (created private)")
+    p.add_argument("--public", action="store_true", help="create the repo public")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a repo that already has some")
+    _hub_args(p)
+
+
+@command("push", "publish an existing hubmerge output to a private Hub repo with a model card", _push_args)
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import Hub
+    from .publish import push
+
+    result = push(args.folder, args.repo_id, private=not args.public, overwrite=args.overwrite,
+                  hub=Hub(token=args.token, cache_dir=args.cache_dir))
+    print(f"published {result.url} ({'private' if result.private else 'public'}): {len(result.files)} files "
+          "+ model card")
+    return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a Hub repo (org/name[@revision]), an HF cache snapshot folder, or a folder "
+                                  "with hubmerge.json")
+    p.add_argument("--checklist", help="a md5sum/sha256sum-style file to verify the folder against")
+    _hub_args(p)
+
+
+@command("verify", "verify files against the Hub's record, a hubmerge.json recipe or a checklist", _verify_args)
+def _run_verify(args: argparse.Namespace) -> int:
+    from .hub import Hub
+    from .verify import format_table, verify_target
+
+    rows = verify_target(args.target, checklist=args.checklist, hub=Hub(token=args.token, cache_dir=args.cache_dir))
+    for line in format_table(rows):
+        print(line)
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(bad)} of {len(rows)} files verified" + (f"; {len(bad)} FAILED" if bad else ""))
+    return 1 if bad else 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", action="store_true", help="keep the demo's files and print where they are")
+    p.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
+
+
+@command("demo", "run the whole flow offline on tiny models against a local Hub server", _demo_args)
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(keep=args.keep, workdir=args.workdir)
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="META_DIR",
+                   help="Meta checkpoint folder (consolidated.*.pth, params.json; tokenizer.model here or in the "
+                        "parent folder), or an HF-format folder")
+    p.add_argument("--out", required=True, help="output folder")
+    _output_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary, only errors")
+
+
+@command("convert", "convert a Meta LLaMA checkpoint (or any base) to HF safetensors, GGUF or pth", _convert_args)
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .verify import format_table
+
+    result = convert(args.source, args.out, formats=args.formats, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size, pth_shards=args.pth_shards, verify=args.verify,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        checks = result.plan.base.checks
+        if checks:
+            print(f"verified {len(checks)} files:")
+            for line in format_table(checks):
+                print(f"  {line}")
+        for line in result.summary():
+            print(line)
     return 0
 
 

@@ -32,6 +32,13 @@ class Hub:
         return HfApi(endpoint=self.endpoint, token=self.token)
 
     @property
+    def cache_root(self) -> Path:
+        """The HF cache folder downloads go to (never written by anything but the client)."""
+        from huggingface_hub import constants
+
+        return Path(self.cache_dir or constants.HF_HUB_CACHE).expanduser()
+
+    @property
     def url(self) -> str:
         from huggingface_hub import constants
 

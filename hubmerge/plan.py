@@ -103,6 +103,12 @@ class MergePlan:
             files += [p for p in self.base.tokenizer.files if p.name in CONFIG_ONLY_FILES and p.name not in have]
         return files
 
+    def generated_files(self) -> dict[str, dict[str, Any]]:
+        """JSON files for an HF output that the base implies without holding them (a Meta checkpoint's
+        generation_config.json and tokenizer config), except those a copied file already provides."""
+        copied = {p.name for p in self.base.extra_files + self.tokenizer_files()}
+        return {name: doc for name, doc in self.base.generated.items() if name not in copied}
+
     def describe(self) -> list[str]:
         """Human-readable lines: base, each adapter in order, and the output."""
         b = self.base
@@ -122,11 +128,12 @@ class MergePlan:
         return lines + [f"warning: {w}" for w in self.warnings]
 
 
-def _vocab_shrink_message(adapter: Adapter, rows: int, previous: str, prev_rows: int) -> str:
+def vocab_shrink_message(label: str, rows: int, previous: str, prev_rows: int) -> str:
+    """The message for an adapter whose vocabulary is smaller than what came before it (base or adapter)."""
     if previous == "the base":
-        return (f"adapter {adapter.label} has a {rows}-token vocabulary, smaller than the base's {prev_rows}: "
+        return (f"adapter {label} has a {rows}-token vocabulary, smaller than the base's {prev_rows}: "
                 "it was trained for another base model; use the base it was made for")
-    return (f"adapter {adapter.label} has a {rows}-token vocabulary, smaller than the {prev_rows} tokens of "
+    return (f"adapter {label} has a {rows}-token vocabulary, smaller than the {prev_rows} tokens of "
             f"{previous} given before it; adapters apply in the order given and the vocabulary cannot shrink: "
             "reverse the order (for the Plus recipe: the llama-plus adapter first, then alpaca-plus)")
 
@@ -159,8 +166,9 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
         f"embeddings have {rows} rows{hint}; use the tokenizer published with that model")
 
 
-def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None) -> MergePlan:
-    """Plan merging ``adapters`` in order into ``base``.
+def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None, *,
+               conversion: bool = False) -> MergePlan:
+    """Plan merging ``adapters`` in order into ``base`` (with ``conversion``, no adapters: a format conversion).
 
     Linear deltas add up; whole matrices (modules_to_save) replace what came before, including earlier deltas to
     that tensor, as sequential ``merge_and_unload()`` calls would.
@@ -171,7 +179,7 @@ def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.
         IncompatibleError: an adapter does not fit the base or the adapters before it, or the tokenizer size does not
         match the merged embeddings. InputError: bad dtype, no tokenizer at all.
     """
-    if not adapters:
+    if not adapters and not conversion:
         raise InputError("no adapters given; name at least one LoRA adapter (folder or Hub ID)")
     out_dtype = parse_dtype(dtype) or base.dtype
     config = copy.deepcopy(base.config)
@@ -194,7 +202,7 @@ def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.
                         f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
                         "the adapter was trained for a different model size, use the matching base")
                 if ref.shape[0] < current[0]:
-                    raise IncompatibleError(_vocab_shrink_message(adapter, ref.shape[0], vocab_owner, current[0]))
+                    raise IncompatibleError(vocab_shrink_message(adapter.label, ref.shape[0], vocab_owner, current[0]))
             elif tuple(ref.shape) != current:
                 raise IncompatibleError(f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
                                         f"{list(current)}; use the base the adapter was trained on")

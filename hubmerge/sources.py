@@ -1,27 +1,55 @@
-"""Resolve what the user named (a local folder, or a Hub ID ``org/name[@revision]``) into a :class:`Source`: a local
-folder holding the files, plus where they came from."""
+"""Resolve and fetch: turn what the user named (a local folder, or a Hub ID ``org/name[@revision]``) into a
+:class:`Source` whose files sit in a local folder, downloading only what the merge needs and verifying each file
+against the Hub's record as it arrives.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Literal
 
-from .errors import InputError
+from .errors import InputError, UnsafeFileError, VerificationError
+from .hub import Hub, hub_errors
+from .tokenizer import TOKENIZER_FILES
+from .verify import check_known_file, file_digest, git_blob_sha1
 
+Role = Literal["adapter", "base"]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+# What each kind of input needs, by file name; weights are the first layout present.
+ADAPTER_NEEDS = ("adapter_config.json",)
+ADAPTER_WEIGHTS = (("adapter_model.safetensors",), ("adapter_model.bin",))
+BASE_NEEDS = ("config.json", "generation_config.json", "params.json", "checklist.chk")
+BASE_WEIGHTS = (("model.safetensors.index.json",), ("model.safetensors",), ("pytorch_model.bin.index.json",),
+                ("pytorch_model.bin",), ("consolidated.*.pth",))
+COMMON = TOKENIZER_FILES + ("tokenizer_checklist.chk", "README.md")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file as the Hub records it: size, and SHA256 (LFS files) or git blob id (small files)."""
+
+    size: int
+    sha256: str | None
+    blob_id: str | None
 
 
 @dataclass
 class Source:
-    """A resolved input. ``path`` holds its files; Hub inputs also carry the repo, the revision asked for, the commit
-    it resolved to, and the SHA256 the Hub records for each file."""
+    """A resolved input. ``path`` holds its files (a local folder, or the HF cache snapshot once fetched); Hub inputs
+    also carry the repo, the revision asked for, the commit it resolved to and the Hub's record of each file.
+    ``hashes`` collects the SHA256 of every file used, for the recipe."""
 
     spec: str
-    path: Path
+    role: Role
+    path: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    remote: dict[str, RemoteFile] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -34,7 +62,7 @@ class Source:
     @property
     def name(self) -> str:
         """Last component of the repo or folder name (default output folder names use it)."""
-        return (self.repo_id or str(self.path.resolve())).rstrip("/").rsplit("/", 1)[-1]
+        return (self.repo_id or str(Path(self.spec).expanduser().resolve())).rstrip("/").rsplit("/", 1)[-1]
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
@@ -43,12 +71,142 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return (m["repo"], m["rev"]) if m else None
 
 
-def resolve_local(spec: str | Path) -> Source | None:
-    """A :class:`Source` for an existing local folder, or None. A folder wins over a Hub ID of the same name, as in
-    transformers."""
+def resolve(spec: str | Path, role: Role, hub: Hub) -> Source:
+    """Resolve an input: an existing local folder wins (as in transformers), else a Hub ID is looked up on the Hub.
+
+    Returns:
+        a :class:`Source` (Hub sources are not downloaded yet: see :func:`fetch`).
+    Raises:
+        InputError: neither a folder nor a Hub ID. HubAccessError: the Hub refused (not found, gated, bad token...).
+        UnsafeFileError: the Hub lists a file name that would escape the download folder.
+    """
+    spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return Source(str(spec), path)
+        return Source(spec, role, path)
     if path.exists():
-        raise InputError(f"{spec}: is a file; give the folder that holds it")
+        raise InputError(f"{spec}: is a file; give the folder that holds the {role}")
+    parsed = parse_hub_id(spec)
+    if parsed is None or spec.startswith((".", "/", "~")):
+        raise InputError(f"{spec}: {role} folder not found, and not a Hub ID (org/name[@revision]); check the path")
+    repo_id, revision = parsed
+    with hub_errors(hub, repo_id, revision=revision):
+        info = hub.api().model_info(repo_id, revision=revision, files_metadata=True)
+    remote = {}
+    for s in info.siblings or []:
+        _check_name(repo_id, s.rfilename)
+        remote[s.rfilename] = RemoteFile(int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
+    return Source(spec, role, None, repo_id, revision, info.sha, remote)
+
+
+def _check_name(repo_id: str, name: str) -> None:
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or ".." in parts or any(":" in p for p in parts):
+        raise UnsafeFileError(f"{repo_id}: the Hub lists a file named {name!r}, which would land outside the "
+                              "download folder; refusing to download from this repository")
+
+
+def _first_layout(names: set[str], layouts: Iterable[tuple[str, ...]]) -> list[str]:
+    for layout in layouts:
+        found = [n for pattern in layout for n in sorted(names) if PurePosixPath(n).match(pattern) and "/" not in n]
+        if found:
+            return found
+    return []
+
+
+def needed_files(source: Source, *, weights: bool = True) -> list[str]:
+    """The files of a Hub source the merge needs (only configs and tokenizer files when ``weights`` is False).
+
+    Raises:
+        InputError: the repository lacks the config or weights a LoRA adapter / LLaMA model must have.
+    """
+    names = set(source.remote)
+    needs, layouts = (ADAPTER_NEEDS, ADAPTER_WEIGHTS) if source.role == "adapter" else (BASE_NEEDS, BASE_WEIGHTS)
+    chosen = [n for n in needs + COMMON if n in names]
+    weight_files = _first_layout(names, layouts)
+    if source.role == "adapter" and "adapter_config.json" not in names:
+        raise InputError(f"{source.label}: no adapter_config.json in the repository; it is not a PEFT adapter")
+    if not weight_files:
+        what = "adapter_model.safetensors or .bin" if source.role == "adapter" else "model weights"
+        raise InputError(f"{source.label}: no {what} in the repository; check the repository and revision")
+    if weights:
+        chosen += weight_files
+    elif weight_files[0].endswith(".index.json"):
+        chosen.append(weight_files[0])
+    return chosen
+
+
+def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = True) -> None:
+    """Download what the merge needs from a Hub source into the HF cache (resuming partial downloads), verifying
+    each file against the Hub's record; sets ``source.path`` and ``source.hashes``. Local sources are left as they
+    are. A file that fails verification is deleted and downloaded once more; if it fails again, nothing uses it.
+
+    Raises:
+        HubAccessError, VerificationError, InputError.
+    """
+    if source.repo_id is None:
+        return
+    for name in needed_files(source, weights=weights):
+        path = _download_verified(source, name, hub, progress)
+        source.path = path.parent
+        if name.endswith(".index.json") and weights:
+            for shard in _index_shards(source, path):
+                _download_verified(source, shard, hub, progress)
+
+
+def _index_shards(source: Source, index: Path) -> list[str]:
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{source.label}: {index.name} is not a valid weight index") from None
+    for shard in shards:
+        _check_name(source.repo_id or "", shard)
+        if shard not in source.remote:
+            raise InputError(f"{source.label}: {index.name} lists {shard}, which the repository does not have")
+    return [s for s in shards if s not in source.hashes]
+
+
+def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils.tqdm import silent_tqdm
+
+    for attempt in (1, 2):
+        with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
+            local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
+                                         token=hub.token, endpoint=hub.endpoint, force_download=attempt == 2,
+                                         tqdm_class=None if progress else silent_tqdm))
+        problem = _mismatch(source, name, local)
+        if problem is None:
+            return local
+        _discard(local)
+        if attempt == 2:
+            raise VerificationError(f"{source.label}/{name}: {problem} even after downloading it again; the copy "
+                                    "on the Hub is damaged or altered: report it to the repository owner")
+    raise AssertionError("unreachable")
+
+
+def _mismatch(source: Source, name: str, local: Path) -> str | None:
+    """What is wrong with a downloaded file (None when it matches the Hub's record and the known-hash table);
+    records its SHA256 in ``source.hashes``."""
+    record = source.remote[name]
+    if local.stat().st_size != record.size:
+        return f"size {local.stat().st_size} differs from the Hub's {record.size}"
+    if record.sha256:
+        digest = file_digest(local)
+        if digest != record.sha256:
+            return f"SHA256 {digest[:16]}... differs from the Hub's {record.sha256[:16]}..."
+    else:
+        if record.blob_id and git_blob_sha1(local) != record.blob_id:
+            return f"git blob id differs from the Hub's {record.blob_id[:12]}..."
+        digest = file_digest(local)
+    check_known_file(source.repo_id, name, digest)
+    source.hashes[name] = digest
     return None
+
+
+def _discard(local: Path) -> None:
+    """Remove a bad download from the cache: the snapshot link and the blob it points to."""
+    blob = local.resolve()
+    local.unlink(missing_ok=True)
+    if blob != local:
+        blob.unlink(missing_ok=True)

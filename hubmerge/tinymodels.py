@@ -414,3 +414,41 @@ def model_logits(model_dir: str | Path, input_ids: torch.Tensor, *, dtype: torch
 
     with torch.no_grad():
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)(input_ids).logits
+
+
+# One unit in the last place, relative: the most a single rounding to a dtype moves a value.
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -22}
+
+
+@dataclasses.dataclass
+class OracleCheck:
+    """Logits of a merged model against PEFT's: the largest difference, the tolerance it must stay within, and how
+    far the merge moved the base's logits (which must dwarf the tolerance, or the comparison proves nothing)."""
+
+    max_diff: float
+    tolerance: float
+    moved: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_diff <= self.tolerance and self.moved > 10 * self.tolerance
+
+
+def check_against_peft(merged_dir: str | Path, base_dir: str | Path, adapter_dirs: Sequence[str | Path],
+                       dtype: torch.dtype, *, seed: int = 0) -> OracleCheck:
+    """Compare the logits of ``merged_dir`` (weights in ``dtype``) with PEFT's merge_and_unload() of the same inputs
+    cast to ``dtype``, both run in fp32 on the same random token ids.
+
+    A merge that rounds once may differ from PEFT's in the last bit of a few weights (fp32 summation order), which
+    moves a logit by at most about two ulps of the largest logit: that is the tolerance.
+    """
+    ref = peft_merged_model(base_dir, adapter_dirs, dtype=torch.float32)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref_logits = ref.to(dtype).float()(ids).logits
+    got = model_logits(merged_dir, ids)
+    base_vocab = sp_size(Path(base_dir) / "tokenizer.model")
+    base_ids = ids % base_vocab
+    moved = (model_logits(merged_dir, base_ids)[..., :base_vocab] - model_logits(base_dir, base_ids)).abs().max()
+    return OracleCheck(float((got - ref_logits).abs().max()), 2 * ULP[dtype] * float(ref_logits.abs().max()),
+                       float(moved))

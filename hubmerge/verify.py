@@ -20,11 +20,17 @@ _CHUNK = 8 * 1024 * 1024
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file (``sha256``, ``md5``, ...), read in 8 MB chunks."""
-    h = hashlib.new(algorithm)
+    return file_digests(path, (algorithm,))[algorithm]
+
+
+def file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
+    """Several hex digests of a file from a single read (e.g. a checklist's md5 and the known-table's sha256)."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(chunk)
+    return {a: h.hexdigest() for a, h in hashes.items()}
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -90,7 +96,8 @@ def check_tokenizer_matches(adapter_label: str, repo_id: str | None, tokenizer_s
     if wanted is None and vocab_rows is not None:
         wanted = next((t["type"] for t in known_hashes()["tokenizers"] if t["vocab_size"] == vocab_rows), None)
     if wanted is not None and wanted != found["type"]:
-        expected = next(t["name"] for t in known_hashes()["tokenizers"] if t["type"] == wanted)
+        same_type = [t for t in known_hashes()["tokenizers"] if t["type"] == wanted]
+        expected = next((t for t in same_type if t["vocab_size"] == vocab_rows), same_type[0])["name"]
         raise IncompatibleError(
             f"adapter {adapter_label}: its tokenizer.model is the {found['name']} ({found['vocab_size']} tokens) but "
             f"the adapter needs the {expected}; use the tokenizer.model published with this adapter")
@@ -142,6 +149,9 @@ def check_files(folder: Path, expected: dict[str, str], git_blob: Iterable[str] 
         if not path.is_file():
             rows.append(CheckRow(name, want, None, "missing"))
             continue
+        if not want:
+            rows.append(CheckRow(name, None, file_digest(path), "unverified", "no recorded hash"))
+            continue
         got = git_blob_sha1(path) if name in blob_names else file_digest(path, _algorithm(want))
         known = known_name(got) if len(got) == 64 else None
         rows.append(CheckRow(name, want, got, "ok" if got == want.lower() else "MISMATCH", known or ""))
@@ -156,3 +166,72 @@ def format_table(rows: list[CheckRow]) -> list[str]:
         lines.append(f"{r.file:<{width}}  {r.status:<10}  {(r.expected or '-')[:16]:<16}  {(r.actual or '-')[:16]:<16}"
                      f"  {r.note}".rstrip())
     return lines
+
+
+def _cache_expectations(folder: Path) -> tuple[dict[str, str], set[str]] | None:
+    """For a snapshot folder of the HF cache: each file's expected digest is the name of the blob it links to
+    (SHA256 for LFS files, git blob id otherwise). None when ``folder`` is not such a snapshot."""
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return None
+    expected, blobs = {}, set()
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or path.is_file():
+            etag = path.resolve().name
+            name = path.relative_to(folder).as_posix()
+            expected[name] = etag
+            if len(etag) == 40:
+                blobs.add(name)
+    return expected, blobs
+
+
+def verify_target(target: str, *, checklist: str | Path | None = None, hub=None) -> list[CheckRow]:
+    """Verify a local folder, an HF cache snapshot or a Hub repo (``org/name[@revision]``).
+
+    A folder is checked against ``checklist`` when given, else its ``hubmerge.json``, else (a cache snapshot) the
+    blob names the cache stores, else Meta's ``checklist.chk``. A Hub repo is downloaded into the cache and every
+    file is checked against the Hub's record.
+
+    Returns:
+        one :class:`CheckRow` per file.
+    Raises:
+        InputError: nothing to verify against. HubAccessError: the Hub refused.
+    """
+    from .recipe import RECIPE_NAME
+
+    folder = Path(target).expanduser()
+    if checklist is not None:
+        return check_files(folder, read_checklist(Path(checklist)))
+    if folder.is_dir():
+        if (folder / RECIPE_NAME).is_file():
+            try:
+                files = json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))["files"]
+            except (ValueError, KeyError):
+                raise InputError(f"{folder / RECIPE_NAME}: not a hubmerge recipe; restore it or use --checklist") from None
+            return check_files(folder, files)
+        cached = _cache_expectations(folder)
+        if cached is not None:
+            return check_files(folder, cached[0], git_blob=cached[1])
+        if (folder / "checklist.chk").is_file():
+            return check_files(folder, read_checklist(folder / "checklist.chk"))
+        raise InputError(f"{folder}: nothing to verify against (no hubmerge.json, checklist.chk or cache "
+                         "snapshot); give --checklist FILE")
+    return _verify_repo(target, hub)
+
+
+def _verify_repo(target: str, hub) -> list[CheckRow]:
+    from huggingface_hub import hf_hub_download
+
+    from .hub import Hub, hub_errors
+    from .sources import resolve
+
+    hub = hub or Hub()
+    source = resolve(target, "base", hub)
+    rows = []
+    for name, record in sorted(source.remote.items()):
+        with hub_errors(hub, source.repo_id or target, revision=source.revision, filename=name):
+            local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
+                                         token=hub.token, endpoint=hub.endpoint))
+        rows += check_files(local.parent, {local.name: record.sha256 or record.blob_id or ""},
+                            git_blob=() if record.sha256 else (local.name,))
+        rows[-1].file = name
+    return rows

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from hubmerge import tinymodels as tm
 
-# One unit in the last place, relative: the most a single rounding to the output dtype can move a value. Our merge
-# and PEFT's agree in fp32 up to summation order, so after the one cast they may differ by at most that.
-ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -22}
+# Our merge and PEFT's agree in fp32 up to summation order, so after the one cast they differ by one ulp at most.
+ULP = tm.ULP
 
 
 class ModelCache:
@@ -90,19 +89,13 @@ def meta_to_hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def input_ids(vocab: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (2, 24), generator=g)
-
-
 def assert_matches_peft(out_hf: Path, base: Path, adapters: Sequence[Path], dtype: torch.dtype) -> None:
     """The oracle: hubmerge's HF output against PEFT's merge_and_unload() of the same inputs.
 
     Tensors: PEFT merges in fp32; cast once to ``dtype``, its weights must equal ours within one ulp (a single
     rounding; fp32 summation order decides the rare ties) and be bit-identical almost everywhere.
-    Logits: both models run in fp32 on their ``dtype`` weights. The few one-ulp weight differences move a logit by
-    at most about two ulps of the largest logit, so that is the tolerance; the merge itself must move the logits by
-    ten times more, or the comparison would prove nothing.
+    Logits: :func:`hubmerge.tinymodels.check_against_peft` (two ulps of the largest logit; the merge itself must
+    move the logits by ten times more, or the comparison would prove nothing).
     """
     ref = tm.peft_merged_model(base, adapters, dtype=torch.float32)
     ours = hf_tensors(out_hf)
@@ -116,16 +109,9 @@ def assert_matches_peft(out_hf: Path, base: Path, adapters: Sequence[Path], dtyp
         torch.testing.assert_close(got.float(), cast.float(), rtol=ULP[dtype], atol=1e-7, msg=name)
         differing += int((got != cast).sum())
     assert differing <= 1e-3 * sum(t.numel() for t in ours.values()), differing
-    ids = input_ids(ref.config.vocab_size)
-    with torch.no_grad():
-        ref_logits = ref.to(dtype).float()(ids).logits
-    got_logits = tm.model_logits(out_hf, ids)
-    tolerance = 2 * ULP[dtype] * float(ref_logits.abs().max())
-    torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=tolerance)
-    base_vocab = tm.sp_size(base / "tokenizer.model")
-    base_logits = tm.model_logits(base, ids % base_vocab)
-    moved = (tm.model_logits(out_hf, ids % base_vocab)[..., :base_vocab] - base_logits).abs()
-    assert moved.max() > 10 * tolerance, "the adapters should change the logits measurably"
+    check = tm.check_against_peft(out_hf, base, adapters, dtype)
+    assert check.max_diff <= check.tolerance, check
+    assert check.moved > 10 * check.tolerance, f"the adapters should change the logits measurably: {check}"
 
 
 def no_partial_left(out: Path) -> bool:

@@ -1,0 +1,109 @@
+"""The dry run: resolve every input and say what a merge would do, without downloading any weights.
+
+Local inputs get the full plan (every shape check runs: headers are local). Hub inputs are judged from what is small
+to fetch (configs, tokenizers) and from the Hub's file records: sizes to download, r/alpha/scaling, vocabulary
+sizes and their order, tokenizer families by hash. Their tensor shapes are checked after download, before any output
+is written.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from .adapters import read_adapter_config
+from .base import read_config
+from .errors import IncompatibleError
+from .pipeline import PathLike, hub_from_args, build_plan, open_inputs, resolve_inputs
+from .plan import dtype_name, parse_dtype, vocab_shrink_message
+from .sizes import format_size
+from .sources import Source, fetch, needed_files
+from .tokenizer import read_tokenizer
+from .verify import check_tokenizer_matches
+
+
+def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
+    """Weight bytes of a LLaMA model with this config and vocabulary, from its shapes alone."""
+    h, layers, inter = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["intermediate_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or h // heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    return (layers * per_layer + embeddings + h) * itemsize
+
+
+def _download_line(src: Source, hub) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = needed_files(src)
+    todo = [n for n in names if not isinstance(
+        try_to_load_from_cache(src.repo_id, n, cache_dir=hub.cache_dir, revision=src.commit), str)]
+    size = sum(src.remote[n].size for n in todo)
+    return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"
+
+
+def preview(adapters: Sequence[PathLike], base: PathLike, *, out: PathLike | None = None,
+            formats: Sequence[str] = ("hf",), dtype: str | None = None, token: str | None = None,
+            cache_dir: PathLike | None = None, endpoint: str | None = None, progress: bool = False) -> list[str]:
+    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
+
+    Returns:
+        human-readable lines (the same the CLI's ``--dry-run`` and the Space's Check step show).
+    Raises:
+        HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
+    """
+    hub = hub_from_args(token, cache_dir, endpoint)
+    base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
+    out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+    out_dtype = parse_dtype(dtype)
+    if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
+        plan = build_plan(*_opened(base_src, adapter_srcs, hub), dtype)
+        nbytes = plan.nbytes
+        lines = plan.describe()
+    else:
+        for src in (base_src, *adapter_srcs):
+            fetch(src, hub, weights=False, progress=progress)
+        lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
+    need = nbytes * len(formats)
+    free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
+    lines.append(f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
+                 f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})")
+    return lines
+
+
+def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
+    inputs = open_inputs(base_src, adapter_srcs, hub, progress=False)
+    return inputs.base, inputs.adapters
+
+
+def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
+    config = read_config(base_src.path)
+    base_tok = read_tokenizer(base_src.path)
+    vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
+    where = _download_line(base_src, hub) if base_src.repo_id else "local"
+    itemsize = (out_dtype.itemsize if out_dtype else
+                {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2))
+    lines = [f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+             f"vocab {vocab}); {where}"]
+    for i, src in enumerate(adapter_srcs, 1):
+        cfg = read_adapter_config(src.path)
+        tok = read_tokenizer(src.path)
+        r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        extends = "embed_tokens" in (cfg.get("modules_to_save") or [])
+        rows = tok.size if (tok and extends) else None
+        layout = "2023" if "enable_lora" in cfg or "merge_weights" in cfg else "current"
+        where = _download_line(src, hub) if src.repo_id else "local"
+        lines.append(f"adapter {i}: {src.label} ({layout} layout) r={r} alpha={alpha:g} scale={scale:g}, targets "
+                     f"{cfg.get('target_modules')}, replaces {cfg.get('modules_to_save') or 'nothing'}"
+                     f"{f' -> vocab {rows}' if rows else ''}; {where}")
+        check_tokenizer_matches(src.label, src.repo_id, tok.sha256() if tok else None, rows)
+        if rows is not None:
+            if rows < vocab:
+                raise IncompatibleError(vocab_shrink_message(src.label, rows, owner, vocab))
+            vocab, owner = rows, f"adapter {src.label}"
+    dtype = dtype_name(out_dtype) if out_dtype else "the base's dtype"
+    lines.append(f"output: {dtype}, vocab {vocab}; tensor shapes are checked after download, before writing")
+    return lines, estimate_nbytes(config, vocab, itemsize)
