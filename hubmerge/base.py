@@ -13,6 +13,7 @@ from . import layouts
 from .errors import CorruptFileError, InputError
 from .tensorio import TensorSource, read_safetensors, read_torch_zip
 from .tokenizer import TokenizerInfo, read_tokenizer
+from .verify import CheckRow
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
 _WEIGHT_LAYOUTS = (
@@ -32,6 +33,10 @@ class BaseModel:
     files: list[Path]  # weight files, in index order
     tokenizer: TokenizerInfo | None
     extra_files: list[Path] = field(default_factory=list)  # generation_config.json and the like, copied to outputs
+    # JSON files an HF output needs that the base does not hold as files (a Meta checkpoint's config side).
+    generated: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)  # SHA256 of weight files already computed to verify them
+    checks: list[CheckRow] = field(default_factory=list)  # what verifying the base checked, for display
 
     @property
     def hidden_size(self) -> int:
@@ -66,8 +71,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     """
     path = folder / "config.json"
     if not path.is_file():
-        raise InputError(f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder "
-                         "(a Meta checkpoint can be converted with `hubmerge convert`)")
+        raise InputError(f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder or a Meta "
+                         "checkpoint folder (consolidated.*.pth + params.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -115,18 +120,24 @@ def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
                      "point --base at a complete Hugging Face-format model folder")
 
 
-def open_base(folder: Path) -> BaseModel:
-    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies.
+def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
+    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies. A Meta checkpoint
+    folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.meta.open_meta`, verified first
+    unless ``verify`` is false.
 
     Returns:
         a :class:`BaseModel`.
     Raises:
         InputError / CorruptFileError: see :func:`read_config` and :func:`open_checkpoint`; tensors missing or foreign
-        to a LLaMA model of this config.
+        to a LLaMA model of this config. VerificationError: a Meta checkpoint failing its checksums.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
+    from . import meta
+
+    if meta.is_meta_folder(folder):
+        return meta.open_meta(folder, verify=verify)
     config = read_config(folder)
     tensors, files = open_checkpoint(folder)
     expected = layouts.hf_tensor_names(config)

@@ -36,6 +36,8 @@ HF_TENSORS: dict[str, str | None] = {
 
 # Tensors some old conversions carry that no current loader wants.
 HF_DROPPED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
+# The same in Meta checkpoints: the original LLaMA shards hold Meta's precomputed rotary frequencies.
+META_DROPPED = ("rope.freqs",)
 
 # Module names a LoRA adapter may target in a LLaMA model (the last component of the module path).
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
@@ -103,6 +105,20 @@ def rotary_head_count(name: str, config: Mapping[str, Any]) -> int | None:
         return None
     key = ROTARY_HEADS[found[0]]
     return int(config.get(key) or config["num_attention_heads"])
+
+
+def rope_theta(config: Mapping[str, Any]) -> float:
+    """The rotary base of an HF config: ``rope_theta``, or transformers 5's ``rope_parameters.rope_theta``."""
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+
+
+def ffn_hidden_size(dim: int, multiple_of: int, multiplier: float | None = None) -> int:
+    """Meta's feed-forward size formula (params.json -> intermediate_size):
+    ``multiple_of * ceil(int(multiplier * int(8 * dim / 3)) / multiple_of)``; 7B: 11008, Llama-2-70B: 28672."""
+    hidden = int(2 * 4 * dim / 3)
+    if multiplier:
+        hidden = int(multiplier * hidden)
+    return multiple_of * -(-hidden // multiple_of)
 
 
 def hf_to_meta_rows(block: torch.Tensor, head_dim: int) -> torch.Tensor:

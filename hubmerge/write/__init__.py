@@ -5,11 +5,14 @@ creating any file), then receives the merge's blocks in order, and on ``close()`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..merging import Block
 
-FORMATS = ("hf", "pth")
+if TYPE_CHECKING:
+    from ..plan import MergePlan
+
+FORMATS = ("hf", "pth", "gguf")
 
 
 class Writer(Protocol):
@@ -26,3 +29,20 @@ class Writer(Protocol):
 
     def abort(self) -> None:
         """Stop after a failure; the caller removes the folder."""
+
+
+def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int, pth_shards: int | None) -> Writer:
+    """The writer of one format (``hf``, ``pth`` or ``gguf``) for ``plan`` into ``folder``."""
+    if fmt == "hf":
+        from .hf import HFWriter
+
+        return HFWriter(folder, plan, max_shard_size)
+    if fmt == "pth":
+        from .meta import MetaWriter
+
+        return MetaWriter(folder, plan, pth_shards)
+    if fmt == "gguf":
+        from .gguf import GGUFOutput
+
+        return GGUFOutput(folder, plan)
+    raise ValueError(f"unknown format {fmt!r}")

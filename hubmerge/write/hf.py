@@ -70,6 +70,9 @@ class HFWriter:
         for src in self.plan.base.extra_files + self.plan.tokenizer_files():
             shutil.copyfile(src, self.folder / src.name)
             files.append(self.folder / src.name)
+        for name, doc in self.plan.generated_files().items():
+            _json_dump(self.folder / name, doc)
+            files.append(self.folder / name)
         return files
 
     def describe(self) -> dict:

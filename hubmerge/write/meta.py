@@ -8,8 +8,8 @@ makes a single pass over the weights.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,7 @@ def ffn_params(dim: int, intermediate: int) -> dict[str, Any]:
     """``multiple_of`` (and ``ffn_dim_multiplier`` when needed) that make Meta's FFN size formula give
     ``intermediate``: multiple_of * ceil(int(f * int(8 * dim / 3)) / multiple_of)."""
     base = int(2 * 4 * dim / 3)
-
-    def size(multiple: int, f: float | None) -> int:
-        hidden = int(f * base) if f else base
-        return multiple * math.ceil(hidden / multiple)
-
+    size = functools.partial(layouts.ffn_hidden_size, dim)
     multiples = (4096, 1024, 256, 128, 64, 32, 16, 8, 4, 2, 1)
     for m in multiples[2:]:
         if size(m, None) == intermediate:
@@ -66,7 +62,7 @@ def params_json(plan: MergePlan) -> dict[str, Any]:
         params["n_kv_heads"] = plan.base.num_kv_heads
     params.update(ffn_params(params["dim"], int(c["intermediate_size"])))
     params["norm_eps"] = float(c.get("rms_norm_eps", 1e-6))
-    theta = float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+    theta = layouts.rope_theta(c)
     if theta != 10000.0:
         params["rope_theta"] = theta
     params["vocab_size"] = plan.vocab_size
