@@ -29,11 +29,20 @@ _LAZY = {
     "plan_merge": "pipeline",
     "MergeResult": "pipeline",
     "MergePlan": "plan",
+    "preview": "dryrun",
+    "push": "publish",
+    "PushResult": "publish",
+    "verify_target": "verify",
+    "Hub": "hub",
 }
 
 if TYPE_CHECKING:
+    from .hub import Hub
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
+    from .dryrun import preview
+    from .publish import PushResult, push
+    from .verify import verify_target
 
 
 def __getattr__(name: str) -> Any:

@@ -71,7 +71,7 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     say = (lambda *_: None) if args.quiet else print
     if args.dry_run:
-        from .preview import preview
+        from .dryrun import preview
 
         for line in preview(args.adapters, args.base, out=args.out, formats=args.formats, dtype=args.dtype,
                             token=args.token, cache_dir=args.cache_dir, progress=not args.quiet):
