@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -120,6 +120,15 @@ def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
                      "point --base at a complete Hugging Face-format model folder")
 
 
+def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown: str, missing: str) -> None:
+    """Raise InputError for the first of ``names`` foreign to ``expected``, else the first expected name absent;
+    ``unknown`` and ``missing`` are the messages, with ``{name}`` and ``{count}`` filled in."""
+    have = set(names)
+    for found, message in ((sorted(have - set(expected)), unknown), ([n for n in expected if n not in have], missing)):
+        if found:
+            raise InputError(message.format(name=found[0], count=len(found)))
+
+
 def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
     """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies. A Meta checkpoint
     folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.meta.open_meta`, verified first
@@ -144,14 +153,11 @@ def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
     for name in list(tensors):
         if layouts.match(name, layouts.HF_DROPPED) or (name == "lm_head.weight" and name not in expected):
             del tensors[name]  # stale rotary caches; a tied head transformers never reads
-    unknown = sorted(set(tensors) - set(expected))
-    if unknown:
-        raise InputError(f"{folder}: tensor {unknown[0]} does not belong to a LLaMA model with this config.json "
-                         f"({len(unknown)} such); hubmerge merges {SUPPORTED}")
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        raise InputError(f"{folder}: the weights lack {missing[0]} ({len(missing)} tensors missing); "
-                         "the download is incomplete or config.json belongs to another model")
+    check_tensor_names(tensors, expected,
+                       unknown=f"{folder}: tensor {{name}} does not belong to a LLaMA model with this config.json "
+                               f"({{count}} such); hubmerge merges {SUPPORTED}",
+                       missing=f"{folder}: the weights lack {{name}} ({{count}} tensors missing); the download is "
+                               "incomplete or config.json belongs to another model")
     ordered = {n: tensors[n] for n in expected}
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
     return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra)

@@ -43,7 +43,8 @@ class TokenizerInfo:
         return hashlib.sha256(self.model_file.read_bytes()).hexdigest()
 
 
-def _load_json(path: Path) -> dict:
+def load_json(path: Path) -> dict:
+    """A JSON object from a file; InputError (naming the file) when unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -81,7 +82,7 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         sp_size = sp.get_piece_size()
         base_size = sp_size
     else:
-        data = _load_json(folder / "tokenizer.json")
+        data = load_json(folder / "tokenizer.json")
         vocab = data.get("model", {}).get("vocab", {})
         base_size = len(vocab)
         if isinstance(vocab, dict) and vocab:
@@ -89,9 +90,9 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         for tok in data.get("added_tokens", []):
             ids[str(tok.get("content"))] = int(tok["id"])
     if "added_tokens.json" in names:
-        ids.update({str(k): int(v) for k, v in _load_json(folder / "added_tokens.json").items()})
+        ids.update({str(k): int(v) for k, v in load_json(folder / "added_tokens.json").items()})
     if "tokenizer_config.json" in names:
-        decoder = _load_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        decoder = load_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
         ids.update({str(v.get("content")): int(k) for k, v in decoder.items() if isinstance(v, dict)})
     added = {tok: i for tok, i in ids.items() if i >= base_size}
     extra = sorted(set(added.values()))
