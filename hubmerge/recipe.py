@@ -27,7 +27,7 @@ def hash_files(paths: Iterable[Path], root: Path) -> dict[str, str]:
 def tool_versions() -> dict[str, str]:
     """Versions of the packages that shape the output bytes."""
     versions = {"python": platform.python_version()}
-    for pkg in ("hubmerge", "torch", "safetensors", "huggingface_hub", "sentencepiece"):
+    for pkg in ("hubmerge", "torch", "safetensors", "huggingface_hub", "sentencepiece", "gguf"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

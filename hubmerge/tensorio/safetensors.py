@@ -8,7 +8,6 @@ streaming way; tests read every file written here back with the ``safetensors`` 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import CorruptFileError, InputError
-from .source import Entry, StreamingTensorWriter, TensorRef
+from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -104,8 +103,4 @@ class SafetensorsWriter(StreamingTensorWriter):
         self._file.write(data)
 
     def _close(self, complete: bool) -> None:
-        if not self._file.closed:
-            if complete:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            self._file.close()
+        close_written(self._file, complete)

@@ -92,6 +92,16 @@ def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> to
     return out.view(dtype)
 
 
+def close_written(file, complete: bool) -> None:
+    """Close a file a writer produced; a complete one is flushed and fsynced first (it is hashed and moved into
+    place next, so it must be on disk)."""
+    if not file.closed:
+        if complete:
+            file.flush()
+            os.fsync(file.fileno())
+        file.close()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
