@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "merge": "pipeline",
+    "convert": "conversion",
     "plan_merge": "pipeline",
     "MergeResult": "pipeline",
     "MergePlan": "plan",
@@ -38,6 +39,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .hub import Hub
+    from .conversion import convert
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
     from .dryrun import preview

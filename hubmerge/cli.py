@@ -152,7 +152,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "convert a Meta LLaMA checkpoint (or any base) to HF safetensors, GGUF or pth", _convert_args)
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
     from .verify import format_table
 
     result = convert(args.source, args.out, formats=args.formats, dtype=args.dtype,

@@ -1,0 +1,63 @@
+"""``hubmerge convert``: a base written in other formats with no adapter applied. Above all the original Meta
+release (consolidated.*.pth, params.json, tokenizer.model) to HF safetensors, verified first and streamed shard by
+shard; also to GGUF, or an HF folder to pth / GGUF.
+
+A conversion is a plan without adapters, so it runs through the merge's own pieces: the writers, the staging folder
+moved into place when complete, the output hashes and the hubmerge.json recipe.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .base import open_base
+from .errors import InputError
+from .merging import DEFAULT_BLOCK_BYTES
+from .pipeline import Inputs, MergeResult, PathLike, _check_output, _hash_inputs, _recipe, check_formats, write_outputs
+from .plan import build_plan
+from .sizes import parse_size
+from .sources import Source
+
+
+def convert(source: PathLike, out: PathLike, *, formats: Sequence[str] = ("hf",), dtype: str | None = None,
+            max_shard_size: str | int = "5GB", pth_shards: int | None = None, verify: bool = True,
+            overwrite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeResult:
+    """Convert the model in the folder ``source`` (a Meta checkpoint, or an HF folder) and write it under ``out``.
+
+    Args:
+        source: a Meta checkpoint folder (``consolidated.NN.pth`` shards, ``params.json``, ``tokenizer.model`` in
+            it or its parent) or an HF-format LLaMA folder.
+        out: output folder (with several formats, each goes to ``out/<format>/``).
+        formats: ``"hf"`` (default), ``"pth"``, ``"gguf"``.
+        dtype: output dtype; default: the checkpoint's (fp16 for the original release).
+        max_shard_size, pth_shards: as for :func:`hubmerge.merge`.
+        verify: check ``checklist.chk`` / ``tokenizer_checklist.chk`` and the known SHA256 of the original release
+            before converting (Meta checkpoints).
+        overwrite: replace an existing ``out``. progress: show a progress bar.
+
+    Returns:
+        a :class:`~hubmerge.pipeline.MergeResult` (its plan has no adapters).
+    Raises:
+        InputError, CorruptFileError, VerificationError, IncompatibleError, OutputError: nothing is left at ``out``.
+    """
+    started = time.monotonic()
+    formats = check_formats(formats)
+    shard_limit = parse_size(max_shard_size)
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{source}: folder not found; give the folder holding consolidated.*.pth and params.json")
+    out_dir = Path(out).expanduser().resolve()
+    _check_output(out_dir, [folder], overwrite)
+    base = open_base(folder, verify=verify)
+    src = Source(str(source), "base", folder, hashes=dict(base.hashes))
+    plan = build_plan(base, [], dtype, conversion=True)
+    inputs = Inputs(src, base, [], [])
+    folders, files = write_outputs(
+        plan, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards, progress=progress,
+        block_bytes=block_bytes, side_task=lambda: _hash_inputs(plan, inputs.sources),
+        recipe=lambda format_info, files: _recipe(plan, inputs, format_info, files), desc="convert")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(out_dir, folders, files, plan, time.monotonic() - started, peak)
