@@ -11,7 +11,6 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import HubmergeError
-from .pipeline import merge
 from .write import FORMATS
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -77,6 +76,8 @@ def _run_merge(args: argparse.Namespace) -> int:
                             token=args.token, cache_dir=args.cache_dir, progress=not args.quiet):
             print(line)
         return 0
+    from .pipeline import merge
+
     result = merge(args.adapters, args.base, args.out, formats=args.formats, dtype=args.dtype,
                    max_shard_size=args.max_shard_size, pth_shards=args.pth_shards, overwrite=args.overwrite,
                    push_to=args.push_to, public=args.public, token=args.token, cache_dir=args.cache_dir,
@@ -185,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
     args = build_parser(name).parse_args(argv)
+    if getattr(args, "quiet", False):
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # the client's retry notices; errors still end in our one line
     try:
         return COMMANDS[name][2](args)
     except HubmergeError as exc:

@@ -29,7 +29,7 @@ class Hub:
         """A ``huggingface_hub.HfApi`` bound to this endpoint and token."""
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=self.token)
+        return HfApi(endpoint=self.url, token=self.token)
 
     @property
     def cache_root(self) -> Path:
@@ -40,6 +40,7 @@ class Hub:
 
     @property
     def url(self) -> str:
+        """The endpoint requests go to; passed explicitly to every client call so all of them agree."""
         from huggingface_hub import constants
 
         return (self.endpoint or constants.ENDPOINT).rstrip("/")
@@ -78,6 +79,9 @@ def hub_errors(hub: Hub, repo_id: str, action: str = "read", revision: str | Non
         who = "your token cannot see it" if hub.has_token() else "you are not logged in"
         raise HubAccessError(f"{repo_id}: repository not found, or private and {who}; check the name, or {login} "
                              "with an account that can read it") from None
+    except e.LocalEntryNotFoundError:  # the client's name for "could not download and not cached"
+        raise HubAccessError(f"{repo_id}: connection to the Hub at {hub.url} failed while downloading {filename!r}, "
+                             "even after retries; check your connection or HF_ENDPOINT, then retry") from None
     except (e.EntryNotFoundError, e.RemoteEntryNotFoundError):
         raise HubAccessError(f"{repo_id}: file {filename!r} not found at {revision or 'main'}; the repository is "
                              "incomplete, check it holds a full adapter or model") from None

@@ -173,7 +173,7 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
     for attempt in (1, 2):
         with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
             local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
-                                         token=hub.token, endpoint=hub.endpoint, force_download=attempt == 2,
+                                         token=hub.token, endpoint=hub.url, force_download=attempt == 2,
                                          tqdm_class=None if progress else silent_tqdm))
         problem = _mismatch(source, name, local)
         if problem is None:

@@ -230,7 +230,7 @@ def _verify_repo(target: str, hub) -> list[CheckRow]:
     for name, record in sorted(source.remote.items()):
         with hub_errors(hub, source.repo_id or target, revision=source.revision, filename=name):
             local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
-                                         token=hub.token, endpoint=hub.endpoint))
+                                         token=hub.token, endpoint=hub.url))
         rows += check_files(local.parent, {local.name: record.sha256 or record.blob_id or ""},
                             git_blob=() if record.sha256 else (local.name,))
         rows[-1].file = name

@@ -44,3 +44,36 @@ def models(tmp_path_factory):
     from support import ModelCache
 
     return ModelCache(tmp_path_factory.mktemp("models"))
+
+
+# =====================================================================================================================
+# A local Hub with the tiny Plus recipe published, shared by the Hub flow and bad-input tests.
+# =====================================================================================================================
+@_lh_pytest.fixture(scope="session")
+def _published_hub(tmp_path_factory, models):
+    from huggingface_hub import HfApi
+    from support import ALPACA_REPO, BASE_REPO, LLAMA_REPO
+
+    from hubmerge.localhub import LocalHub
+
+    with LocalHub(tmp_path_factory.mktemp("published-hub")) as server:
+        server.tokens = {name: server.add_user(name) for name in ("hfl", "alice", "bob")}
+        server.tokens["alice-read"] = server.add_token("alice", role="read")
+        base = models.base()
+        llama, alpaca = models.plus_recipe(base)
+        server.local = {"base": base, LLAMA_REPO: llama, ALPACA_REPO: alpaca}
+        for repo, folder, owner, private in ((LLAMA_REPO, llama, "hfl", False), (ALPACA_REPO, alpaca, "hfl", False),
+                                             (BASE_REPO, base, "alice", True)):
+            api = HfApi(endpoint=server.url, token=server.tokens[owner])
+            api.create_repo(repo, private=private)
+            api.upload_folder(repo_id=repo, folder_path=folder)
+        yield server
+
+
+@_lh_pytest.fixture
+def hub(_published_hub):
+    """The session's local Hub (see ``_published_hub``): the Plus adapters public under "hfl", the base private under
+    "alice"; ``hub.tokens`` (hfl, alice, bob, alice-read) and ``hub.local`` (the folders published). Faults a test
+    injects are cleared after it."""
+    yield _published_hub
+    _published_hub.faults.clear()

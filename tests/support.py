@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +19,10 @@ from hubmerge import tinymodels as tm
 
 # Our merge and PEFT's agree in fp32 up to summation order, so after the one cast they differ by one ulp at most.
 ULP = tm.ULP
+
+
+# The repos the session's local Hub (conftest's ``hub`` fixture) publishes.
+LLAMA_REPO, ALPACA_REPO, BASE_REPO = "hfl/llama-plus-tiny", "hfl/alpaca-plus-tiny", "alice/llama-tiny-hf"
 
 
 class ModelCache:
@@ -119,5 +125,21 @@ def no_partial_left(out: Path) -> bool:
     return not out.exists() and not any(out.parent.glob(f".{out.name}.hubmerge-*"))
 
 
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
+def hubmerge(hub, tmp_path, *args, token="alice", cache="cache"):
+    """Run the CLI as a user would, with its own HF home (no saved login) and a fresh cache by default."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = hub.tokens.get(token, token)
+    cmd = [sys.executable, "-m", "hubmerge.cli", *map(str, args)]
+    if cache and args and args[0] not in ("demo",):
+        cmd += ["--cache-dir", str(tmp_path / cache)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_line_error(done) -> str:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    return lines[0]

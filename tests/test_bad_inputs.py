@@ -1,8 +1,8 @@
 """Bad input catalogue: every case runs the real CLI entry point and must exit non-zero with exactly one line
 ``error: ...`` that names the culprit and the fix, no traceback, and leave no output (nor a staging folder) behind.
 
-To add a case: write a builder that returns the CLI arguments (it may damage private copies of tiny models), and add
-a row to CASES with the fragments the message must contain.
+To add a case: write a builder that returns the CLI arguments (it may damage private copies of tiny models, or
+misconfigure the local Hub through ``ctx.hub``), and add a row to CASES with the fragments the message must contain.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hubmerge.cli import main
-from support import no_partial_left
+from support import ALPACA_REPO, no_partial_left
 
 ALL = ("embed_tokens", "lm_head")
 
@@ -179,6 +179,37 @@ def pth_shards_do_not_divide(m, out):
     return [str(m.adapter(base, seed=30)), "--base", str(base), "--format", "pth", "--pth-shards", "4"]
 
 
+def corrupt_safetensors_header(m, out):
+    base = m.copy(m.base(), "bad-header")
+    path = base / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"{not json at all, just garbage!!"
+    path.write_bytes(bytes(data))
+    return [str(m.adapter(m.base(), seed=26)), "--base", str(base)]
+
+
+def truncated_zip_pickle(m, out):
+    broken = m.copy(m.adapter(m.base(), layout="2023", seed=27), "truncated-zip")
+    path = broken / "adapter_model.bin"
+    os.truncate(path, path.stat().st_size // 2)
+    return [str(broken), "--base", str(m.base())]
+
+
+def hub_hostile_file_name(m, out):
+    m.hub.faults.hostile_name(ALPACA_REPO, "../../evil.txt")
+    return [ALPACA_REPO, "--base", str(m.base())]
+
+
+def hub_answers_5xx_repeatedly(m, out):
+    m.hub.faults.fail_status(f"/api/models/{ALPACA_REPO}", 503, times=None)
+    return [ALPACA_REPO, "--base", str(m.base())]
+
+
+def hub_drops_the_connection_repeatedly(m, out):
+    m.hub.faults.drop_after(ALPACA_REPO, "adapter_model.safetensors", 1000, times=None)
+    return [ALPACA_REPO, "--base", str(m.base())]
+
+
 # (builder, fragments the one-line message must contain)
 CASES: list[tuple[Callable, tuple[str, ...]]] = [
     (reversed_plus, ("296-token vocabulary", "297", "reverse the order")),
@@ -203,13 +234,41 @@ CASES: list[tuple[Callable, tuple[str, ...]]] = [
     (output_inside_base, ("inside the input folder",)),
     (bad_dtype, ("int4", "float16")),
     (pth_shards_do_not_divide, ("cannot split 2 kv heads into 4", "--pth-shards")),
+    (corrupt_safetensors_header, ("model.safetensors", "not valid JSON")),
+    (truncated_zip_pickle, ("adapter_model.bin", "truncated or damaged")),
+    (hub_hostile_file_name, ("'../../evil.txt'", "outside the download folder")),
+    (hub_answers_5xx_repeatedly, (ALPACA_REPO, "answered 503", "retry later")),
+    (hub_drops_the_connection_repeatedly, (ALPACA_REPO, "connection", "retry")),
 ]
 
 
+class Context:
+    """What a builder gets: the tiny-model cache, plus ``hub``: the session's local Hub, which the CLI in this
+    process is pointed at (endpoint, token, a fresh cache) the first time a builder asks for it."""
+
+    def __init__(self, models, request, monkeypatch, tmp_path):
+        self._models, self._request, self._monkeypatch, self._tmp = models, request, monkeypatch, tmp_path
+        self.extra_args: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._models, name)
+
+    @property
+    def hub(self):
+        from huggingface_hub import constants
+
+        server = self._request.getfixturevalue("hub")
+        self._monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        self._monkeypatch.setenv("HF_TOKEN", server.tokens["alice"])
+        self.extra_args = ["--cache-dir", str(self._tmp.parent / f"{self._tmp.name}-cache")]
+        return server
+
+
 @pytest.mark.parametrize("build,fragments", CASES, ids=[c[0].__name__ for c in CASES])
-def test_bad_input_gives_one_line_and_no_output(models, tmp_path, capsys, build, fragments):
+def test_bad_input_gives_one_line_and_no_output(models, request, monkeypatch, tmp_path, capsys, build, fragments):
     out = tmp_path / "merged"
-    args = build(models, out)
+    ctx = Context(models, request, monkeypatch, tmp_path)
+    args = build(ctx, out) + ctx.extra_args
     if "--out" not in args:
         args += ["--out", str(out)]
     before = sorted(p.name for p in tmp_path.iterdir())

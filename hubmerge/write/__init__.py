@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..merging import Block
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the registry stays importable without torch, so `hubmerge --help` starts fast
+    from ..merging import Block
     from ..plan import MergePlan
 
 FORMATS = ("hf", "pth", "gguf")
