@@ -26,6 +26,7 @@ BASE_NEEDS = ("config.json", "generation_config.json", "params.json", "checklist
 BASE_WEIGHTS = (("model.safetensors.index.json",), ("model.safetensors",), ("pytorch_model.bin.index.json",),
                 ("pytorch_model.bin",), ("consolidated.*.pth",))
 COMMON = TOKENIZER_FILES + ("tokenizer_checklist.chk", "README.md")
+_VERIFY_BAR_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
             local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
                                          token=hub.token, endpoint=hub.url, force_download=attempt == 2,
                                          tqdm_class=None if progress else silent_tqdm))
-        problem = _mismatch(source, name, local)
+        problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local
         _discard(local)
@@ -185,14 +186,25 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
     raise AssertionError("unreachable")
 
 
-def _mismatch(source: Source, name: str, local: Path) -> str | None:
+def _sha256_with_progress(path: Path, name: str, progress: bool) -> str:
+    """SHA256 of a downloaded file, with a progress bar of its own for big ones (a 10 GB shard takes a while)."""
+    size = path.stat().st_size
+    if not progress or size < _VERIFY_BAR_BYTES:
+        return file_digest(path)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verify {name}") as bar:
+        return file_digest(path, progress=bar.update)
+
+
+def _mismatch(source: Source, name: str, local: Path, progress: bool) -> str | None:
     """What is wrong with a downloaded file (None when it matches the Hub's record and the known-hash table);
     records its SHA256 in ``source.hashes``."""
     record = source.remote[name]
     if local.stat().st_size != record.size:
         return f"size {local.stat().st_size} differs from the Hub's {record.size}"
     if record.sha256:
-        digest = file_digest(local)
+        digest = _sha256_with_progress(local, name, progress)
         if digest != record.sha256:
             return f"SHA256 {digest[:16]}... differs from the Hub's {record.sha256[:16]}..."
     else:

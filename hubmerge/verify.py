@@ -11,34 +11,40 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import IncompatibleError, InputError, VerificationError
 
 _CHUNK = 8 * 1024 * 1024
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file (``sha256``, ``md5``, ...), read in 8 MB chunks."""
-    return file_digests(path, (algorithm,))[algorithm]
-
-
-def file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
-    """Several hex digests of a file from a single read (e.g. a checklist's md5 and the known-table's sha256)."""
-    hashes = {a: hashlib.new(a) for a in algorithms}
+def _read_into(path: Path, hashers: Iterable[Any], progress: Callable[[int], object] | None = None) -> None:
+    """Feed a file to every hasher in one pass of 8 MB reads, reporting bytes read to ``progress``."""
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            for h in hashes.values():
+            for h in hashers:
                 h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+
+
+def file_digest(path: Path, algorithm: str = "sha256", progress: Callable[[int], object] | None = None) -> str:
+    """Hex digest of a file (``sha256``, ``md5``, ...); ``progress`` is called with the bytes read so far."""
+    return file_digests(path, (algorithm,), progress)[algorithm]
+
+
+def file_digests(path: Path, algorithms: Iterable[str],
+                 progress: Callable[[int], object] | None = None) -> dict[str, str]:
+    """Several hex digests of a file from a single read (e.g. a checklist's md5 and the known-table's sha256)."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
+    _read_into(path, hashes.values(), progress)
     return {a: h.hexdigest() for a, h in hashes.items()}
 
 
 def git_blob_sha1(path: Path) -> str:
     """The git blob id of a file (what the Hub records for files not stored in LFS)."""
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    _read_into(path, (h,))
     return h.hexdigest()
 
 
