@@ -9,7 +9,6 @@ merge agrees with ``PeftModel.merge_and_unload()`` on the same files.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Literal
 from . import layouts
 from .errors import InputError
 from .tensorio import TensorRef, read_safetensors, read_torch_zip
-from .tokenizer import TokenizerInfo, read_tokenizer
+from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
 
@@ -128,12 +127,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise InputError(f"{folder}: no adapter_config.json; point at a PEFT LoRA adapter folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); restore the original file") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object; restore the original file")
+    config = load_json(path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(f"{path}: peft_type {peft_type} is not supported; hubmerge merges LoRA adapters")

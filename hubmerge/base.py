@@ -12,7 +12,7 @@ import torch
 from . import layouts
 from .errors import CorruptFileError, InputError
 from .tensorio import TensorSource, read_safetensors, read_torch_zip
-from .tokenizer import TokenizerInfo, read_tokenizer
+from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 from .verify import CheckRow
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
@@ -73,10 +73,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder or a Meta "
                          "checkpoint folder (consolidated.*.pth + params.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); restore the original file") from None
+    config = load_json(path)
     model_type = config.get("model_type")
     if model_type != "llama":
         raise InputError(f"{path}: model_type {model_type!r} is not supported; hubmerge merges {SUPPORTED}")
