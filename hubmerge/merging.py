@@ -1,11 +1,17 @@
 """Execute a :class:`~hubmerge.plan.MergePlan`: yield every output tensor as blocks of rows, merged in fp32 and cast
 once to the output dtype. Nothing larger than one block (plus one adapter's LoRA factors) is ever in memory.
+
+:func:`merge_into` runs the merge on the calling thread and hands the blocks to the writers on a writer thread
+(writing, hashing and fsync release the GIL, as torch's kernels do), through a bounded queue of reused buffers, so
+reading, computing and writing overlap and memory stays a few blocks.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -14,16 +20,65 @@ from .plan import MergePlan, TensorPlan
 from .tensorio.source import row_count
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # fp32 working size of one block: big enough for full-speed I/O
+QUEUE_BLOCKS = 3  # blocks computed ahead of the writer
+CHUNK_ELEMS = 512 * 1024  # fp32 elements updated at once (2 MB: stays in the CPU's cache)
 
 
 @dataclass
 class Block:
-    """Rows ``[start, start + len(data))`` of output tensor ``index`` (``name``), in the output dtype."""
+    """Rows ``[start, start + len(data))`` of output tensor ``index`` (``name``), in the output dtype.
+
+    ``data`` may live in a buffer the merge reuses (see :class:`BufferPool`): a consumer that keeps it beyond
+    handing it back must copy it.
+    """
 
     index: int
     name: str
     start: int
     data: torch.Tensor
+    buffer: torch.Tensor | None = None  # the pool buffer ``data`` views, returned to the pool once written
+
+
+class BufferPool:
+    """A fixed number of byte buffers for output blocks: the merge takes one per block and the writer gives it back
+    once every writer wrote it, so at most ``count`` blocks exist at a time and no block faults in fresh memory."""
+
+    def __init__(self, count: int):
+        self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
+        for _ in range(count):
+            self._free.put(None)  # allocated on first use, at the size the first block needs
+        self.failed = threading.Event()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        while True:
+            try:
+                buf = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.failed.is_set():
+                    raise RuntimeError("the writer thread stopped") from None
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def give(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            self._free.put(buf)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one min/max pass (NaN propagates into both), no boolean temporary."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def block_rows(shape: tuple[int, ...], align: int, block_bytes: int) -> int:
@@ -42,43 +97,147 @@ def _factors(plan: MergePlan, tensor: TensorPlan) -> list[tuple[torch.Tensor, to
     for term in tensor.terms:
         pair = term.pair
         a, b = pair.A.read().float(), pair.B.read().float()
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (_finite(a) and _finite(b)):
             raise CorruptFileError(f"{plan.adapters[term.adapter].weights}: LoRA weights of {pair.module} contain "
                                    "NaN or Inf; the adapter is damaged, download or train it again")
         out.append((b, a, pair.scale) if pair.kind == "linear" else (a.t(), b.t(), pair.scale))
     return out
 
 
-def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[Block]:
+def _add_factors(raw: torch.Tensor, out: torch.Tensor, factors: list, start: int, work: torch.Tensor) -> None:
+    """``out = raw + sum scale * left[rows] @ right`` in fp32, a few rows at a time: each chunk is converted,
+    updated and cast while it sits in the CPU's cache, instead of three passes over a block in memory."""
+    rows = raw.shape[0]
+    row_elems = raw.numel() // rows if rows else 0
+    step = max(1, CHUNK_ELEMS // max(row_elems, 1))
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        w = work[:(hi - lo) * row_elems].view(hi - lo, *raw.shape[1:])
+        w.copy_(raw[lo:hi])
+        for left, right, scale in factors:
+            w.addmm_(left[start + lo:start + hi], right, alpha=scale)
+        out[lo:hi].copy_(w)
+
+
+def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
+                 pool: BufferPool | None = None) -> Iterator[Block]:
     """Yield the merged model, tensor after tensor in plan order, block after block.
 
-    ``W = W0 + sum_i s_i * (B_i @ A_i)`` in fp32, cast once. Tensors with nothing to add are passed through (one
-    cast at most).
+    ``W = W0 + sum_i s_i * (B_i @ A_i)`` in fp32, cast once. Tensors with nothing to add are passed through as
+    bytes (one cast when the output dtype differs). With a ``pool``, each block's data lives in a pool buffer that
+    the consumer must give back (``pool.give(block.buffer)``) once done with it; without, every block is fresh.
 
     Raises:
         IncompatibleError: a merged value is NaN/Inf in the output dtype.
         CorruptFileError: an adapter tensor is NaN/Inf, or a file is truncated.
     """
     align = plan.base.head_dim
+    scratch: dict[str, torch.Tensor] = {}  # reused between blocks: raw input rows, the fp32 work block
+
+    def buffer(key: str, nbytes: int) -> torch.Tensor:
+        buf = scratch.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = scratch[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def prefetch(index: int) -> None:  # the disk reads the next tensor while this one is merged
+        if index < len(plan.tensors) and hasattr(plan.tensors[index].source, "prefetch"):
+            plan.tensors[index].source.prefetch()
+
+    prefetch(0)
     for index, tensor in enumerate(plan.tensors):
-        out_dtype = plan.out_dtype(tensor)
+        prefetch(index + 1)
+        source, out_dtype = tensor.source, plan.out_dtype(tensor)
         factors = _factors(plan, tensor)
         rows = row_count(tensor.shape)
         step = block_rows(tensor.shape, align, block_bytes)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
-            block = tensor.source.read(start, stop)
-            if factors:
-                work = block.to(torch.float32)
-                for left, right, scale in factors:
-                    work.addmm_(left[start:stop], right, alpha=scale)
-                block = work.to(out_dtype)
-            elif block.dtype != out_dtype:
-                block = block.to(out_dtype)
-            if tensor.changed and block.is_floating_point() and not torch.isfinite(block).all():
+            shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
+            n = (stop - start) * (_numel(tensor.shape) // rows if rows else 0)
+            out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
+            out = (out_buf[:n * out_dtype.itemsize].view(out_dtype).reshape(shape) if out_buf is not None
+                   else None)
+            if not factors and source.dtype == out_dtype:  # pass-through: bytes, no arithmetic
+                if out_buf is not None and hasattr(source, "read_into"):
+                    block = source.read_into(out_buf, start, stop)
+                else:
+                    block = source.read(start, stop)
+                    if out is not None:
+                        block = out.copy_(block)
+            else:
+                raw = (source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
+                       if hasattr(source, "read_into") else source.read(start, stop))
+                if out is None:
+                    out = torch.empty(shape, dtype=out_dtype)
+                if factors:
+                    _add_factors(raw, out, factors, start, buffer("work", CHUNK_ELEMS * 4).view(torch.float32))
+                else:
+                    out.copy_(raw)
+                block = out
+            if tensor.changed and block.is_floating_point() and not _finite(block):
+                if pool is not None:
+                    pool.give(out_buf)
                 origin = tensor.origin if not factors else ", ".join(
                     plan.adapters[t.adapter].label for t in tensor.terms)
                 raise IncompatibleError(
                     f"{tensor.name}: the merge gives NaN/Inf in {str(out_dtype).removeprefix('torch.')} "
                     f"(from {origin}); the adapter is damaged or its values overflow: try --dtype bfloat16")
-            yield Block(index, tensor.name, start, block)
+            yield Block(index, tensor.name, start, block, out_buf)
+
+
+def merge_into(plan: MergePlan, writers: Sequence, block_bytes: int = DEFAULT_BLOCK_BYTES,
+               on_block: Callable[[int], None] | None = None, depth: int = QUEUE_BLOCKS) -> None:
+    """Run the merge and hand every block to each of ``writers`` (``writer.write(block)``, in plan order).
+
+    The merge runs on this thread; the writers run on one writer thread fed through a queue of at most ``depth``
+    blocks, so computing overlaps writing. ``on_block(nbytes)`` is called as each block is queued (progress).
+    Errors of either side stop both and are raised here, after the writer thread has ended (writers can then be
+    aborted safely).
+    """
+    pool = BufferPool(depth + 2)  # queued + being written + being computed
+    blocks: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def drain() -> None:
+        try:
+            while (block := blocks.get()) is not None and not stop.is_set():
+                for w in writers:
+                    w.write(block)
+                pool.give(block.buffer)
+        except BaseException as exc:  # handed to the merging thread
+            failure.append(exc)
+            pool.failed.set()
+
+    def put(item: Block | None) -> bool:
+        while thread.is_alive():
+            try:
+                blocks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    thread = threading.Thread(target=drain, name="hubmerge-writer", daemon=True)
+    thread.start()
+    # One torch thread: the writer thread (writing, hashing) and the input hashing keep the other cores busy, and
+    # torch's fork-join threads lose more waiting on a descheduled partner than they gain on cache-sized chunks.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for block in merge_blocks(plan, block_bytes, pool=pool):
+            if not put(block):
+                break
+            if on_block is not None:
+                on_block(block.data.numel() * block.data.element_size())
+    except BaseException:
+        stop.set()
+        if not failure:
+            raise
+    finally:
+        torch.set_num_threads(threads)
+        put(None)
+        thread.join()
+    if failure:
+        raise failure[0]

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, open_adapter
 from .base import BaseModel, open_base
 from .errors import InputError, OutputError
-from .merging import DEFAULT_BLOCK_BYTES, merge_blocks
+from .merging import DEFAULT_BLOCK_BYTES, merge_into
 from .plan import MergePlan, build_plan, dtype_name
-from .recipe import hash_files, tool_versions, write_recipe
+from .recipe import tool_versions, write_recipe
 from .sizes import format_size, parse_size
 from .hub import Hub
 from .publish import PushResult, push, source_license
@@ -252,15 +252,13 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
             writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
         with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                   disable=not progress) as bar:
-            for block in merge_blocks(plan, block_bytes):
-                for w in writers:
-                    w.write(block)
-                bar.update(block.data.numel() * block.data.element_size())
+            merge_into(plan, writers, block_bytes, bar.update)
         written = [p for w in writers for p in w.close()]
         format_info = {f: {"folder": folders[f].relative_to(staging).as_posix() or ".", **w.describe()}
                        for f, w in zip(formats, writers)}
+        hashed = {p: d for w in writers for p, d in getattr(w, "digests", dict)().items()}  # while writing
         writers = []
-        files = hash_files(written, staging)
+        files = {p.relative_to(staging).as_posix(): hashed.get(p) or file_digest(p) for p in written}
         if pending is not None:
             pending.result()
         write_recipe(staging, recipe(format_info, files))

@@ -63,16 +63,51 @@ class TensorRef:
             # A strided view: read its storage span once and let torch do the indexing.
             flat = _pread_tensor(self.path, self.offset, self.span, self.dtype)
             return flat.as_strided(self.shape, self.stride)[start:stop].clone()
-        row_elems = self.numel // rows if rows else 0
-        block = _pread_tensor(self.path, self.offset + start * row_elems * self.dtype.itemsize,
-                              (stop - start) * row_elems, self.dtype)
-        return block.reshape((stop - start, *self.shape[1:]) if self.shape else ())
+        return self.read_into(torch.empty((stop - start) * self.row_bytes, dtype=torch.uint8), start, stop)
+
+    @property
+    def row_bytes(self) -> int:
+        rows = row_count(self.shape)
+        return self.nbytes // rows if rows else 0
+
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading this tensor's bytes into the page cache (asynchronously), so that a later
+        :meth:`read` finds them there instead of waiting for the disk."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # read() reports it
+        try:
+            os.posix_fadvise(fd, self.offset, self.span * self.dtype.itemsize if self.stride else self.nbytes,
+                             os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Like :meth:`read`, but into the front of ``buffer`` (a 1-D uint8 tensor with room for the rows), so a
+        caller reading block after block reuses one buffer instead of faulting in fresh memory each time.
+        Returns the typed view of ``buffer`` holding the rows."""
+        stop = row_count(self.shape) if stop is None else stop
+        data = buffer[:(stop - start) * self.row_bytes]
+        if self.stride is not None:
+            data.view(self.dtype).copy_(self.read(start, stop).reshape(-1))
+        else:
+            _pread_into(self.path, self.offset + start * self.row_bytes, data)
+        return data.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
 
 def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Read ``numel`` elements at ``offset`` straight into a fresh tensor's memory (one copy, no mmap)."""
-    nbytes = numel * dtype.itemsize
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+    _pread_into(path, offset, out)
+    return out.view(dtype)
+
+
+def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
+    """Fill the uint8 tensor ``out`` with the bytes of ``path`` at ``offset`` (positioned reads, no mmap)."""
+    nbytes = out.numel()
     view = memoryview(out.numpy())
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -89,7 +124,6 @@ def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> to
             done += got
     finally:
         os.close(fd)
-    return out.view(dtype)
 
 
 def close_written(file, complete: bool) -> None:
@@ -169,6 +203,12 @@ class StreamingTensorWriter:
     def abort(self) -> None:
         """Close without completing; the caller removes the partial file."""
         self._close(complete=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """SHA256 of the closed file when it was hashed while being written, else None (hash the file)."""
+        digest = getattr(getattr(self, "_file", None), "digest", None)
+        return digest() if callable(digest) else None
 
     # Subclass hooks.
     def _begin(self, index: int) -> None:
