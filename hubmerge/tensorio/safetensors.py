@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import CorruptFileError, InputError
+from .output import OutputFile
 from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
 DTYPES: dict[str, torch.dtype] = {
@@ -96,7 +97,7 @@ class SafetensorsWriter(StreamingTensorWriter):
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
         self.size = 8 + len(raw) + offset
-        self._file = open(self.path, "wb")
+        self._file = OutputFile(self.path)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def _put(self, data: memoryview) -> None:

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CorruptFileError, InputError, UnsafeFileError
-from .source import Entry, StreamingTensorWriter, TensorRef
+from .output import OutputFile
+from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32,
@@ -228,7 +229,7 @@ class TorchZipWriter(StreamingTensorWriter):
     def __init__(self, path: Path, entries: Sequence[Entry]):
         super().__init__(path, entries)
         self._root = self.path.name.rsplit(".", 1)[0]
-        self._file = open(self.path, "wb")
+        self._file = OutputFile(self.path)
         self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._handle = None
         buf = io.BytesIO()
@@ -248,10 +249,13 @@ class TorchZipWriter(StreamingTensorWriter):
         return info
 
     def _record(self, name: str, data: bytes) -> None:
+        self._file.hold()  # zipfile patches each record's header (its CRC) once the record is complete
         with self._zip.open(self._zipinfo(name, len(data)), "w") as f:
             f.write(data)
+        self._file.release()
 
     def _begin(self, index: int) -> None:
+        self._file.hold()
         self._handle = self._zip.open(self._zipinfo(f"data/{index}", self.entries[index].nbytes), "w")
 
     def _put(self, data: memoryview) -> None:
@@ -260,6 +264,7 @@ class TorchZipWriter(StreamingTensorWriter):
     def _finish(self, index: int) -> None:
         self._handle.close()
         self._handle = None
+        self._file.release()
 
     def _close(self, complete: bool) -> None:
         if self._file.closed:
@@ -267,6 +272,4 @@ class TorchZipWriter(StreamingTensorWriter):
         if complete:
             self._record("version", b"3\n")
             self._zip.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self._file.close()
+        close_written(self._file, complete)

@@ -39,6 +39,7 @@ class HFWriter:
         self._groups = groups
         self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
         self._open: tuple[int, SafetensorsWriter] | None = None
+        self._digests: dict[Path, str | None] = {}
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _entries(self, k: int) -> list[Entry]:
@@ -49,15 +50,20 @@ class HFWriter:
         k = self._shard_of[block.index]
         if self._open is None or self._open[0] != k:
             if self._open is not None:
-                self._open[1].close()
+                self._close_shard()
             self._open = (k, SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k),
                                                metadata={"format": "pt"}))
         self._open[1].write(block.data)
 
+    def _close_shard(self) -> None:
+        shard = self._open[1]
+        self._open = None
+        shard.close()
+        self._digests[shard.path] = shard.sha256
+
     def close(self) -> list[Path]:
         if self._open is not None:
-            self._open[1].close()
-            self._open = None
+            self._close_shard()
         files = [self.folder / name for name in self.shard_names]
         if len(self.shard_names) > 1:
             weight_map = {self.plan.tensors[i].name: self.shard_names[k]
@@ -77,6 +83,10 @@ class HFWriter:
 
     def describe(self) -> dict:
         return {"shards": len(self.shard_names), "max_shard_size": self.max_shard_size}
+
+    def digests(self) -> dict[Path, str]:
+        """SHA256 of the shards, computed while writing them (after close)."""
+        return {p: d for p, d in self._digests.items() if d}
 
     def abort(self) -> None:
         if self._open is not None:

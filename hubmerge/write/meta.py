@@ -156,6 +156,10 @@ class MetaWriter:
     def describe(self) -> dict:
         return {"shards": self.shards}
 
+    def digests(self) -> dict[Path, str]:
+        """SHA256 of the consolidated.NN.pth files, computed while writing them (after close)."""
+        return {w.path: w.sha256 for w in self._writers if w.sha256}
+
     def abort(self) -> None:
         for w in self._writers:
             w.abort()
