@@ -91,8 +91,12 @@ def block_rows(shape: tuple[int, ...], align: int, block_bytes: int) -> int:
     return min(rows, max(row_count(shape), 1))
 
 
-def _factors(plan: MergePlan, tensor: TensorPlan) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Load each term's factors in fp32 as (left, right, scale) with delta[rows] = scale * left[rows] @ right."""
+def _factors(plan: MergePlan, tensor: TensorPlan, join: bool) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Load each term's factors in fp32 as (left, right, scale) with delta[rows] = scale * left[rows] @ right.
+
+    With ``join``, several terms become one (lefts scaled, ranks stacked): the same sum in another fp32 order, ~25%
+    faster for r=8 + r=64. Used for 16-bit outputs, where the order is invisible after the cast but for rare ties;
+    an fp32 output keeps PEFT's adapter-by-adapter order bit for bit."""
     out = []
     for term in tensor.terms:
         pair = term.pair
@@ -101,6 +105,9 @@ def _factors(plan: MergePlan, tensor: TensorPlan) -> list[tuple[torch.Tensor, to
             raise CorruptFileError(f"{plan.adapters[term.adapter].weights}: LoRA weights of {pair.module} contain "
                                    "NaN or Inf; the adapter is damaged, download or train it again")
         out.append((b, a, pair.scale) if pair.kind == "linear" else (a.t(), b.t(), pair.scale))
+    if len(out) > 1 and join:  # several adapters (Plus recipe): one GEMM of rank sum(r), not one pass per adapter
+        left = torch.cat([scale * left for left, _, scale in out], dim=1)
+        return [(left, torch.cat([right for _, right, _ in out], dim=0), 1.0)]
     return out
 
 
@@ -148,7 +155,7 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
     for index, tensor in enumerate(plan.tensors):
         prefetch(index + 1)
         source, out_dtype = tensor.source, plan.out_dtype(tensor)
-        factors = _factors(plan, tensor)
+        factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
         rows = row_count(tensor.shape)
         step = block_rows(tensor.shape, align, block_bytes)
         for start in range(0, rows, step):
