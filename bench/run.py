@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
 
     date = datetime.date.today().isoformat()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     result = {
-        "shape": shape.name, "date": date, "cache": "cold (page cache dropped before each run)" if args.cold
+        "shape": shape.name, "date": date, "commit": commit, "cache": "cold (page cache dropped before each run)" if args.cold
         else "warm (inputs read once before each run)", "repeat": args.repeat, "machine": machine(),
         "inputs": {"base_weights_gb": round(sum(f.stat().st_size for f in base_files) / 1e9, 2),
                    "base_shards": len(base_files),
