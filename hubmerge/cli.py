@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .errors import HubmergeError
+from .errors import HubmergeError, Interrupted
 from .write import FORMATS
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -192,11 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hub_logging.set_verbosity_error()  # the client's retry notices; errors still end in our one line
     try:
         return COMMANDS[name][2](args)
+    except Interrupted as exc:  # its message already starts with "interrupted:" and says how to resume
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except HubmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: stopped cleanly, nothing half-written was left behind", file=sys.stderr)
+    except KeyboardInterrupt:  # before anything was written (resolving, downloading: downloads resume by themselves)
+        print("interrupted: nothing was written", file=sys.stderr)
         return 130
 
 

@@ -8,7 +8,6 @@ moved into place when complete, the output hashes and the hubmerge.json recipe.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Sequence
@@ -55,9 +54,8 @@ def convert(source: PathLike, out: PathLike, *, formats: Sequence[str] = ("hf",)
     src = Source(str(source), "base", folder, hashes=dict(base.hashes))
     plan = build_plan(base, [], dtype, conversion=True)
     inputs = Inputs(src, base, [], [])
-    folders, files = write_outputs(
+    written = write_outputs(
         plan, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards, progress=progress,
         block_bytes=block_bytes, side_task=lambda: _hash_inputs(plan, inputs.sources),
         recipe=lambda format_info, files: _recipe(plan, inputs, format_info, files), desc="convert")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeResult(out_dir, folders, files, plan, time.monotonic() - started, peak)
+    return MergeResult.finish(out_dir, written, plan, started)

@@ -14,6 +14,7 @@ __all__ = [
     "HubAccessError",
     "VerificationError",
     "OutputError",
+    "Interrupted",
 ]
 
 
@@ -48,4 +49,11 @@ class VerificationError(HubmergeError):
 
 
 class OutputError(HubmergeError):
-    """The output cannot be written where asked (exists, inside an input, disk full)."""
+    """The output cannot be written where asked (exists, inside an input), or the machine lacks room for it
+    (disk, memory)."""
+
+
+class Interrupted(HubmergeError):
+    """The user stopped the run (Ctrl-C); finished files are kept so that the same command resumes."""
+
+    exit_code = 130

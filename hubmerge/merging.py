@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
@@ -126,13 +126,32 @@ def _add_factors(raw: torch.Tensor, out: torch.Tensor, factors: list, start: int
         out[lo:hi].copy_(w)
 
 
+RUNTIME_BYTES = 320 * 2**20  # python, torch and hubmerge themselves (measured: ~300 MB before the first block)
+
+
+def estimate_memory(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, depth: int = QUEUE_BLOCKS) -> int:
+    """Peak resident bytes :func:`merge_into` needs for ``plan``: the runtime, the pool of output blocks, the input
+    block and fp32 scratch, and the largest tensor's LoRA factors in fp32. It does not grow with the model."""
+    align = plan.base.head_dim
+    largest_out = largest_in = factors = 0
+    for t in plan.tensors:
+        rows = max(row_count(t.shape), 1)
+        row_elems = _numel(t.shape) // rows
+        n = block_rows(t.shape, align, block_bytes) * row_elems
+        largest_out = max(largest_out, n * plan.out_dtype(t).itemsize)
+        largest_in = max(largest_in, n * t.source.dtype.itemsize)
+        factors = max(factors, sum(4 * (_numel(x.pair.A.shape) + _numel(x.pair.B.shape)) for x in t.terms))
+    return RUNTIME_BYTES + (depth + 2) * largest_out + largest_in + CHUNK_ELEMS * 4 + 2 * factors
+
+
 def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
-                 pool: BufferPool | None = None) -> Iterator[Block]:
+                 pool: BufferPool | None = None, skip: Collection[int] = ()) -> Iterator[Block]:
     """Yield the merged model, tensor after tensor in plan order, block after block.
 
     ``W = W0 + sum_i s_i * (B_i @ A_i)`` in fp32, cast once. Tensors with nothing to add are passed through as
     bytes (one cast when the output dtype differs). With a ``pool``, each block's data lives in a pool buffer that
     the consumer must give back (``pool.give(block.buffer)``) once done with it; without, every block is fresh.
+    Tensors whose index is in ``skip`` (already written by an interrupted run) are neither read nor yielded.
 
     Raises:
         IncompatibleError: a merged value is NaN/Inf in the output dtype.
@@ -147,13 +166,16 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
             buf = scratch[key] = torch.empty(nbytes, dtype=torch.uint8)
         return buf
 
+    todo = [i for i in range(len(plan.tensors)) if i not in skip]
+
     def prefetch(index: int) -> None:  # the disk reads the next tensor while this one is merged
-        if index < len(plan.tensors) and hasattr(plan.tensors[index].source, "prefetch"):
-            plan.tensors[index].source.prefetch()
+        if index < len(todo) and hasattr(plan.tensors[todo[index]].source, "prefetch"):
+            plan.tensors[todo[index]].source.prefetch()
 
     prefetch(0)
-    for index, tensor in enumerate(plan.tensors):
-        prefetch(index + 1)
+    for position, index in enumerate(todo):
+        tensor = plan.tensors[index]
+        prefetch(position + 1)
         source, out_dtype = tensor.source, plan.out_dtype(tensor)
         factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
         rows = row_count(tensor.shape)
@@ -194,7 +216,8 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
 
 
 def merge_into(plan: MergePlan, writers: Sequence, block_bytes: int = DEFAULT_BLOCK_BYTES,
-               on_block: Callable[[int], None] | None = None, depth: int = QUEUE_BLOCKS) -> None:
+               on_block: Callable[[int], None] | None = None, depth: int = QUEUE_BLOCKS,
+               skip: Collection[int] = ()) -> None:
     """Run the merge and hand every block to each of ``writers`` (``writer.write(block)``, in plan order).
 
     The merge runs on this thread; the writers run on one writer thread fed through a queue of at most ``depth``
@@ -202,7 +225,7 @@ def merge_into(plan: MergePlan, writers: Sequence, block_bytes: int = DEFAULT_BL
     Errors of either side stop both and are raised here, after the writer thread has ended (writers can then be
     aborted safely).
     """
-    pool = BufferPool(depth + 2)  # queued + being written + being computed
+    pool = BufferPool(depth + 2)  # queued + being written + being computed (estimate_memory counts them)
     blocks: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
     failure: list[BaseException] = []
     stop = threading.Event()
@@ -233,7 +256,7 @@ def merge_into(plan: MergePlan, writers: Sequence, block_bytes: int = DEFAULT_BL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for block in merge_blocks(plan, block_bytes, pool=pool):
+        for block in merge_blocks(plan, block_bytes, pool=pool, skip=skip):
             if not put(block):
                 break
             if on_block is not None:

@@ -6,6 +6,8 @@ or interrupted run never leaves a half-written result where the user expects one
 
 from __future__ import annotations
 
+import errno
+import math
 import resource
 import shutil
 import time
@@ -18,10 +20,11 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, open_adapter
 from .base import BaseModel, open_base
-from .errors import InputError, OutputError
-from .merging import DEFAULT_BLOCK_BYTES, merge_into
+from .errors import InputError, Interrupted, OutputError
+from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
 from .plan import MergePlan, build_plan, dtype_name
 from .recipe import tool_versions, write_recipe
+from .resume import Journal, fingerprint
 from .sizes import format_size, parse_size
 from .hub import Hub
 from .publish import PushResult, push, source_license
@@ -30,6 +33,21 @@ from .verify import check_tokenizer_matches, file_digest
 from .write import FORMATS, Writer, make_writer
 
 PathLike = str | Path
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes.
+
+    VmHWM of /proc/self/status where there is one: ru_maxrss survives exec, so a process started from a big parent
+    (a test runner, a notebook) would report the parent's peak as its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -44,6 +62,14 @@ class MergeResult:
     peak_rss: int  # bytes, whole process
     push: PushResult | None = None
     sources: list[Source] = field(default_factory=list)
+    kept: int = 0  # files kept from an interrupted run
+
+    @classmethod
+    def finish(cls, out: Path, written: Written, plan: MergePlan, started: float, push: PushResult | None = None,
+               sources: Sequence[Source] = ()) -> MergeResult:
+        """The result of a run that began at ``started`` (time.monotonic()) and wrote ``written``."""
+        return cls(out, written.folders, written.files, plan, time.monotonic() - started, peak_rss(), push,
+                   list(sources), written.kept)
 
     def summary(self) -> list[str]:
         """Lines for the end-of-run summary."""
@@ -63,6 +89,8 @@ class MergeResult:
         if self.push:
             lines.append(f"published: {self.push.url} ({'private' if self.push.private else 'public'}, "
                          f"{len(self.push.files)} files + model card)")
+        if self.kept:
+            lines.append(f"resumed: kept {self.kept} files an interrupted run had finished")
         lines.append(f"time: {self.seconds:.1f} s; peak memory: {format_size(self.peak_rss)}")
         return lines
 
@@ -154,9 +182,11 @@ def _check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     for inp in inputs:
         inp = inp.resolve()
         if out == inp or inp in out.parents:
-            raise OutputError(f"{out}: is inside the input folder {inp}; choose an --out outside every input")
+            raise OutputError(f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
+                              "modifies; choose an --out outside them")
         if out in inp.parents:
-            raise OutputError(f"{out}: contains the input {inp}; choose an --out that holds no input")
+            raise OutputError(f"{out}: contains {inp}, an input or the download cache; choose an --out that holds "
+                              "neither")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
 
@@ -166,6 +196,24 @@ def _check_disk(folder: Path, needed: int, what: str = "the output") -> None:
     if free < needed:
         raise OutputError(f"{folder}: {format_size(free)} free but {what} need {format_size(needed)}; "
                           "free some space or choose another folder")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can get (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(needed: int) -> None:
+    available = available_memory()
+    if available is not None and available < needed:
+        raise OutputError(f"the merge needs about {format_size(needed)} of memory but {format_size(available)} is "
+                          "available; close other programs and run again")
 
 
 def _input_files(plan: MergePlan) -> list[list[Path]]:
@@ -223,26 +271,41 @@ def check_formats(formats: Sequence[str]) -> list[str]:
     return formats
 
 
+@dataclass
+class Written:
+    """What :func:`write_outputs` left in ``out``: the folder of each format, every file's SHA256 (relative path ->
+    digest), and how many files it kept from an interrupted run of the same command."""
+
+    folders: dict[str, Path]
+    files: dict[str, str]
+    kept: int = 0
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max_shard_size: int,
                   pth_shards: int | None, progress: bool, block_bytes: int, recipe: Callable[[dict, dict], dict],
-                  side_task: Callable[[], None] | None = None, desc: str = "merge") -> tuple[dict[str, Path],
-                                                                                            dict[str, str]]:
+                  side_task: Callable[[], None] | None = None, desc: str = "merge") -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
     Everything goes to a hidden sibling folder first; each file is hashed, ``recipe(format_info, files)`` gives the
     hubmerge.json to write, and only then is the folder moved into place (replacing ``out_dir``). ``side_task``
     (hashing the inputs) runs on the other core meanwhile and must finish before the recipe is written.
 
-    Returns:
-        ``({format: folder}, {file relative to out_dir: sha256})``.
+    The sibling folder carries a journal of finished files (:mod:`hubmerge.resume`): after a kill or Ctrl-C, the
+    same command on the same inputs keeps them and writes only the rest.
+
     Raises:
-        OutputError: no room; any writer's IncompatibleError. Nothing is left behind on failure.
+        OutputError: no room (before writing, or the disk filled up meanwhile); any writer's IncompatibleError:
+        the sibling folder is removed. Interrupted (Ctrl-C): the finished files are kept for a rerun.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20)
+    _check_memory(estimate_memory(plan, block_bytes))
     staging = out_dir.with_name(f".{out_dir.name}.hubmerge-partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
+    journal = Journal(staging, fingerprint(plan, [p for files in _input_files(plan) for p in files], options))
     writers: list[Writer] = []
     background = ThreadPoolExecutor(max_workers=1)
     pending = background.submit(side_task) if side_task else None
@@ -250,9 +313,15 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
         folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
             writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+        skip = set(range(len(plan.tensors)))
+        for w in writers:  # a tensor is skipped only when no writer needs it any more
+            skip &= w.resume(journal.done) if hasattr(w, "resume") else set()
+            if hasattr(w, "on_file_done"):
+                w.on_file_done = journal.record
+        done_bytes = sum(math.prod(plan.tensors[i].shape) * plan.out_dtype(plan.tensors[i]).itemsize for i in skip)
+        with tqdm(total=plan.nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                   disable=not progress) as bar:
-            merge_into(plan, writers, block_bytes, bar.update)
+            merge_into(plan, writers, block_bytes, bar.update, skip=skip)
         written = [p for w in writers for p in w.close()]
         format_info = {f: {"folder": folders[f].relative_to(staging).as_posix() or ".", **w.describe()}
                        for f, w in zip(formats, writers)}
@@ -262,6 +331,7 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
         if pending is not None:
             pending.result()
         write_recipe(staging, recipe(format_info, files))
+        journal.remove()
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.hubmerge-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -270,14 +340,24 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(out_dir)
-    except BaseException:
+    except KeyboardInterrupt:
+        for w in writers:
+            w.abort()
+        raise Interrupted(f"interrupted: {len(journal.done)} finished files are kept in {staging}; run the same "
+                          "command again to resume, or delete that folder") from None
+    except BaseException as exc:
         for w in writers:
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            free = shutil.disk_usage(out_dir.parent).free
+            raise OutputError(f"{out_dir.parent}: the disk filled up while writing ({format_size(free)} free after "
+                              f"removing the partial output, {format_size(plan.nbytes * len(formats))} needed); "
+                              "free some space and run again") from None
         raise
     finally:
         background.shutdown(cancel_futures=True)
-    return {f: out_dir / folders[f].relative_to(staging) for f in formats}, files
+    return Written({f: out_dir / folders[f].relative_to(staging) for f in formats}, files, journal.kept)
 
 
 def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = None, *,
@@ -322,10 +402,9 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
     inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify)
     plan = build_plan(inputs.base, inputs.adapters, dtype)
     # Hashing the inputs reads them a second time: do it on the other core while the merge runs.
-    result_folders, files = write_outputs(
+    written = write_outputs(
         plan, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards, progress=progress,
         block_bytes=block_bytes, side_task=lambda: _hash_inputs(plan, inputs.sources),
         recipe=lambda format_info, files: _recipe(plan, inputs, format_info, files))
     pushed = push(out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False) if push_to else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeResult(out_dir, result_folders, files, plan, time.monotonic() - started, peak, pushed, inputs.sources)
+    return MergeResult.finish(out_dir, written, plan, started, pushed, inputs.sources)

@@ -170,6 +170,13 @@ def output_inside_base(m, out):
     return [str(m.adapter(m.base(), seed=26)), "--base", str(base), "--out", str(base / "merged")]
 
 
+def output_inside_the_hf_cache(m, out):
+    cache = out.parent / "hf-cache"
+    cache.mkdir()
+    return [str(m.adapter(m.base(), seed=26)), "--base", str(m.base()), "--cache-dir", str(cache),
+            "--out", str(cache / "merged")]
+
+
 def bad_dtype(m, out):
     return [str(m.adapter(m.base(), seed=26)), "--base", str(m.base()), "--dtype", "int4"]
 
@@ -231,7 +238,8 @@ CASES: list[tuple[Callable, tuple[str, ...]]] = [
     (unknown_target_modules, ("adapter_config.json", "c_attn", "another architecture")),
     (pickle_with_code, ("adapter_model.bin", "posix.system", "refuses")),
     (output_exists, ("already exists", "--overwrite")),
-    (output_inside_base, ("inside the input folder",)),
+    (output_inside_base, ("base-for-out, an input", "never modifies")),
+    (output_inside_the_hf_cache, ("hf-cache, an input or the download cache",)),
     (bad_dtype, ("int4", "float16")),
     (pth_shards_do_not_divide, ("cannot split 2 kv heads into 4", "--pth-shards")),
     (corrupt_safetensors_header, ("model.safetensors", "not valid JSON")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from ..merging import Block
 from ..plan import MergePlan
@@ -40,7 +41,21 @@ class HFWriter:
         self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
         self._open: tuple[int, SafetensorsWriter] | None = None
         self._digests: dict[Path, str | None] = {}
+        self._kept: set[int] = set()  # shards a resumed run keeps from the interrupted one
+        self.on_file_done: Callable[[Path, str], None] | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def resume(self, done: dict[Path, str]) -> set[int]:
+        """Keep the shards an interrupted run finished (``done``: path -> SHA256); returns the tensor indices this
+        writer no longer needs."""
+        skip: set[int] = set()
+        for k, name in enumerate(self.shard_names):
+            path = self.folder / name
+            if path in done:
+                self._kept.add(k)
+                self._digests[path] = done[path]
+                skip.update(self._groups[k])
+        return skip
 
     def _entries(self, k: int) -> list[Entry]:
         return [Entry(self.plan.tensors[i].name, self.plan.out_dtype(self.plan.tensors[i]), self.plan.tensors[i].shape)
@@ -48,6 +63,8 @@ class HFWriter:
 
     def write(self, block: Block) -> None:
         k = self._shard_of[block.index]
+        if k in self._kept:  # another writer still needed this tensor
+            return
         if self._open is None or self._open[0] != k:
             if self._open is not None:
                 self._close_shard()
@@ -60,6 +77,8 @@ class HFWriter:
         self._open = None
         shard.close()
         self._digests[shard.path] = shard.sha256
+        if self.on_file_done is not None and shard.sha256:
+            self.on_file_done(shard.path, shard.sha256)
 
     def close(self) -> list[Path]:
         if self._open is not None:
