@@ -29,7 +29,6 @@ import pytest  # noqa: E402
 from huggingface_hub import HfApi, hf_hub_download  # noqa: E402
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError  # noqa: E402
 
-from hubmerge.localhub import LocalHub  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -38,7 +37,9 @@ SKIP_BROWSER = "HUBMERGE_SKIP_BROWSER_TESTS"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-LLAMA, ALPACA, BASE = "hfl/llama-plus-tiny", "hfl/alpaca-plus-tiny", "alice/llama-tiny-hf"
+from support import ALPACA_REPO as ALPACA  # noqa: E402
+from support import BASE_REPO as BASE  # noqa: E402
+from support import LLAMA_REPO as LLAMA  # noqa: E402
 TIMEOUT = 30_000  # ms, for anything the page waits on
 
 
@@ -57,23 +58,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory, models):
-    """The app on 127.0.0.1 with a local Hub: Plus adapters public under hfl, alice's base private; alice signs in."""
+def space(tmp_path_factory, _published_hub):
+    """The app on 127.0.0.1 with the session's local Hub (Plus adapters public under hfl, alice's base private);
+    alice signs in."""
     import gradio.oauth
     from huggingface_hub import constants
 
     root = tmp_path_factory.mktemp("space")
-    with LocalHub(root / "hub") as hub, pytest.MonkeyPatch.context() as mp:
+    hub = _published_hub
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
         mp.setattr(constants, "HF_HUB_OFFLINE", False)
         mp.delenv("SYSTEM", raising=False)  # not on a Space: gradio mounts its mocked OAuth routes
-        tokens = {"hfl": hub.add_user("hfl"), "alice": hub.add_user("alice")}
-        base = models.base()
-        local = {BASE: base, LLAMA: models.plus_recipe(base)[0], ALPACA: models.plus_recipe(base)[1]}
-        for repo, owner, private in ((LLAMA, "hfl", False), (ALPACA, "hfl", False), (BASE, "alice", True)):
-            api = HfApi(endpoint=hub.url, token=tokens[owner])
-            api.create_repo(repo, private=private)
-            api.upload_folder(repo_id=repo, folder_path=local[repo])
+        tokens = hub.tokens
+        local = {BASE: hub.local["base"], LLAMA: hub.local[LLAMA], ALPACA: hub.local[ALPACA]}
 
         # gradio's mocked OAuth, signed in as the local Hub's alice and handing the app her token
         mocked_info = gradio.oauth._get_mocked_oauth_info
@@ -353,14 +351,54 @@ def test_one_merge_at_a_time_and_closing_the_tab_stops_it(space, page):
         HfApi(endpoint=space.hub.url, token=space.tokens["alice"]).model_info("alice/abandoned")
 
 
+def test_simultaneous_users_each_get_their_own_result(space, tmp_path):
+    """Several clients at once, each signed in as a different user: the queue runs them one by one, every user gets
+    the result of their own inputs in their own private repo, and no job's files outlive it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    users = {"alice": space.tokens["alice"], "bob": space.tokens["bob"], "erin": space.hub.add_user("erin")}
+    jobs = {  # user -> (adapters, base, dtype): different inputs, so different weights
+        "alice": (f"{LLAMA}\n{ALPACA}", BASE, ""),
+        "bob": (LLAMA, str(space.local[BASE]), ""),
+        "erin": (ALPACA, str(space.local[BASE]), "bfloat16"),
+    }
+
+    def run(user: str):
+        adapters, base, dtype = jobs[user]
+        client = Client(space.url, oauth_token=users[user], verbose=False)
+        return client.predict(adapters, base, dtype, "load-test", True, False, api_name="/merge")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(zip(jobs, pool.map(run, jobs)))
+    digests = {}
+    for user, (link, summary, _card, table) in results.items():
+        repo = f"{user}/load-test"
+        assert f"[{repo}]({space.hub.url}/{repo}) (private)" in link, (user, link)
+        info = HfApi(endpoint=space.hub.url, token=users[user]).model_info(repo, files_metadata=True)
+        assert info.private
+        recorded = {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs}
+        shas = {row[0]: row[1] for row in table["data"]}
+        assert shas["model.safetensors"] == recorded["model.safetensors"]
+        digests[user] = recorded["model.safetensors"]
+        others = [u for u in users if u != user]
+        for other in others:  # nobody else can read it
+            with pytest.raises(RepositoryNotFoundError):
+                HfApi(endpoint=space.hub.url, token=users[other]).model_info(repo)
+    assert len(set(digests.values())) == len(jobs)
+    assert "dtype bfloat16" in results["erin"][1] and ALPACA in results["erin"][1] and LLAMA not in results["erin"][1]
+    assert wait_until(lambda: no_jobs_left(space)), list(space.settings.workdir.iterdir())
+
+
 def test_tokens_never_reach_the_output_or_the_logs(space, capfd, caplog, monkeypatch):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    canary = space.hub.add_user("carol", token="hf_CAROLcarolCAROLcarol0000000000000")
+    canary = space.hub.add_user("dave", token="hf_DAVEdaveDAVEdaveDAVE000000000000")
     client = Client(space.url, oauth_token=canary, verbose=False)
     link, *_ = client.predict(LLAMA, str(space.local[BASE]), "", "", True, False, api_name="/merge")
-    assert "carol/llama-plus-tiny-merged" in link
+    assert "dave/llama-plus-tiny-merged" in link
     with pytest.raises(AppError, match="hfl/no-such-adapter"):
         client.predict("hfl/no-such-adapter", str(space.local[BASE]), "", api_name="/check")
 
@@ -371,7 +409,7 @@ def test_tokens_never_reach_the_output_or_the_logs(space, capfd, caplog, monkeyp
     with pytest.raises(AppError, match=r"unexpected error \(RuntimeError\)") as err:
         client.predict(LLAMA, BASE, "", api_name="/check")
     assert canary not in str(err.value)
-    card = HfApi(endpoint=space.hub.url, token=canary).model_info("carol/llama-plus-tiny-merged").card_data
+    card = HfApi(endpoint=space.hub.url, token=canary).model_info("dave/llama-plus-tiny-merged").card_data
     out, errout = capfd.readouterr()
     assert "something went wrong with <token>" in caplog.text  # the bug is logged, the token scrubbed
     assert canary not in out + errout + caplog.text and canary not in str(card)
