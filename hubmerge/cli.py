@@ -76,6 +76,9 @@ def _run_merge(args: argparse.Namespace) -> int:
                             token=args.token, cache_dir=args.cache_dir, progress=not args.quiet):
             print(line)
         return 0
+    from .verify import prehash
+
+    prehash([*args.adapters, args.base])  # on the other core, while torch imports
     from .pipeline import merge
 
     result = merge(args.adapters, args.base, args.out, formats=args.formats, dtype=args.dtype,

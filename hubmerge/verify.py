@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,8 +29,41 @@ def _read_into(path: Path, hashers: Iterable[Any], progress: Callable[[int], obj
                 progress(len(chunk))
 
 
+# SHA256 started early by prehash(), keyed by file identity so a file changed since is hashed afresh.
+_EARLY: dict[tuple[str, int, int], Future] = {}
+_EARLY_POOL: ThreadPoolExecutor | None = None
+PREHASH_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def prehash(folders: Iterable[str | Path]) -> None:
+    """Start hashing (SHA256, one background thread) the weight files of whichever of ``folders`` exist locally.
+
+    The CLI calls this before importing torch: the import keeps one core busy for seconds, during which the other
+    reads and hashes the inputs the recipe must record (and leaves them in the page cache for the merge).
+    """
+    global _EARLY_POOL
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix in PREHASH_SUFFIXES and path.is_file():
+                if _EARLY_POOL is None:
+                    _EARLY_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-prehash")
+                _EARLY.setdefault(_identity(path), _EARLY_POOL.submit(file_digests, path, ("sha256",)))
+
+
 def file_digest(path: Path, algorithm: str = "sha256", progress: Callable[[int], object] | None = None) -> str:
     """Hex digest of a file (``sha256``, ``md5``, ...); ``progress`` is called with the bytes read so far."""
+    if algorithm == "sha256" and progress is None and _EARLY:
+        early = _EARLY.get(_identity(path))
+        if early is not None:
+            return early.result()["sha256"]
     return file_digests(path, (algorithm,), progress)[algorithm]
 
 
