@@ -15,7 +15,7 @@ from typing import Sequence
 from .base import open_base
 from .errors import InputError
 from .merging import DEFAULT_BLOCK_BYTES
-from .pipeline import Inputs, MergeResult, PathLike, _check_output, _hash_inputs, _recipe, check_formats, write_outputs
+from .pipeline import Inputs, MergeResult, PathLike, check_formats, check_output, write_outputs
 from .plan import build_plan
 from .sizes import parse_size
 from .sources import Source
@@ -49,13 +49,11 @@ def convert(source: PathLike, out: PathLike, *, formats: Sequence[str] = ("hf",)
     if not folder.is_dir():
         raise InputError(f"{source}: folder not found; give the folder holding consolidated.*.pth and params.json")
     out_dir = Path(out).expanduser().resolve()
-    _check_output(out_dir, [folder], overwrite)
+    check_output(out_dir, [folder], overwrite)
     base = open_base(folder, verify=verify)
     src = Source(str(source), "base", folder, hashes=dict(base.hashes))
     plan = build_plan(base, [], dtype, conversion=True)
     inputs = Inputs(src, base, [], [])
-    written = write_outputs(
-        plan, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards, progress=progress,
-        block_bytes=block_bytes, side_task=lambda: _hash_inputs(plan, inputs.sources),
-        recipe=lambda format_info, files: _recipe(plan, inputs, format_info, files), desc="convert")
+    written = write_outputs(plan, inputs, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards,
+                            progress=progress, block_bytes=block_bytes, desc="convert")
     return MergeResult.finish(out_dir, written, plan, started)

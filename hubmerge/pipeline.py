@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -178,7 +178,7 @@ def hub_from_args(token: str | None, cache_dir: PathLike | None, endpoint: str |
     return Hub(endpoint=endpoint, token=token, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
 
 
-def _check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     for inp in inputs:
         inp = inp.resolve()
         if out == inp or inp in out.parents:
@@ -284,14 +284,13 @@ class Written:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max_shard_size: int,
-                  pth_shards: int | None, progress: bool, block_bytes: int, recipe: Callable[[dict, dict], dict],
-                  side_task: Callable[[], None] | None = None, desc: str = "merge") -> Written:
+def write_outputs(plan: MergePlan, inputs: Inputs, out_dir: Path, formats: Sequence[str], *, max_shard_size: int,
+                  pth_shards: int | None, progress: bool, block_bytes: int, desc: str = "merge") -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
-    Everything goes to a hidden sibling folder first; each file is hashed, ``recipe(format_info, files)`` gives the
-    hubmerge.json to write, and only then is the folder moved into place (replacing ``out_dir``). ``side_task``
-    (hashing the inputs) runs on the other core meanwhile and must finish before the recipe is written.
+    Everything goes to a hidden sibling folder first; each file is hashed, the hubmerge.json recipe is written, and
+    only then is the folder moved into place (replacing ``out_dir``). The inputs' SHA256 for the recipe are computed
+    on the other core meanwhile.
 
     The sibling folder carries a journal of finished files (:mod:`hubmerge.resume`): after a kill or Ctrl-C, the
     same command on the same inputs keeps them and writes only the rest.
@@ -308,7 +307,7 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
     journal = Journal(staging, fingerprint(plan, [p for files in _input_files(plan) for p in files], options))
     writers: list[Writer] = []
     background = ThreadPoolExecutor(max_workers=1)
-    pending = background.submit(side_task) if side_task else None
+    pending = background.submit(_hash_inputs, plan, inputs.sources)
     try:
         folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
@@ -328,9 +327,8 @@ def write_outputs(plan: MergePlan, out_dir: Path, formats: Sequence[str], *, max
         hashed = {p: d for w in writers for p, d in getattr(w, "digests", dict)().items()}  # while writing
         writers = []
         files = {p.relative_to(staging).as_posix(): hashed.get(p) or file_digest(p) for p in written}
-        if pending is not None:
-            pending.result()
-        write_recipe(staging, recipe(format_info, files))
+        pending.result()
+        write_recipe(staging, _recipe(plan, inputs, format_info, files))
         journal.remove()
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.hubmerge-old")
@@ -398,13 +396,11 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
     hub = hub_from_args(token, cache_dir, endpoint)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
-    _check_output(out_dir, [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root], overwrite)
+    check_output(out_dir, [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root], overwrite)
     inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify)
     plan = build_plan(inputs.base, inputs.adapters, dtype)
     # Hashing the inputs reads them a second time: do it on the other core while the merge runs.
-    written = write_outputs(
-        plan, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards, progress=progress,
-        block_bytes=block_bytes, side_task=lambda: _hash_inputs(plan, inputs.sources),
-        recipe=lambda format_info, files: _recipe(plan, inputs, format_info, files))
+    written = write_outputs(plan, inputs, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards,
+                            progress=progress, block_bytes=block_bytes)
     pushed = push(out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False) if push_to else None
     return MergeResult.finish(out_dir, written, plan, started, pushed, inputs.sources)
