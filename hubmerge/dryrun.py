@@ -19,7 +19,7 @@ from .errors import IncompatibleError
 from .pipeline import PathLike, hub_from_args, build_plan, open_inputs, resolve_inputs
 from .plan import dtype_name, parse_dtype, vocab_shrink_message
 from .sizes import format_size
-from .sources import Source, fetch, needed_files
+from .sources import Source, fetch, needed_files, not_cached
 from .tokenizer import read_tokenizer
 from .verify import check_tokenizer_matches
 
@@ -35,11 +35,8 @@ def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
 
 
 def _download_line(src: Source, hub) -> str:
-    from huggingface_hub import try_to_load_from_cache
-
     names = needed_files(src)
-    todo = [n for n in names if not isinstance(
-        try_to_load_from_cache(src.repo_id, n, cache_dir=hub.cache_dir, revision=src.commit), str)]
+    todo = not_cached(src, hub)
     size = sum(src.remote[n].size for n in todo)
     return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"
 

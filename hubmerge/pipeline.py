@@ -21,14 +21,14 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, open_adapter
 from .base import BaseModel, open_base
 from .errors import InputError, Interrupted, OutputError
+from .hub import Hub
 from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
 from .plan import MergePlan, build_plan, dtype_name
+from .publish import PushResult, push, source_license
 from .recipe import tool_versions, write_recipe
 from .resume import Journal, fingerprint
 from .sizes import format_size, parse_size
-from .hub import Hub
-from .publish import PushResult, push, source_license
-from .sources import Source, fetch, needed_files, resolve
+from .sources import Source, fetch, not_cached, resolve
 from .verify import check_tokenizer_matches, file_digest
 from .write import FORMATS, Writer, make_writer
 
@@ -111,20 +111,10 @@ class Inputs:
 
 def _check_download_space(sources: Sequence[Source], hub: Hub) -> None:
     """Refuse before downloading when the cache's disk cannot hold what is still to download."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    todo = 0
-    for src in sources:
-        if src.repo_id is None:
-            continue
-        for name in needed_files(src):
-            if not isinstance(try_to_load_from_cache(src.repo_id, name, cache_dir=hub.cache_dir,
-                                                     revision=src.commit), str):
-                todo += src.remote[name].size
+    todo = sum(src.remote[name].size for src in sources for name in not_cached(src, hub))
     if todo:
-        cache = Path(hub.cache_dir or constants.HF_HUB_CACHE)
-        cache.mkdir(parents=True, exist_ok=True)
-        _check_disk(cache, todo, "the downloads")
+        hub.cache_root.mkdir(parents=True, exist_ok=True)
+        _check_disk(hub.cache_root, todo, "the downloads")
 
 
 def resolve_inputs(adapters: Sequence[PathLike], base: PathLike, hub: Hub) -> tuple[Source, list[Source]]:

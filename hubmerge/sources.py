@@ -137,6 +137,16 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     return chosen
 
 
+def not_cached(source: Source, hub: Hub) -> list[str]:
+    """The needed files of a Hub source that are not in the cache yet at its commit (nothing for local sources)."""
+    if source.repo_id is None:
+        return []
+    from huggingface_hub import try_to_load_from_cache
+
+    return [n for n in needed_files(source) if not isinstance(
+        try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str)]
+
+
 def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = True) -> None:
     """Download what the merge needs from a Hub source into the HF cache (resuming partial downloads), verifying
     each file against the Hub's record; sets ``source.path`` and ``source.hashes``. Local sources are left as they
