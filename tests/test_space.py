@@ -163,6 +163,8 @@ def toast_text(page) -> str:
 def close_toasts(page):
     for close in page.locator("[data-testid=toast-close]").all():
         close.click()
+    # wait until they are gone, or the next toast_text() could read a closing toast's old message
+    page.wait_for_function("document.querySelectorAll('[data-testid=toast-text]').length === 0")
 
 
 def no_jobs_left(space) -> bool:
