@@ -35,19 +35,25 @@ from .write import FORMATS, Writer, make_writer
 PathLike = str | Path
 
 
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` value of a Linux /proc file, in bytes; None where there is no such file or key."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """Peak resident memory of this process, in bytes.
 
     VmHWM of /proc/self/status where there is one: ru_maxrss survives exec, so a process started from a big parent
     (a test runner, a notebook) would report the parent's peak as its own.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -190,13 +196,7 @@ def _check_disk(folder: Path, needed: int, what: str = "the output") -> None:
 
 def available_memory() -> int | None:
     """Bytes of memory the kernel says a new allocation can get (MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _check_memory(needed: int) -> None:
