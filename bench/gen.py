@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from hubmerge.layouts import hf_tensor_names
+from hubmerge.model.layouts import hf_tensor_names
 from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter
 from hubmerge.tensorio.source import Entry
-from hubmerge.tinymodels import LLAMA_LINEAR, make_tokenizer
+from hubmerge.testing.tinymodels import LLAMA_LINEAR, make_tokenizer
 
 from .shapes import BASE_VOCAB, LLAMA_EXTRA, SHAPES, AdapterSpec, Shape, input_folders
 
@@ -31,9 +31,15 @@ BLOCK_ELEMS = 16 * 2**20  # fp32 elements generated at once (64 MB)
 def base_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape of the base, in the order transformers saves them."""
     h, kv = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads)
-    by_module = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                 "gate_proj": (shape.intermediate, h), "up_proj": (shape.intermediate, h),
-                 "down_proj": (h, shape.intermediate)}
+    by_module = {
+        "q_proj": (h, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, h),
+        "gate_proj": (shape.intermediate, h),
+        "up_proj": (shape.intermediate, h),
+        "down_proj": (h, shape.intermediate),
+    }
     shapes = {}
     for name in hf_tensor_names(shape.config()):
         module = name.rsplit(".", 2)[-2]
@@ -91,7 +97,8 @@ def make_base(folder: Path, shape: Shape) -> Path:
     make_tokenizer(tmp, "base", base_vocab=BASE_VOCAB)
     (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2, sort_keys=True) + "\n")
     (tmp / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "5.24.0"}, indent=2) + "\n")
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "5.24.0"}, indent=2) + "\n"
+    )
     groups: list[list[Entry]] = [[]]
     size = 0
     for name, dims in base_shapes(shape).items():
@@ -108,7 +115,8 @@ def make_base(folder: Path, shape: Shape) -> Path:
         weight_map.update(dict.fromkeys((e.name for e in entries), file))
     total = sum(e.nbytes for g in groups for e in g)
     (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     tmp.rename(folder)
     return folder
 
@@ -150,10 +158,19 @@ def make_adapter(folder: Path, shape: Shape, spec: AdapterSpec, seed: int) -> Pa
             writer.write(block)
     writer.close()
     config = {  # the 2023 (PEFT 0.2/0.3) adapter_config.json of the Chinese-LLaMA-Alpaca releases
-        "base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None,
-        "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": spec.alpha, "lora_dropout": 0.05,
-        "merge_weights": False, "modules_to_save": ["embed_tokens", "lm_head"], "peft_type": "LORA", "r": spec.r,
-        "target_modules": list(LLAMA_LINEAR), "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "decapoda-research/llama-7b-hf",
+        "bias": "none",
+        "enable_lora": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.05,
+        "merge_weights": False,
+        "modules_to_save": ["embed_tokens", "lm_head"],
+        "peft_type": "LORA",
+        "r": spec.r,
+        "target_modules": list(LLAMA_LINEAR),
+        "task_type": "CAUSAL_LM",
     }
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.rename(folder)

@@ -37,8 +37,11 @@ from bench.shapes import SHAPES, folder_bytes, input_folders
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = ("hf", "pth", "today", "floor")
-TARGETS = {"1b": {"wall_over_floor": 1.5, "peak_rss_gb": 0.8}, "7b": {"wall_over_floor": 1.5, "peak_rss_gb": 1.2},
-           "pth_over_hf": 1.3}
+TARGETS = {
+    "1b": {"wall_over_floor": 1.5, "peak_rss_gb": 0.8},
+    "7b": {"wall_over_floor": 1.5, "peak_rss_gb": 1.2},
+    "pth_over_hf": 1.3,
+}
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 TIME = "/usr/bin/time"  # GNU time
 
@@ -53,21 +56,54 @@ def can_drop_caches() -> bool:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))) * 1024
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = (
+        int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
+        * 1024
+    )
     disk = shutil.disk_usage(HERE)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem / 1e9, 1), "kernel": platform.release(),
-            "disk_gb": round(disk.total / 1e9), "python": platform.python_version(),
-            "torch": importlib.metadata.version("torch"), "transformers": importlib.metadata.version("transformers"),
-            "peft": importlib.metadata.version("peft")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem / 1e9, 1),
+        "kernel": platform.release(),
+        "disk_gb": round(disk.total / 1e9),
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+        "transformers": importlib.metadata.version("transformers"),
+        "peft": importlib.metadata.version("peft"),
+    }
 
 
 def commands(variant: str, base: Path, adapters: list[Path], out: Path) -> list[str]:
     if variant in ("hf", "pth"):
-        return [sys.executable, "-m", "hubmerge.cli", *map(str, adapters), "--base", str(base), "--out", str(out),
-                "--format", variant, "--quiet", "--overwrite"]
+        return [
+            sys.executable,
+            "-m",
+            "hubmerge.cli",
+            *map(str, adapters),
+            "--base",
+            str(base),
+            "--out",
+            str(out),
+            "--format",
+            variant,
+            "--quiet",
+            "--overwrite",
+        ]
     if variant == "today":
         return [sys.executable, str(HERE / "today.py"), "--base", str(base), "--out", str(out), *map(str, adapters)]
     weights = " ".join(f"'{p}'" for p in sorted(base.glob("*.safetensors")))
@@ -86,13 +122,19 @@ def run_child(cmd: list[str], log: Path) -> dict:
     usage = log.with_suffix(".time")
     with open(log, "wb") as f:
         started = time.monotonic()
-        code = subprocess.call([TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=f, stderr=subprocess.STDOUT,
-                               env=env, cwd=ROOT)
+        code = subprocess.call(
+            [TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
         wall = time.monotonic() - started
     last = usage.read_text().split("\n")[-2].split()  # "Command exited with non-zero status N" may come first
     peak_kb, user, system = int(last[0]), float(last[1]), float(last[2])
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_kb / 1024, 1), "cpu_s": round(user + system, 2),
-            "exit": code, "loadavg_before": round(load, 2)}
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "cpu_s": round(user + system, 2),
+        "exit": code,
+        "loadavg_before": round(load, 2),
+    }
 
 
 def warm(files: list[Path]) -> None:
@@ -120,8 +162,15 @@ def ulp_compare(ours: Path, theirs: Path) -> dict:
         return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
     a, b = index(ours), index(theirs)
-    report = {"tensors": len(a), "same_names": sorted(a) == sorted(b), "identical": 0, "max_ulp": 0,
-              "elements_differing": 0, "worst": None, "problems": []}
+    report = {
+        "tensors": len(a),
+        "same_names": sorted(a) == sorted(b),
+        "identical": 0,
+        "max_ulp": 0,
+        "elements_differing": 0,
+        "worst": None,
+        "problems": [],
+    }
     for name in sorted(set(a) & set(b)):
         with safe_open(a[name], "pt") as fa, safe_open(b[name], "pt") as fb:
             x, y = fa.get_tensor(name), fb.get_tensor(name)
@@ -147,9 +196,12 @@ def summarize(runs: list[dict], shape: str) -> dict:
     for v in VARIANTS:
         ok = [r for r in runs if r["variant"] == v and r["exit"] == 0]
         if ok:
-            med[v] = {"wall_s": round(statistics.median(r["wall_s"] for r in ok), 2),
-                      "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in ok), 1),
-                      "cpu_s": round(statistics.median(r["cpu_s"] for r in ok), 2), "runs": len(ok)}
+            med[v] = {
+                "wall_s": round(statistics.median(r["wall_s"] for r in ok), 2),
+                "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in ok), 1),
+                "cpu_s": round(statistics.median(r["cpu_s"] for r in ok), 2),
+                "runs": len(ok),
+            }
     ratios = {}
 
     def ratio(key: str, num: str, den: str, field: str = "wall_s") -> None:
@@ -165,8 +217,9 @@ def summarize(runs: list[dict], shape: str) -> dict:
     targets = {}
     for v in ("hf", "pth"):
         if v in med and "floor" in med:
-            targets[f"{v}_wall_over_floor<={t['wall_over_floor']}"] = ratios[f"{v}_wall_over_floor"] <= t[
-                "wall_over_floor"]
+            targets[f"{v}_wall_over_floor<={t['wall_over_floor']}"] = (
+                ratios[f"{v}_wall_over_floor"] <= t["wall_over_floor"]
+            )
         if v in med:
             targets[f"{v}_peak_rss<={t['peak_rss_gb']}GB"] = med[v]["peak_rss_mb"] * 2**20 <= t["peak_rss_gb"] * 1e9
     if "pth_wall_over_hf" in ratios:
@@ -175,28 +228,36 @@ def summarize(runs: list[dict], shape: str) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"shape {result['shape']}: base {result['inputs']['base_weights_gb']} GB of weights, adapters "
-             f"{', '.join(f'{k} {v} GB' for k, v in result['inputs']['adapters_gb'].items())}; "
-             f"cache: {result['cache']}", ""]
+    lines = [
+        f"shape {result['shape']}: base {result['inputs']['base_weights_gb']} GB of weights, adapters "
+        f"{', '.join(f'{k} {v} GB' for k, v in result['inputs']['adapters_gb'].items())}; "
+        f"cache: {result['cache']}",
+        "",
+    ]
     lines.append(f"{'round':>5}  {'variant':<7} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'load':>5}")
     for r in result["runs"]:
         flag = "" if r["exit"] == 0 else f"  FAILED (exit {r['exit']}, log {r['log']})"
-        lines.append(f"{r['round']:>5}  {r['variant']:<7} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
-                     f"{r['cpu_s']:>7.1f} {r['loadavg_before']:>5.1f}{flag}")
+        lines.append(
+            f"{r['round']:>5}  {r['variant']:<7} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
+            f"{r['cpu_s']:>7.1f} {r['loadavg_before']:>5.1f}{flag}"
+        )
     lines += ["", f"{'median':<8} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'wall/floor':>11}"]
     med = result["summary"]["medians"]
     for v, m in med.items():
         rel = f"{m['wall_s'] / med['floor']['wall_s']:.2f}" if "floor" in med else "-"
         lines.append(f"{v:<8} {m['wall_s']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['cpu_s']:>7.1f} {rel:>11}")
     lines += ["", "ratios: " + ", ".join(f"{k} {v}" for k, v in result["summary"]["ratios"].items())]
-    lines += ["targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
-                                      for k, v in result["summary"]["targets_met"].items())]
+    lines += [
+        "targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["summary"]["targets_met"].items())
+    ]
     check = result.get("check")
     if check:
-        lines.append(f"hf output vs today's: {check['tensors']} tensors, {check['identical']} bit-identical, max "
-                     f"{check['max_ulp']} ulp ({check['elements_differing']} elements differ"
-                     f"{', worst ' + check['worst'] if check['worst'] else ''}): {'OK' if check['ok'] else 'FAIL'}"
-                     + "".join(f"\n  {p}" for p in check["problems"][:10]))
+        lines.append(
+            f"hf output vs today's: {check['tensors']} tensors, {check['identical']} bit-identical, max "
+            f"{check['max_ulp']} ulp ({check['elements_differing']} elements differ"
+            f"{', worst ' + check['worst'] if check['worst'] else ''}): {'OK' if check['ok'] else 'FAIL'}"
+            + "".join(f"\n  {p}" for p in check["problems"][:10])
+        )
     return "\n".join(lines)
 
 
@@ -210,13 +271,14 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, field, label in ((axes[0], "wall_s", "wall time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
         meds = [result["summary"]["medians"][v][field] for v in variants]
-        ax.bar(variants, meds, color=["#2a7", "#2a7", "#c54", "#888"][:len(variants)], alpha=0.6)
+        ax.bar(variants, meds, color=["#2a7", "#2a7", "#c54", "#888"][: len(variants)], alpha=0.6)
         for i, v in enumerate(variants):
             ys = [r[field] for r in result["runs"] if r["variant"] == v and r["exit"] == 0]
             ax.scatter([i] * len(ys), ys, color="k", s=12, zorder=3)
         ax.set_ylabel(label)
-    fig.suptitle(f"hubmerge benchmark, {result['shape']} ({result['cache']}), {result['date']}: "
-                 f"medians (bars) and runs (dots)")
+    fig.suptitle(
+        f"hubmerge benchmark, {result['shape']} ({result['cache']}), {result['date']}: medians (bars) and runs (dots)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -242,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     print(f"inputs: generating or reusing {args.work / shape.name} ...", flush=True)
     # In a child process: this one stays small (see run_child) and never imports torch before the runs.
-    subprocess.run([sys.executable, "-m", "bench.gen", "--shape", shape.name, "--work", str(args.work)], check=True,
-                   cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "bench.gen", "--shape", shape.name, "--work", str(args.work)], check=True, cwd=ROOT
+    )
     base, adapters = input_folders(args.work, shape)
     base_files = sorted(base.glob("*.safetensors"))
     inputs = base_files + [a / "adapter_model.bin" for a in adapters]
@@ -255,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for rnd in range(1, args.repeat + 1):
-        order = variants[rnd - 1:] + variants[:rnd - 1]  # rotate: no variant always runs first
+        order = variants[rnd - 1 :] + variants[: rnd - 1]  # rotate: no variant always runs first
         for v in order:
             out = outputs / v
             shutil.rmtree(out, ignore_errors=True)
@@ -267,26 +330,38 @@ def main(argv: list[str] | None = None) -> int:
             log = logs / f"{v}-{rnd}.log"
             r = {"round": rnd, "variant": v, **run_child(commands(v, base, adapters, out), log), "log": str(log)}
             runs.append(r)
-            print(f"round {rnd} {v:<6} {r['wall_s']:8.2f} s {r['peak_rss_mb']:8.0f} MB"
-                  f"{'' if r['exit'] == 0 else '  FAILED: see ' + str(log)}", flush=True)
+            print(
+                f"round {rnd} {v:<6} {r['wall_s']:8.2f} s {r['peak_rss_mb']:8.0f} MB"
+                f"{'' if r['exit'] == 0 else '  FAILED: see ' + str(log)}",
+                flush=True,
+            )
             if not (check and v in ("hf", "today")):
                 shutil.rmtree(out, ignore_errors=True)
 
     date = datetime.date.today().isoformat()
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     result = {
-        "shape": shape.name, "date": date, "commit": commit, "cache": "cold (page cache dropped before each run)" if args.cold
-        else "warm (inputs read once before each run)", "repeat": args.repeat, "machine": machine(),
-        "inputs": {"base_weights_gb": round(sum(f.stat().st_size for f in base_files) / 1e9, 2),
-                   "base_shards": len(base_files),
-                   "adapters_gb": {a.name: round(folder_bytes(a) / 1e9, 2) for a in adapters},
-                   "shape": {k: getattr(shape, k) for k in ("hidden", "layers", "intermediate", "heads",
-                                                            "kv_heads")},
-                   "adapter_specs": [{"name": s.name, "r": s.r, "alpha": s.alpha, "vocab": s.vocab}
-                                     for s in shape.adapters]},
-        "variants": {v: " ".join(commands(v, Path("BASE"), [Path(f"ADAPTER{i + 1}") for i in range(len(adapters))],
-                                          Path("OUT"))) for v in variants},
+        "shape": shape.name,
+        "date": date,
+        "commit": commit,
+        "cache": "cold (page cache dropped before each run)"
+        if args.cold
+        else "warm (inputs read once before each run)",
+        "repeat": args.repeat,
+        "machine": machine(),
+        "inputs": {
+            "base_weights_gb": round(sum(f.stat().st_size for f in base_files) / 1e9, 2),
+            "base_shards": len(base_files),
+            "adapters_gb": {a.name: round(folder_bytes(a) / 1e9, 2) for a in adapters},
+            "shape": {k: getattr(shape, k) for k in ("hidden", "layers", "intermediate", "heads", "kv_heads")},
+            "adapter_specs": [{"name": s.name, "r": s.r, "alpha": s.alpha, "vocab": s.vocab} for s in shape.adapters],
+        },
+        "variants": {
+            v: " ".join(commands(v, Path("BASE"), [Path(f"ADAPTER{i + 1}") for i in range(len(adapters))], Path("OUT")))
+            for v in variants
+        },
         "runs": runs,
     }
     if (outputs / "hf").is_dir():

@@ -35,14 +35,30 @@ class Shape:
     def config(self) -> dict:
         """config.json as transformers 5 writes it for LlamaForCausalLM."""
         return {
-            "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-            "bos_token_id": 1, "dtype": "float16", "eos_token_id": 2, "head_dim": self.hidden // self.heads,
-            "hidden_act": "silu", "hidden_size": self.hidden, "initializer_range": 0.02,
-            "intermediate_size": self.intermediate, "max_position_embeddings": 2048, "mlp_bias": False,
-            "model_type": "llama", "num_attention_heads": self.heads, "num_hidden_layers": self.layers,
-            "num_key_value_heads": self.kv_heads, "pretraining_tp": 1, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "tie_word_embeddings": False,
-            "transformers_version": "5.24.0", "use_cache": True, "vocab_size": BASE_VOCAB,
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "dtype": "float16",
+            "eos_token_id": 2,
+            "head_dim": self.hidden // self.heads,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate,
+            "max_position_embeddings": 2048,
+            "mlp_bias": False,
+            "model_type": "llama",
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": False,
+            "transformers_version": "5.24.0",
+            "use_cache": True,
+            "vocab_size": BASE_VOCAB,
         }
 
 
@@ -60,6 +76,17 @@ SHAPES = {
     # TinyLlama-1.1B's shapes: GQA with 4 kv heads.
     "1b": Shape("1b", 2048, 22, 5632, 32, 4, 10**9, (AdapterSpec("chinese-llama-lora", "llama", 8, 32),)),
     # LLaMA-7B, Plus recipe: llama-plus (r=8) then alpaca-plus (r=64), as the Chinese-Alpaca-Plus release.
-    "7b": Shape("7b", 4096, 32, 11008, 32, 32, 5 * 10**9, (AdapterSpec("chinese-llama-plus-lora", "llama", 8, 32),
-                                                           AdapterSpec("chinese-alpaca-plus-lora", "alpaca", 64, 128))),
+    "7b": Shape(
+        "7b",
+        4096,
+        32,
+        11008,
+        32,
+        32,
+        5 * 10**9,
+        (
+            AdapterSpec("chinese-llama-plus-lora", "llama", 8, 32),
+            AdapterSpec("chinese-alpaca-plus-lora", "alpaca", 64, 128),
+        ),
+    ),
 }

@@ -2,7 +2,7 @@
 
 The pipeline, one module per stage: ``sources`` (resolve, fetch) -> ``verify`` -> ``plan`` -> ``merging`` -> ``write``
 -> ``publish``; ``pipeline`` runs them in order. The public API is re-exported here; the heavy parts (torch) load on
-first use, so ``import hubmerge.localhub`` or ``hubmerge --help`` stay fast.
+first use, so ``import hubmerge.testing.localhub`` or ``hubmerge --help`` stay fast.
 """
 
 from __future__ import annotations
@@ -33,18 +33,18 @@ _LAZY = {
     "preview": "dryrun",
     "push": "publish",
     "PushResult": "publish",
-    "verify_target": "verify",
-    "Hub": "hub",
+    "verify_target": "verification.command",
+    "Hub": "inputs.hub",
 }
 
 if TYPE_CHECKING:
-    from .hub import Hub
     from .conversion import convert
+    from .dryrun import preview
+    from .inputs.hub import Hub
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
-    from .dryrun import preview
     from .publish import PushResult, push
-    from .verify import verify_target
+    from .verification.command import verify_target
 
 
 def __getattr__(name: str) -> Any:
@@ -54,7 +54,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    *_LAZY,
+    "merge",
+    "plan_merge",
+    "MergeResult",
+    "MergePlan",
+    "preview",
+    "convert",
+    "push",
+    "PushResult",
+    "verify_target",
+    "Hub",
     "HubmergeError",
     "InputError",
     "CorruptFileError",

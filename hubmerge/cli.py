@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import HubmergeError, Interrupted
-from .write import FORMATS
+from .output.writers import FORMATS
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
 def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
     """Register a subcommand: ``configure`` adds its arguments, the decorated function runs it."""
+
     def register(run: Callable[[argparse.Namespace], int]):
         COMMANDS[name] = (help_text, configure, run)
         return run
+
     return register
 
 
@@ -34,29 +36,51 @@ def _formats(value: str) -> list[str]:
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that writes a model."""
-    p.add_argument("--format", dest="formats", type=_formats, default=["hf"],
-                   help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
-                        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        type=_formats,
+        default=["hf"],
+        help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
+        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
+    )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default: 5GB)")
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking a Meta checkpoint against checklist.chk and the known SHA256 of the release")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking a Meta checkpoint against checklist.chk and the known SHA256 of the release",
+    )
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
-                   help="LoRA adapter folder or Hub ID (org/name[@revision]); several apply in the order given")
-    p.add_argument("--base", required=True,
-                   help="base model: HF-format folder, Hub ID, or Meta checkpoint folder (consolidated.*.pth)")
+    p.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER",
+        help="LoRA adapter folder or Hub ID (org/name[@revision]); several apply in the order given",
+    )
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base model: HF-format folder, Hub ID, or Meta checkpoint folder (consolidated.*.pth)",
+    )
     p.add_argument("--out", help="output folder (default: ./<last adapter name>-merged)")
     _output_args(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it exists (and, with --push-to, the files of an existing repo)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (and, with --push-to, the files of an existing repo)",
+    )
     p.add_argument("--push-to", metavar="ORG/NAME", help="publish the HF output to this Hub repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to: create the repo public")
-    p.add_argument("--dry-run", action="store_true",
-                   help="resolve everything and print the plan; download no weights, write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve everything and print the plan; download no weights, write nothing",
+    )
     _hub_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary, only errors")
 
@@ -72,19 +96,39 @@ def _run_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .dryrun import preview
 
-        for line in preview(args.adapters, args.base, out=args.out, formats=args.formats, dtype=args.dtype,
-                            token=args.token, cache_dir=args.cache_dir, progress=not args.quiet):
+        for line in preview(
+            args.adapters,
+            args.base,
+            out=args.out,
+            formats=args.formats,
+            dtype=args.dtype,
+            token=args.token,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        ):
             print(line)
         return 0
-    from .verify import prehash
+    from .verification.hashing import prehash
 
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
     from .pipeline import merge
 
-    result = merge(args.adapters, args.base, args.out, formats=args.formats, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size, pth_shards=args.pth_shards, overwrite=args.overwrite,
-                   push_to=args.push_to, public=args.public, token=args.token, cache_dir=args.cache_dir,
-                   verify=args.verify, progress=not args.quiet)
+    result = merge(
+        args.adapters,
+        args.base,
+        args.out,
+        formats=args.formats,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        pth_shards=args.pth_shards,
+        overwrite=args.overwrite,
+        push_to=args.push_to,
+        public=args.public,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        verify=args.verify,
+        progress=not args.quiet,
+    )
     for w in result.plan.warnings:
         say(f"warning: {w}")
     for line in result.summary():
@@ -102,27 +146,35 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 @command("push", "publish an existing hubmerge output to a private Hub repo with a model card", _push_args)
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import Hub
+    from .inputs.hub import Hub
     from .publish import push
 
-    result = push(args.folder, args.repo_id, private=not args.public, overwrite=args.overwrite,
-                  hub=Hub(token=args.token, cache_dir=args.cache_dir))
-    print(f"published {result.url} ({'private' if result.private else 'public'}): {len(result.files)} files "
-          "+ model card")
+    result = push(
+        args.folder,
+        args.repo_id,
+        private=not args.public,
+        overwrite=args.overwrite,
+        hub=Hub(token=args.token, cache_dir=args.cache_dir),
+    )
+    print(
+        f"published {result.url} ({'private' if result.private else 'public'}): {len(result.files)} files + model card"
+    )
     return 0
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="a Hub repo (org/name[@revision]), an HF cache snapshot folder, or a folder "
-                                  "with hubmerge.json")
+    p.add_argument(
+        "target", help="a Hub repo (org/name[@revision]), an HF cache snapshot folder, or a folder with hubmerge.json"
+    )
     p.add_argument("--checklist", help="a md5sum/sha256sum-style file to verify the folder against")
     _hub_args(p)
 
 
 @command("verify", "verify files against the Hub's record, a hubmerge.json recipe or a checklist", _verify_args)
 def _run_verify(args: argparse.Namespace) -> int:
-    from .hub import Hub
-    from .verify import format_table, verify_target
+    from .inputs.hub import Hub
+    from .verification.checklists import format_table
+    from .verification.command import verify_target
 
     rows = verify_target(args.target, checklist=args.checklist, hub=Hub(token=args.token, cache_dir=args.cache_dir))
     for line in format_table(rows):
@@ -139,15 +191,18 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "run the whole flow offline on tiny models against a local Hub server", _demo_args)
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from .testing.demo import run
 
     return run(keep=args.keep, workdir=args.workdir)
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="META_DIR",
-                   help="Meta checkpoint folder (consolidated.*.pth, params.json; tokenizer.model here or in the "
-                        "parent folder), or an HF-format folder")
+    p.add_argument(
+        "source",
+        metavar="META_DIR",
+        help="Meta checkpoint folder (consolidated.*.pth, params.json; tokenizer.model here or in the "
+        "parent folder), or an HF-format folder",
+    )
     p.add_argument("--out", required=True, help="output folder")
     _output_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -157,11 +212,19 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 @command("convert", "convert a Meta LLaMA checkpoint (or any base) to HF safetensors, GGUF or pth", _convert_args)
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
-    from .verify import format_table
+    from .verification.checklists import format_table
 
-    result = convert(args.source, args.out, formats=args.formats, dtype=args.dtype,
-                     max_shard_size=args.max_shard_size, pth_shards=args.pth_shards, verify=args.verify,
-                     overwrite=args.overwrite, progress=not args.quiet)
+    result = convert(
+        args.source,
+        args.out,
+        formats=args.formats,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        pth_shards=args.pth_shards,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     if not args.quiet:
         checks = result.plan.base.checks
         if checks:
@@ -177,9 +240,11 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     help_text, configure, _ = COMMANDS[name]
     others = "\n".join(f"  hubmerge {n:<8} {h}" for n, (h, _, _) in COMMANDS.items() if n != "merge")
     parser = argparse.ArgumentParser(
-        prog="hubmerge" if name == "merge" else f"hubmerge {name}", description=help_text,
+        prog="hubmerge" if name == "merge" else f"hubmerge {name}",
+        description=help_text,
         epilog=f"other commands:\n{others}" if name == "merge" else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     configure(parser)
     return parser
 

@@ -9,21 +9,31 @@ moved into place when complete, the output hashes and the hubmerge.json recipe.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .base import open_base
 from .errors import InputError
+from .inputs.sources import Source
 from .merging import DEFAULT_BLOCK_BYTES
+from .model.base import open_base
 from .pipeline import Inputs, MergeResult, PathLike, check_formats, check_output, write_outputs
 from .plan import build_plan
 from .sizes import parse_size
-from .sources import Source
 
 
-def convert(source: PathLike, out: PathLike, *, formats: Sequence[str] = ("hf",), dtype: str | None = None,
-            max_shard_size: str | int = "5GB", pth_shards: int | None = None, verify: bool = True,
-            overwrite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeResult:
+def convert(
+    source: PathLike,
+    out: PathLike,
+    *,
+    formats: Sequence[str] = ("hf",),
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    pth_shards: int | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> MergeResult:
     """Convert the model in the folder ``source`` (a Meta checkpoint, or an HF folder) and write it under ``out``.
 
     Args:
@@ -54,6 +64,15 @@ def convert(source: PathLike, out: PathLike, *, formats: Sequence[str] = ("hf",)
     src = Source(str(source), "base", folder, hashes=dict(base.hashes))
     plan = build_plan(base, [], dtype, conversion=True)
     inputs = Inputs(src, base, [], [])
-    written = write_outputs(plan, inputs, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards,
-                            progress=progress, block_bytes=block_bytes, desc="convert")
+    written = write_outputs(
+        plan,
+        inputs,
+        out_dir,
+        formats,
+        max_shard_size=shard_limit,
+        pth_shards=pth_shards,
+        progress=progress,
+        block_bytes=block_bytes,
+        desc="convert",
+    )
     return MergeResult.finish(out_dir, written, plan, started)

@@ -8,20 +8,20 @@ is written.
 
 from __future__ import annotations
 
-import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .adapters import read_adapter_config
-from .base import read_config
 from .errors import IncompatibleError
-from .pipeline import PathLike, hub_from_args, build_plan, open_inputs, resolve_inputs
+from .inputs.sources import Source, fetch, needed_files, not_cached
+from .model.adapters import config_layout, lora_scale, read_adapter_config
+from .model.base import read_config
+from .model.tokenizer import read_tokenizer
+from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
 from .plan import dtype_name, parse_dtype, vocab_shrink_message
 from .sizes import format_size
-from .sources import Source, fetch, needed_files, not_cached
-from .tokenizer import read_tokenizer
-from .verify import check_tokenizer_matches
+from .verification.known import check_tokenizer_matches
 
 
 def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
@@ -41,9 +41,18 @@ def _download_line(src: Source, hub) -> str:
     return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"
 
 
-def preview(adapters: Sequence[PathLike], base: PathLike, *, out: PathLike | None = None,
-            formats: Sequence[str] = ("hf",), dtype: str | None = None, token: str | None = None,
-            cache_dir: PathLike | None = None, endpoint: str | None = None, progress: bool = False) -> list[str]:
+def preview(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    *,
+    out: PathLike | None = None,
+    formats: Sequence[str] = ("hf",),
+    dtype: str | None = None,
+    token: str | None = None,
+    cache_dir: PathLike | None = None,
+    endpoint: str | None = None,
+    progress: bool = False,
+) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
 
     Returns:
@@ -65,8 +74,10 @@ def preview(adapters: Sequence[PathLike], base: PathLike, *, out: PathLike | Non
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
-    lines.append(f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
-                 f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})")
+    lines.append(
+        f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
+        f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
+    )
     return lines
 
 
@@ -80,22 +91,29 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
     base_tok = read_tokenizer(base_src.path)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
     where = _download_line(base_src, hub) if base_src.repo_id else "local"
-    itemsize = (out_dtype.itemsize if out_dtype else
-                {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2))
-    lines = [f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-             f"vocab {vocab}); {where}"]
+    itemsize = (
+        out_dtype.itemsize
+        if out_dtype
+        else {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
+    )
+    lines = [
+        f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"vocab {vocab}); {where}"
+    ]
     for i, src in enumerate(adapter_srcs, 1):
         cfg = read_adapter_config(src.path)
         tok = read_tokenizer(src.path)
         r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        scale = lora_scale(cfg, r, alpha)
         extends = "embed_tokens" in (cfg.get("modules_to_save") or [])
         rows = tok.size if (tok and extends) else None
-        layout = "2023" if "enable_lora" in cfg or "merge_weights" in cfg else "current"
+        layout = config_layout(cfg)
         where = _download_line(src, hub) if src.repo_id else "local"
-        lines.append(f"adapter {i}: {src.label} ({layout} layout) r={r} alpha={alpha:g} scale={scale:g}, targets "
-                     f"{cfg.get('target_modules')}, replaces {cfg.get('modules_to_save') or 'nothing'}"
-                     f"{f' -> vocab {rows}' if rows else ''}; {where}")
+        lines.append(
+            f"adapter {i}: {src.label} ({layout} layout) r={r} alpha={alpha:g} scale={scale:g}, targets "
+            f"{cfg.get('target_modules')}, replaces {cfg.get('modules_to_save') or 'nothing'}"
+            f"{f' -> vocab {rows}' if rows else ''}; {where}"
+        )
         check_tokenizer_matches(src.label, src.repo_id, tok.sha256() if tok else None, rows)
         if rows is not None:
             if rows < vocab:

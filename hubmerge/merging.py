@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
@@ -102,8 +102,10 @@ def _factors(plan: MergePlan, tensor: TensorPlan, join: bool) -> list[tuple[torc
         pair = term.pair
         a, b = pair.A.read().float(), pair.B.read().float()
         if not (_finite(a) and _finite(b)):
-            raise CorruptFileError(f"{plan.adapters[term.adapter].weights}: LoRA weights of {pair.module} contain "
-                                   "NaN or Inf; the adapter is damaged, download or train it again")
+            raise CorruptFileError(
+                f"{plan.adapters[term.adapter].weights}: LoRA weights of {pair.module} contain "
+                "NaN or Inf; the adapter is damaged, download or train it again"
+            )
         out.append((b, a, pair.scale) if pair.kind == "linear" else (a.t(), b.t(), pair.scale))
     if len(out) > 1 and join:  # several adapters (Plus recipe): one GEMM of rank sum(r), not one pass per adapter
         left = torch.cat([scale * left for left, _, scale in out], dim=1)
@@ -119,10 +121,10 @@ def _add_factors(raw: torch.Tensor, out: torch.Tensor, factors: list, start: int
     step = max(1, CHUNK_ELEMS // max(row_elems, 1))
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
-        w = work[:(hi - lo) * row_elems].view(hi - lo, *raw.shape[1:])
+        w = work[: (hi - lo) * row_elems].view(hi - lo, *raw.shape[1:])
         w.copy_(raw[lo:hi])
         for left, right, scale in factors:
-            w.addmm_(left[start + lo:start + hi], right, alpha=scale)
+            w.addmm_(left[start + lo : start + hi], right, alpha=scale)
         out[lo:hi].copy_(w)
 
 
@@ -144,8 +146,13 @@ def estimate_memory(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, dep
     return RUNTIME_BYTES + (depth + 2) * largest_out + largest_in + CHUNK_ELEMS * 4 + 2 * factors
 
 
-def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
-                 pool: BufferPool | None = None, skip: Collection[int] = ()) -> Iterator[Block]:
+def merge_blocks(
+    plan: MergePlan,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    *,
+    pool: BufferPool | None = None,
+    skip: Collection[int] = (),
+) -> Iterator[Block]:
     """Yield the merged model, tensor after tensor in plan order, block after block.
 
     ``W = W0 + sum_i s_i * (B_i @ A_i)`` in fp32, cast once. Tensors with nothing to add are passed through as
@@ -185,8 +192,7 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
             shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
             n = (stop - start) * (_numel(tensor.shape) // rows if rows else 0)
             out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
-            out = (out_buf[:n * out_dtype.itemsize].view(out_dtype).reshape(shape) if out_buf is not None
-                   else None)
+            out = out_buf[: n * out_dtype.itemsize].view(out_dtype).reshape(shape) if out_buf is not None else None
             if not factors and source.dtype == out_dtype:  # pass-through: bytes, no arithmetic
                 if out_buf is not None and hasattr(source, "read_into"):
                     block = source.read_into(out_buf, start, stop)
@@ -195,8 +201,11 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
                     if out is not None:
                         block = out.copy_(block)
             else:
-                raw = (source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
-                       if hasattr(source, "read_into") else source.read(start, stop))
+                raw = (
+                    source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
+                    if hasattr(source, "read_into")
+                    else source.read(start, stop)
+                )
                 if out is None:
                     out = torch.empty(shape, dtype=out_dtype)
                 if factors:
@@ -207,17 +216,24 @@ def merge_blocks(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, *,
             if tensor.changed and block.is_floating_point() and not _finite(block):
                 if pool is not None:
                     pool.give(out_buf)
-                origin = tensor.origin if not factors else ", ".join(
-                    plan.adapters[t.adapter].label for t in tensor.terms)
+                origin = (
+                    tensor.origin if not factors else ", ".join(plan.adapters[t.adapter].label for t in tensor.terms)
+                )
                 raise IncompatibleError(
                     f"{tensor.name}: the merge gives NaN/Inf in {str(out_dtype).removeprefix('torch.')} "
-                    f"(from {origin}); the adapter is damaged or its values overflow: try --dtype bfloat16")
+                    f"(from {origin}); the adapter is damaged or its values overflow: try --dtype bfloat16"
+                )
             yield Block(index, tensor.name, start, block, out_buf)
 
 
-def merge_into(plan: MergePlan, writers: Sequence, block_bytes: int = DEFAULT_BLOCK_BYTES,
-               on_block: Callable[[int], None] | None = None, depth: int = QUEUE_BLOCKS,
-               skip: Collection[int] = ()) -> None:
+def merge_into(
+    plan: MergePlan,
+    writers: Sequence,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    on_block: Callable[[int], None] | None = None,
+    depth: int = QUEUE_BLOCKS,
+    skip: Collection[int] = (),
+) -> None:
     """Run the merge and hand every block to each of ``writers`` (``writer.write(block)``, in plan order).
 
     The merge runs on this thread; the writers run on one writer thread fed through a queue of at most ``depth``

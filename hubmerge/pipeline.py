@@ -11,26 +11,27 @@ import math
 import resource
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, open_adapter
-from .base import BaseModel, open_base
 from .errors import InputError, Interrupted, OutputError
-from .hub import Hub
+from .inputs.hub import Hub
+from .inputs.sources import Source, fetch, not_cached, resolve
 from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
+from .model.adapters import Adapter, open_adapter
+from .model.base import BaseModel, open_base
+from .output.recipe import tool_versions, write_recipe
+from .output.staging import Journal, fingerprint
+from .output.writers import FORMATS, Writer, make_writer
 from .plan import MergePlan, build_plan, dtype_name
 from .publish import PushResult, push, source_license
-from .recipe import tool_versions, write_recipe
-from .resume import Journal, fingerprint
 from .sizes import format_size, parse_size
-from .sources import Source, fetch, not_cached, resolve
-from .verify import check_tokenizer_matches, file_digest
-from .write import FORMATS, Writer, make_writer
+from .verification.hashing import file_digest
+from .verification.known import check_tokenizer_matches
 
 PathLike = str | Path
 
@@ -71,30 +72,57 @@ class MergeResult:
     kept: int = 0  # files kept from an interrupted run
 
     @classmethod
-    def finish(cls, out: Path, written: Written, plan: MergePlan, started: float, push: PushResult | None = None,
-               sources: Sequence[Source] = ()) -> MergeResult:
+    def finish(
+        cls,
+        out: Path,
+        written: Written,
+        plan: MergePlan,
+        started: float,
+        push: PushResult | None = None,
+        sources: Sequence[Source] = (),
+    ) -> MergeResult:
         """The result of a run that began at ``started`` (time.monotonic()) and wrote ``written``."""
-        return cls(out, written.folders, written.files, plan, time.monotonic() - started, peak_rss(), push,
-                   list(sources), written.kept)
+        return cls(
+            out,
+            written.folders,
+            written.files,
+            plan,
+            time.monotonic() - started,
+            peak_rss(),
+            push,
+            list(sources),
+            written.kept,
+        )
 
     def summary(self) -> list[str]:
         """Lines for the end-of-run summary."""
         p = self.plan
-        lines = [f"adapters applied: {', '.join(a.label for a in p.adapters)}" if p.adapters
-                 else f"converted: {p.base.path} (no adapters)"]
+        lines = [
+            f"adapters applied: {', '.join(a.label for a in p.adapters)}"
+            if p.adapters
+            else f"converted: {p.base.path} (no adapters)"
+        ]
         hub_sources = [s for s in self.sources if s.repo_id]
         if hub_sources:
-            lines.append(f"from the Hub: {', '.join(s.label for s in hub_sources)}; "
-                         f"{sum(len(s.hashes) for s in hub_sources)} downloaded files verified against its SHA256")
-        lines.append(f"vocabulary: {p.vocab_size} tokens; tensors changed: {sum(t.changed for t in p.tensors)} "
-                     f"of {len(p.tensors)}; dtype {dtype_name(p.dtype)}")
+            lines.append(
+                f"from the Hub: {', '.join(s.label for s in hub_sources)}; "
+                f"{sum(len(s.hashes) for s in hub_sources)} downloaded files verified against its SHA256"
+            )
+        lines.append(
+            f"vocabulary: {p.vocab_size} tokens; tensors changed: {sum(t.changed for t in p.tensors)} "
+            f"of {len(p.tensors)}; dtype {dtype_name(p.dtype)}"
+        )
         for fmt, folder in self.folders.items():
             names = sorted(f for f in self.files if (self.out / f).parent == folder)
-            lines.append(f"{fmt}: {folder} ({len(names)} files: {', '.join(Path(n).name for n in names[:4])}"
-                         f"{', ...' if len(names) > 4 else ''})")
+            lines.append(
+                f"{fmt}: {folder} ({len(names)} files: {', '.join(Path(n).name for n in names[:4])}"
+                f"{', ...' if len(names) > 4 else ''})"
+            )
         if self.push:
-            lines.append(f"published: {self.push.url} ({'private' if self.push.private else 'public'}, "
-                         f"{len(self.push.files)} files + model card)")
+            lines.append(
+                f"published: {self.push.url} ({'private' if self.push.private else 'public'}, "
+                f"{len(self.push.files)} files + model card)"
+            )
         if self.kept:
             lines.append(f"resumed: kept {self.kept} files an interrupted run had finished")
         lines.append(f"time: {self.seconds:.1f} s; peak memory: {format_size(self.peak_rss)}")
@@ -134,8 +162,9 @@ def resolve_inputs(adapters: Sequence[PathLike], base: PathLike, hub: Hub) -> tu
     return resolve(base, "base", hub), [resolve(a, "adapter", hub) for a in adapters]
 
 
-def open_inputs(base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, progress: bool = True,
-                verify: bool = True) -> Inputs:
+def open_inputs(
+    base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, progress: bool = True, verify: bool = True
+) -> Inputs:
     """Download and verify what comes from the Hub (adapters first: they are small and fail fast), check tokenizers
     by hash, and open everything lazily. A Meta checkpoint base is verified by its checklists and the known-hash
     table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe.
@@ -156,8 +185,16 @@ def open_inputs(base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, p
     return Inputs(base_src, base_model, list(adapter_srcs), opened)
 
 
-def plan_merge(adapters: Sequence[PathLike], base: PathLike, *, dtype: str | None = None, token: str | None = None,
-               cache_dir: PathLike | None = None, endpoint: str | None = None, progress: bool = False) -> MergePlan:
+def plan_merge(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    *,
+    dtype: str | None = None,
+    token: str | None = None,
+    cache_dir: PathLike | None = None,
+    endpoint: str | None = None,
+    progress: bool = False,
+) -> MergePlan:
     """Resolve, fetch and verify the inputs and plan the merge, writing no output.
 
     Returns:
@@ -178,11 +215,14 @@ def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     for inp in inputs:
         inp = inp.resolve()
         if out == inp or inp in out.parents:
-            raise OutputError(f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
-                              "modifies; choose an --out outside them")
+            raise OutputError(
+                f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
+                "modifies; choose an --out outside them"
+            )
         if out in inp.parents:
-            raise OutputError(f"{out}: contains {inp}, an input or the download cache; choose an --out that holds "
-                              "neither")
+            raise OutputError(
+                f"{out}: contains {inp}, an input or the download cache; choose an --out that holds neither"
+            )
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
 
@@ -190,8 +230,10 @@ def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
 def _check_disk(folder: Path, needed: int, what: str = "the output") -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OutputError(f"{folder}: {format_size(free)} free but {what} need {format_size(needed)}; "
-                          "free some space or choose another folder")
+        raise OutputError(
+            f"{folder}: {format_size(free)} free but {what} need {format_size(needed)}; "
+            "free some space or choose another folder"
+        )
 
 
 def available_memory() -> int | None:
@@ -202,8 +244,10 @@ def available_memory() -> int | None:
 def _check_memory(needed: int) -> None:
     available = available_memory()
     if available is not None and available < needed:
-        raise OutputError(f"the merge needs about {format_size(needed)} of memory but {format_size(available)} is "
-                          "available; close other programs and run again")
+        raise OutputError(
+            f"the merge needs about {format_size(needed)} of memory but {format_size(available)} is "
+            "available; close other programs and run again"
+        )
 
 
 def _input_files(plan: MergePlan) -> list[list[Path]]:
@@ -235,17 +279,26 @@ def _recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict
     adapters = []
     for src, a, files_in in zip(inputs.adapter_sources, plan.adapters, input_files[1:]):
         record = source_record(src, files_in)
-        record.update(layout=a.layout, r=a.r, lora_alpha=a.lora_alpha, use_rslora=a.use_rslora,
-                      scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
-                      replaces=sorted(a.replacements), vocab_size=a.vocab_size)
+        record.update(
+            layout=a.layout,
+            r=a.r,
+            lora_alpha=a.lora_alpha,
+            use_rslora=a.use_rslora,
+            scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
+            replaces=sorted(a.replacements),
+            vocab_size=a.vocab_size,
+        )
         adapters.append(record)
     return {
         "base": source_record(inputs.base_source, input_files[0]),
         "adapters": adapters,
-        "merge": {"dtype": dtype_name(plan.dtype), "vocab_size": plan.vocab_size,
-                  "tokenizer": next((a.label for a in reversed(plan.adapters) if a.tokenizer is plan.tokenizer),
-                                    "base"),
-                  "tensors": len(plan.tensors), "changed": sum(t.changed for t in plan.tensors)},
+        "merge": {
+            "dtype": dtype_name(plan.dtype),
+            "vocab_size": plan.vocab_size,
+            "tokenizer": next((a.label for a in reversed(plan.adapters) if a.tokenizer is plan.tokenizer), "base"),
+            "tensors": len(plan.tensors),
+            "changed": sum(t.changed for t in plan.tensors),
+        },
         "formats": formats,
         "tools": tool_versions(),
         "files": files,
@@ -274,15 +327,25 @@ class Written:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def write_outputs(plan: MergePlan, inputs: Inputs, out_dir: Path, formats: Sequence[str], *, max_shard_size: int,
-                  pth_shards: int | None, progress: bool, block_bytes: int, desc: str = "merge") -> Written:
+def write_outputs(
+    plan: MergePlan,
+    inputs: Inputs,
+    out_dir: Path,
+    formats: Sequence[str],
+    *,
+    max_shard_size: int,
+    pth_shards: int | None,
+    progress: bool,
+    block_bytes: int,
+    desc: str = "merge",
+) -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
     Everything goes to a hidden sibling folder first; each file is hashed, the hubmerge.json recipe is written, and
     only then is the folder moved into place (replacing ``out_dir``). The inputs' SHA256 for the recipe are computed
     on the other core meanwhile.
 
-    The sibling folder carries a journal of finished files (:mod:`hubmerge.resume`): after a kill or Ctrl-C, the
+    The sibling folder carries a journal of finished files (:mod:`hubmerge.output.staging`): after a kill or Ctrl-C, the
     same command on the same inputs keeps them and writes only the rest.
 
     Raises:
@@ -308,12 +371,21 @@ def write_outputs(plan: MergePlan, inputs: Inputs, out_dir: Path, formats: Seque
             if hasattr(w, "on_file_done"):
                 w.on_file_done = journal.record
         done_bytes = sum(math.prod(plan.tensors[i].shape) * plan.out_dtype(plan.tensors[i]).itemsize for i in skip)
-        with tqdm(total=plan.nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                  disable=not progress) as bar:
+        with tqdm(
+            total=plan.nbytes,
+            initial=done_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+            disable=not progress,
+        ) as bar:
             merge_into(plan, writers, block_bytes, bar.update, skip=skip)
         written = [p for w in writers for p in w.close()]
-        format_info = {f: {"folder": folders[f].relative_to(staging).as_posix() or ".", **w.describe()}
-                       for f, w in zip(formats, writers)}
+        format_info = {
+            f: {"folder": folders[f].relative_to(staging).as_posix() or ".", **w.describe()}
+            for f, w in zip(formats, writers)
+        }
         hashed = {p: d for w in writers for p, d in getattr(w, "digests", dict)().items()}  # while writing
         writers = []
         files = {p.relative_to(staging).as_posix(): hashed.get(p) or file_digest(p) for p in written}
@@ -331,28 +403,46 @@ def write_outputs(plan: MergePlan, inputs: Inputs, out_dir: Path, formats: Seque
     except KeyboardInterrupt:
         for w in writers:
             w.abort()
-        raise Interrupted(f"interrupted: {len(journal.done)} finished files are kept in {staging}; run the same "
-                          "command again to resume, or delete that folder") from None
+        raise Interrupted(
+            f"interrupted: {len(journal.done)} finished files are kept in {staging}; run the same "
+            "command again to resume, or delete that folder"
+        ) from None
     except BaseException as exc:
         for w in writers:
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             free = shutil.disk_usage(out_dir.parent).free
-            raise OutputError(f"{out_dir.parent}: the disk filled up while writing ({format_size(free)} free after "
-                              f"removing the partial output, {format_size(plan.nbytes * len(formats))} needed); "
-                              "free some space and run again") from None
+            raise OutputError(
+                f"{out_dir.parent}: the disk filled up while writing ({format_size(free)} free after "
+                f"removing the partial output, {format_size(plan.nbytes * len(formats))} needed); "
+                "free some space and run again"
+            ) from None
         raise
     finally:
         background.shutdown(cancel_futures=True)
     return Written({f: out_dir / folders[f].relative_to(staging) for f in formats}, files, journal.kept)
 
 
-def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = None, *,
-          formats: Sequence[str] = ("hf",), dtype: str | None = None, max_shard_size: str | int = "5GB",
-          pth_shards: int | None = None, overwrite: bool = False, push_to: str | None = None, public: bool = False,
-          token: str | None = None, cache_dir: PathLike | None = None, endpoint: str | None = None,
-          verify: bool = True, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeResult:
+def merge(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    out: PathLike | None = None,
+    *,
+    formats: Sequence[str] = ("hf",),
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    pth_shards: int | None = None,
+    overwrite: bool = False,
+    push_to: str | None = None,
+    public: bool = False,
+    token: str | None = None,
+    cache_dir: PathLike | None = None,
+    endpoint: str | None = None,
+    verify: bool = True,
+    progress: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> MergeResult:
     """Merge LoRA ``adapters`` (applied in order) into ``base`` and write the result under ``out``.
 
     Args:
@@ -390,7 +480,15 @@ def merge(adapters: Sequence[PathLike], base: PathLike, out: PathLike | None = N
     inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify)
     plan = build_plan(inputs.base, inputs.adapters, dtype)
     # Hashing the inputs reads them a second time: do it on the other core while the merge runs.
-    written = write_outputs(plan, inputs, out_dir, formats, max_shard_size=shard_limit, pth_shards=pth_shards,
-                            progress=progress, block_bytes=block_bytes)
+    written = write_outputs(
+        plan,
+        inputs,
+        out_dir,
+        formats,
+        max_shard_size=shard_limit,
+        pth_shards=pth_shards,
+        progress=progress,
+        block_bytes=block_bytes,
+    )
     pushed = push(out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False) if push_to else None
     return MergeResult.finish(out_dir, written, plan, started, pushed, inputs.sources)

@@ -7,21 +7,28 @@ The same :class:`MergePlan` drives the merge, every writer, the dry-run and the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from . import layouts
-from .adapters import Adapter, LoraPair
-from .base import BaseModel
 from .errors import IncompatibleError, InputError
+from .model import layouts
+from .model.adapters import Adapter, LoraPair
+from .model.base import BaseModel
+from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
 from .tensorio import TensorSource
-from .tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -112,30 +119,40 @@ class MergePlan:
     def describe(self) -> list[str]:
         """Human-readable lines: base, each adapter in order, and the output."""
         b = self.base
-        lines = [f"base: {b.path} (hidden {b.hidden_size}, {b.config['num_hidden_layers']} layers, "
-                 f"{b.num_heads} heads, {b.num_kv_heads} kv heads, vocab {b.vocab_size}, {dtype_name(b.dtype)})"]
+        lines = [
+            f"base: {b.path} (hidden {b.hidden_size}, {b.config['num_hidden_layers']} layers, "
+            f"{b.num_heads} heads, {b.num_kv_heads} kv heads, vocab {b.vocab_size}, {dtype_name(b.dtype)})"
+        ]
         for i, a in enumerate(self.adapters, 1):
             scales = sorted({round(p.scale, 6) for p in a.lora.values()})
             replaced = ", ".join(n.rsplit(".", 2)[-2] for n in a.replacements) or "nothing"
             vocab = f" -> vocab {a.vocab_size}" if a.vocab_size else ""
-            lines.append(f"adapter {i}: {a.label} ({a.layout} layout) r={a.r} alpha={a.lora_alpha:g}"
-                         f"{' rslora' if a.use_rslora else ''} scale={'/'.join(f'{s:g}' for s in scales) or '-'}, "
-                         f"{len(a.lora)} LoRA modules, replaces {replaced}{vocab}")
+            lines.append(
+                f"adapter {i}: {a.label} ({a.layout} layout) r={a.r} alpha={a.lora_alpha:g}"
+                f"{' rslora' if a.use_rslora else ''} scale={'/'.join(f'{s:g}' for s in scales) or '-'}, "
+                f"{len(a.lora)} LoRA modules, replaces {replaced}{vocab}"
+            )
         changed = sum(t.changed for t in self.tensors)
-        lines.append(f"output: {dtype_name(self.dtype)}, vocab {self.vocab_size} (tokenizer from "
-                     f"{self.tokenizer.folder}), {len(self.tensors)} tensors ({changed} changed), "
-                     f"{self.nbytes / 1e9:.2f} GB of weights")
+        lines.append(
+            f"output: {dtype_name(self.dtype)}, vocab {self.vocab_size} (tokenizer from "
+            f"{self.tokenizer.folder}), {len(self.tensors)} tensors ({changed} changed), "
+            f"{self.nbytes / 1e9:.2f} GB of weights"
+        )
         return lines + [f"warning: {w}" for w in self.warnings]
 
 
 def vocab_shrink_message(label: str, rows: int, previous: str, prev_rows: int) -> str:
     """The message for an adapter whose vocabulary is smaller than what came before it (base or adapter)."""
     if previous == "the base":
-        return (f"adapter {label} has a {rows}-token vocabulary, smaller than the base's {prev_rows}: "
-                "it was trained for another base model; use the base it was made for")
-    return (f"adapter {label} has a {rows}-token vocabulary, smaller than the {prev_rows} tokens of "
-            f"{previous} given before it; adapters apply in the order given and the vocabulary cannot shrink: "
-            "reverse the order (for the Plus recipe: the llama-plus adapter first, then alpaca-plus)")
+        return (
+            f"adapter {label} has a {rows}-token vocabulary, smaller than the base's {prev_rows}: "
+            "it was trained for another base model; use the base it was made for"
+        )
+    return (
+        f"adapter {label} has a {rows}-token vocabulary, smaller than the {prev_rows} tokens of "
+        f"{previous} given before it; adapters apply in the order given and the vocabulary cannot shrink: "
+        "reverse the order (for the Plus recipe: the llama-plus adapter first, then alpaca-plus)"
+    )
 
 
 def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) -> None:
@@ -148,7 +165,8 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
         raise IncompatibleError(
             f"adapter {adapter.label}: {pair.module} has lora_A {list(a)} / lora_B {list(b)} but the base tensor is "
             f"{list(shape)} (needs {list(want_a)} / {list(want_b)}); the adapter was trained for a different model "
-            "size, e.g. a 7B adapter on a 13B base: use the matching base")
+            "size, e.g. a 7B adapter on a 13B base: use the matching base"
+        )
 
 
 def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool) -> None:
@@ -157,17 +175,20 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
     if owner == "the base" and vocab_changed:
         raise IncompatibleError(
             f"the adapters extend the vocabulary to {rows} tokens but none ships a tokenizer (tokenizer.model or "
-            "tokenizer.json): put the adapter's tokenizer files in its folder")
+            "tokenizer.json): put the adapter's tokenizer files in its folder"
+        )
     hint = ""
     if abs(tok.size - rows) == 1:
         hint = " (a LLaMA-type tokenizer with an Alpaca-type adapter, or the reverse)"
     raise IncompatibleError(
         f"{tok.model_file or tok.folder / 'tokenizer.json'}: the tokenizer has {tok.size} tokens but {owner}'s "
-        f"embeddings have {rows} rows{hint}; use the tokenizer published with that model")
+        f"embeddings have {rows} rows{hint}; use the tokenizer published with that model"
+    )
 
 
-def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None, *,
-               conversion: bool = False) -> MergePlan:
+def build_plan(
+    base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None, *, conversion: bool = False
+) -> MergePlan:
     """Plan merging ``adapters`` in order into ``base`` (with ``conversion``, no adapters: a format conversion).
 
     Linear deltas add up; whole matrices (modules_to_save) replace what came before, including earlier deltas to
@@ -193,19 +214,24 @@ def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.
                 config["tie_word_embeddings"] = False  # the adapter trained its own head: untie
                 plans[name] = TensorPlan(name, plans[EMBED].source, "base")
             if name not in plans:
-                raise IncompatibleError(f"adapter {adapter.label} replaces {name}, which the base does not have; "
-                                        "it was trained for another architecture")
+                raise IncompatibleError(
+                    f"adapter {adapter.label} replaces {name}, which the base does not have; "
+                    "it was trained for another architecture"
+                )
             current = plans[name].shape
             if name in (EMBED, HEAD):
                 if tuple(ref.shape[1:]) != current[1:]:
                     raise IncompatibleError(
                         f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
-                        "the adapter was trained for a different model size, use the matching base")
+                        "the adapter was trained for a different model size, use the matching base"
+                    )
                 if ref.shape[0] < current[0]:
                     raise IncompatibleError(vocab_shrink_message(adapter.label, ref.shape[0], vocab_owner, current[0]))
             elif tuple(ref.shape) != current:
-                raise IncompatibleError(f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
-                                        f"{list(current)}; use the base the adapter was trained on")
+                raise IncompatibleError(
+                    f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
+                    f"{list(current)}; use the base the adapter was trained on"
+                )
             plans[name] = TensorPlan(name, ref, adapter.label)
         if EMBED in adapter.replacements:
             rows = adapter.replacements[EMBED].shape[0]
@@ -216,25 +242,32 @@ def build_plan(base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.
             if name not in plans:
                 raise IncompatibleError(
                     f"adapter {adapter.label} adapts {pair.module}, which this base does not have "
-                    f"({base.config['num_hidden_layers']} layers); the adapter was made for another model")
+                    f"({base.config['num_hidden_layers']} layers); the adapter was made for another model"
+                )
             _check_lora_shape(adapter, pair, plans[name].shape)
             plans[name].terms.append(LoraTerm(index, pair))
 
     head = plans.get(HEAD)
     if head is not None and head.shape[0] != vocab_rows:
-        raise IncompatibleError(f"lm_head has {head.shape[0]} rows but embed_tokens has {vocab_rows} after "
-                                f"{vocab_owner}; an adapter replaced one without the other, so it cannot be merged")
+        raise IncompatibleError(
+            f"lm_head has {head.shape[0]} rows but embed_tokens has {vocab_rows} after "
+            f"{vocab_owner}; an adapter replaced one without the other, so it cannot be merged"
+        )
     tok_owner = next((a for a in reversed(adapters) if a.tokenizer is not None), None)
     tokenizer = tok_owner.tokenizer if tok_owner else base.tokenizer
     if tokenizer is None:
-        raise InputError(f"{base.path}: no tokenizer.model or tokenizer.json in the base or any adapter; "
-                         "copy the base model's tokenizer files into its folder")
-    _check_tokenizer(tokenizer, vocab_rows, f"adapter {tok_owner.label}" if tok_owner else "the base",
-                     vocab_rows != base.vocab_size)
+        raise InputError(
+            f"{base.path}: no tokenizer.model or tokenizer.json in the base or any adapter; "
+            "copy the base model's tokenizer files into its folder"
+        )
+    _check_tokenizer(
+        tokenizer, vocab_rows, f"adapter {tok_owner.label}" if tok_owner else "the base", vocab_rows != base.vocab_size
+    )
 
     config["vocab_size"] = vocab_rows
     # transformers 5 writes "dtype", older releases "torch_dtype": keep the base's spelling (both read the old one).
     config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name(out_dtype)
     order = layouts.hf_tensor_names(config)
-    return MergePlan(base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer,
-                     warnings)
+    return MergePlan(
+        base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer, warnings
+    )

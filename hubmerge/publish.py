@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, OutputError, VerificationError
-from .hub import Hub, hub_errors
-from .recipe import RECIPE_NAME, read_recipe
-from .verify import file_digest
+from .inputs.hub import Hub, hub_errors
+from .output.recipe import RECIPE_NAME, read_recipe
+from .verification.hashing import file_digest
 
 TAGS = ["hubmerge", "llama", "lora", "merge"]
 
@@ -56,37 +56,67 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     licenses = sorted({s["license"] for s in sources if s.get("license")})
     data = ModelCardData(
         base_model=[s["repo_id"] for s in sources if s.get("repo_id")] or None,
-        tags=TAGS, library_name="transformers",
+        tags=TAGS,
+        library_name="transformers",
         license=licenses[0] if len(licenses) == 1 else ("other" if licenses else None),
     )
     m = recipe["merge"]
-    lines = [f"# {repo_id.rsplit('/', 1)[-1]}", "",
-             f"{len(recipe['adapters'])} LoRA adapter(s) merged into a LLaMA base by hubmerge, in this order.", "",
-             "## Sources", "", "| # | role | source | layout | r | lora_alpha | scaling | replaces | vocab |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| 0 | base | {_link(hub_url, recipe['base'])} | | | | | | |"]
+    lines = [
+        f"# {repo_id.rsplit('/', 1)[-1]}",
+        "",
+        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a LLaMA base by hubmerge, in this order.",
+        "",
+        "## Sources",
+        "",
+        "| # | role | source | layout | r | lora_alpha | scaling | replaces | vocab |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| 0 | base | {_link(hub_url, recipe['base'])} | | | | | | |",
+    ]
     for i, a in enumerate(recipe["adapters"], 1):
         replaces = ", ".join(n.rsplit(".", 2)[-2] for n in a["replaces"]) or "-"
-        lines.append(f"| {i} | adapter | {_link(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
-                     f"{', '.join(f'{s:g}' for s in a['scaling']) or '-'}{' (rslora)' if a['use_rslora'] else ''} | "
-                     f"{replaces} | {a['vocab_size'] or '-'} |")
+        lines.append(
+            f"| {i} | adapter | {_link(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
+            f"{', '.join(f'{s:g}' for s in a['scaling']) or '-'}{' (rslora)' if a['use_rslora'] else ''} | "
+            f"{replaces} | {a['vocab_size'] or '-'} |"
+        )
     if len(licenses) > 1:
-        lines += ["", "Licenses stated by the sources: " + "; ".join(
-            f"{s.get('repo_id') or s['source']}: {s['license']}" for s in sources if s.get("license"))]
-    lines += ["", "## Merge", "",
-              f"- W = W0 + sum_i scaling_i * B_i A_i in float32, cast once to {m['dtype']}; whole matrices "
-              "(modules_to_save) replace the earlier ones in adapter order.",
-              f"- vocabulary: {m['vocab_size']} tokens (tokenizer from {m['tokenizer']}); "
-              f"{m['changed']} of {m['tensors']} tensors changed.",
-              f"- formats: {', '.join(recipe['formats'])}; tools: "
-              + ", ".join(f"{k} {v}" for k, v in recipe["tools"].items()), "",
-              "## Files (SHA256)", "", "| file | sha256 |", "|---|---|"]
+        lines += [
+            "",
+            "Licenses stated by the sources: "
+            + "; ".join(f"{s.get('repo_id') or s['source']}: {s['license']}" for s in sources if s.get("license")),
+        ]
+    lines += [
+        "",
+        "## Merge",
+        "",
+        f"- W = W0 + sum_i scaling_i * B_i A_i in float32, cast once to {m['dtype']}; whole matrices "
+        "(modules_to_save) replace the earlier ones in adapter order.",
+        f"- vocabulary: {m['vocab_size']} tokens (tokenizer from {m['tokenizer']}); "
+        f"{m['changed']} of {m['tensors']} tensors changed.",
+        f"- formats: {', '.join(recipe['formats'])}; tools: "
+        + ", ".join(f"{k} {v}" for k, v in recipe["tools"].items()),
+        "",
+        "## Files (SHA256)",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | `{digest}` |" for name, digest in sorted(files.items())]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
-    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}",
-                                       body="\n".join(lines)))
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        "```",
+        "",
+    ]
+    return str(
+        ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))
+    )
 
 
 def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
@@ -103,8 +133,15 @@ def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str
     return hf_dir, files
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = True, overwrite: bool = False, hub: Hub | None = None,
-         verify: bool = True) -> PushResult:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    overwrite: bool = False,
+    hub: Hub | None = None,
+    verify: bool = True,
+) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
     The repo is created private unless ``private=False``. Pushing into a repo that already has files needs
@@ -123,14 +160,16 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True, overwrite: b
     try:
         recipe = read_recipe(folder)
     except (OSError, ValueError):
-        raise InputError(f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by "
-                         "hubmerge") from None
+        raise InputError(
+            f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
+        ) from None
     hf_dir, files = _hf_files(folder, recipe)
     if verify:
         for name, digest in files.items():
             if file_digest(hf_dir / name) != digest:
-                raise VerificationError(f"{hf_dir / name}: SHA256 differs from {RECIPE_NAME}; the file changed "
-                                        "since the merge, merge again")
+                raise VerificationError(
+                    f"{hf_dir / name}: SHA256 differs from {RECIPE_NAME}; the file changed since the merge, merge again"
+                )
     files[RECIPE_NAME] = file_digest(folder / RECIPE_NAME)
     api = hub.api()
     with hub_errors(hub, repo_id, action="create or write to"):
@@ -138,14 +177,24 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True, overwrite: b
         info = api.model_info(repo_id)
         existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
     if existing and not overwrite:
-        raise OutputError(f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-                          "them, or choose another name")
+        raise OutputError(
+            f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
+            "them, or choose another name"
+        )
     card = model_card(recipe, repo_id, hub.url, files)
-    ops: list[Any] = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(
-        folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)) for name in files]
+    ops: list[Any] = [
+        CommitOperationAdd(
+            path_in_repo=name, path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)
+        )
+        for name in files
+    ]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):
-        commit = api.create_commit(repo_id, ops, commit_message="Upload model merged by hubmerge",
-                                   commit_description=json.dumps({"hubmerge_recipe_sha256": files[RECIPE_NAME]}))
+        commit = api.create_commit(
+            repo_id,
+            ops,
+            commit_message="Upload model merged by hubmerge",
+            commit_description=json.dumps({"hubmerge_recipe_sha256": files[RECIPE_NAME]}),
+        )
     return PushResult(repo_id, f"{hub.url}/{repo_id}", getattr(commit, "oid", None), bool(info.private), files, card)

@@ -95,10 +95,11 @@ def on_spaces() -> bool:
 
 def default_settings() -> Settings:
     local = os.environ.get("HUBMERGE_SPACE_LOCAL_PATHS")
-    return Settings(endpoint=os.environ.get("HF_ENDPOINT") or None,
-                    workdir=Path(os.environ.get("HUBMERGE_SPACE_WORKDIR") or
-                                 Path(tempfile.gettempdir()) / "hubmerge-space"),
-                    allow_local_paths=(local == "1") if local in ("0", "1") else not on_spaces())
+    return Settings(
+        endpoint=os.environ.get("HF_ENDPOINT") or None,
+        workdir=Path(os.environ.get("HUBMERGE_SPACE_WORKDIR") or Path(tempfile.gettempdir()) / "hubmerge-space"),
+        allow_local_paths=(local == "1") if local in ("0", "1") else not on_spaces(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,15 +113,21 @@ class JobCancelled(Exception):
 def user_token(oauth_token: gr.OAuthToken | None) -> str:
     """The signed-in user's token; a one-line error when nobody is signed in."""
     if oauth_token is None or not oauth_token.token:
-        raise gr.Error("Sign in with Hugging Face first (the button at the top): the Space reads and writes the Hub "
-                       "as you, with no token of its own.", print_exception=False)
+        raise gr.Error(
+            "Sign in with Hugging Face first (the button at the top): the Space reads and writes the Hub "
+            "as you, with no token of its own.",
+            print_exception=False,
+        )
     if oauth_token.token == GRADIO_MOCK_TOKEN and not on_spaces():
         from huggingface_hub import get_token
 
         token = get_token()  # the account gradio's mocked login signed in as
         if not token:
-            raise gr.Error("Running outside a Space, the login button stands for this machine's Hugging Face login: "
-                           "run `hf auth login` or set HF_TOKEN, then restart the app.", print_exception=False)
+            raise gr.Error(
+                "Running outside a Space, the login button stands for this machine's Hugging Face login: "
+                "run `hf auth login` or set HF_TOKEN, then restart the app.",
+                print_exception=False,
+            )
         return token
     return oauth_token.token
 
@@ -138,16 +145,20 @@ def _check_spec(spec: str, what: str, settings: Settings) -> str:
     if settings.allow_local_paths:
         return spec
     if spec.startswith(("/", ".", "~")) or "\\" in spec or Path(spec).expanduser().exists():
-        raise gr.Error(f"{spec}: local folders cannot be used on the Space; give the {what} as a Hub ID "
-                       "(org/name or org/name@revision)", print_exception=False)
+        raise gr.Error(
+            f"{spec}: local folders cannot be used on the Space; give the {what} as a Hub ID "
+            "(org/name or org/name@revision)",
+            print_exception=False,
+        )
     return spec
 
 
 def checked_inputs(adapters: str, base: str, settings: Settings) -> tuple[list[str], str]:
     ids = [_check_spec(a, "adapter", settings) for a in parse_adapters(adapters)]
     if not ids:
-        raise gr.Error("no adapters given; name at least one LoRA adapter (org/name), or pick a preset",
-                       print_exception=False)
+        raise gr.Error(
+            "no adapters given; name at least one LoRA adapter (org/name), or pick a preset", print_exception=False
+        )
     base = (base or "").strip()
     if not base:
         raise gr.Error("no base model given; name your LLaMA base in HF format (org/name)", print_exception=False)
@@ -166,8 +177,11 @@ def whoami(token: str, settings: Settings) -> str:
         return HfApi(endpoint=settings.endpoint, token=token).whoami()["name"]
     except Exception as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise gr.Error(f"the Hub at {settings.hub_url} did not accept your sign-in ({status or type(exc).__name__}); "
-                       "sign out and in again", print_exception=False) from None
+        raise gr.Error(
+            f"the Hub at {settings.hub_url} did not accept your sign-in ({status or type(exc).__name__}); "
+            "sign out and in again",
+            print_exception=False,
+        ) from None
 
 
 def target_repo(target: str, adapters: Sequence[str], username: Callable[[], str]) -> str:
@@ -179,8 +193,11 @@ def target_repo(target: str, adapters: Sequence[str], username: Callable[[], str
     if "/" not in target:
         target = f"{username()}/{target}"
     if not _REPO_ID.match(target) or len(target.split("/", 1)[1]) > 96:
-        raise gr.Error(f"{target}: not a valid repository name (namespace/name); use letters, digits, '-', '_' and "
-                       "'.', e.g. my-merged-model", print_exception=False)
+        raise gr.Error(
+            f"{target}: not a valid repository name (namespace/name); use letters, digits, '-', '_' and "
+            "'.', e.g. my-merged-model",
+            print_exception=False,
+        )
     return target
 
 
@@ -223,8 +240,11 @@ def shown_errors(token: str | None) -> Iterator[None]:
         raise gr.Error("the job was cancelled: its browser session ended", print_exception=False) from None
     except Exception as exc:
         log.error("unexpected error:\n%s", _scrub(traceback.format_exc(), token))
-        raise gr.Error(f"unexpected error ({type(exc).__name__}); nothing was published and the job's files were "
-                       "removed; please report it", print_exception=False) from None
+        raise gr.Error(
+            f"unexpected error ({type(exc).__name__}); nothing was published and the job's files were "
+            "removed; please report it",
+            print_exception=False,
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,8 +264,12 @@ class StageProgress:
 
     STAGES = ("download", "verify", "merge", "upload")
 
-    def __init__(self, progress: gr.Progress, cancelled: threading.Event | None = None,
-                 on_stage: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        progress: gr.Progress,
+        cancelled: threading.Event | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ):
         from gradio.helpers import TrackedIterable
 
         self.progress = progress
@@ -285,7 +309,7 @@ class StageProgress:
             name = "tensors written"
         elif self._merged:
             self.set_stage("upload")
-        elif str(desc).startswith("verify "):  # hubmerge.sources' bar for the SHA256 of a big download, in bytes
+        elif str(desc).startswith("verify "):  # hubmerge.inputs.sources' bar for the SHA256 of a big download, in bytes
             self.set_stage("verify", f"{name.removeprefix('verify ')} (SHA256)")
             name = "bytes hashed"
         else:
@@ -319,22 +343,49 @@ def run_check(adapters: str, base: str, dtype: str, token: str, settings: Settin
     """The dry-run plan as Markdown (configs and tokenizers are fetched; no weights)."""
     ids, base = checked_inputs(adapters, base, settings)
     with shown_errors(token), job_folder(settings) as job:
-        lines = hubmerge.preview(ids, base, out=job / "out", dtype=dtype or None, token=token,
-                                 cache_dir=job / "cache", endpoint=settings.endpoint)
+        lines = hubmerge.preview(
+            ids,
+            base,
+            out=job / "out",
+            dtype=dtype or None,
+            token=token,
+            cache_dir=job / "cache",
+            endpoint=settings.endpoint,
+        )
         lines = [line.replace(str((job / "out").resolve()), "a temporary folder") for line in lines]
     plan = "\n".join(f"- {_md_escape(line)}" for line in lines)
     return f"### Plan\n\nNothing but configs and tokenizers was downloaded; Merge and push runs this.\n\n{plan}"
 
 
-def run_merge(adapters: str, base: str, dtype: str, target: str, private: bool, overwrite: bool, token: str,
-              settings: Settings, stages: StageProgress | None = None):
+def run_merge(
+    adapters: str,
+    base: str,
+    dtype: str,
+    target: str,
+    private: bool,
+    overwrite: bool,
+    token: str,
+    settings: Settings,
+    stages: StageProgress | None = None,
+):
     """Merge and push; returns the result's (link Markdown, summary Markdown, model card Markdown, SHA256 rows)."""
     ids, base = checked_inputs(adapters, base, settings)
     repo = target_repo(target, ids, lambda: whoami(token, settings))
     with shown_errors(token), job_folder(settings) as job:
-        result = hubmerge.merge(ids, base, job / "out", formats=["hf"], dtype=dtype or None, push_to=repo,
-                                public=not private, overwrite=bool(overwrite), token=token, cache_dir=job / "cache",
-                                endpoint=settings.endpoint, progress=stages is not None)
+        result = hubmerge.merge(
+            ids,
+            base,
+            job / "out",
+            formats=["hf"],
+            dtype=dtype or None,
+            push_to=repo,
+            public=not private,
+            overwrite=bool(overwrite),
+            token=token,
+            cache_dir=job / "cache",
+            endpoint=settings.endpoint,
+            progress=stages is not None,
+        )
     pushed = result.push
     visibility = "private" if pushed.private else "public"
     link = f"### Published: [{pushed.repo_id}]({pushed.url}) ({visibility})"
@@ -352,7 +403,7 @@ def _card_body(card: str) -> str:
     if card.startswith("---\n"):
         end = card.find("\n---", 4)
         if end != -1:
-            return card[end + 4:].lstrip("\n")
+            return card[end + 4 :].lstrip("\n")
     return card
 
 
@@ -366,26 +417,40 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
     local = " or a local folder" if settings.allow_local_paths else ""
 
     with gr.Blocks(title="hubmerge: merge LoRA adapters into LLaMA") as demo:
-        gr.Markdown("# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own LLaMA base, checked "
-                    "before a byte is written, streamed tensor by tensor, and published to a **private** repository "
-                    "of yours with a model card that pins every source and lists every file's SHA256.")
+        gr.Markdown(
+            "# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own LLaMA base, checked "
+            "before a byte is written, streamed tensor by tensor, and published to a **private** repository "
+            "of yours with a model card that pins every source and lists every file's SHA256."
+        )
         with gr.Row():
             gr.LoginButton()
         account = gr.Markdown(SIGNED_OUT, elem_id="account")
         with gr.Row():
             with gr.Column(scale=3):
-                preset = gr.Dropdown(choices=["(none)", *PRESETS], value="(none)", label="Preset",
-                                     info="Chinese-LLaMA/Alpaca: fills the adapters in the order the recipe applies "
-                                          "them (Plus and Pro: LLaMA-Plus first)")
-                adapters = gr.Textbox(label="LoRA adapters, in the order they apply", lines=3, max_lines=8,
-                                      placeholder="org/adapter-name  (one per line; org/name@revision pins one)",
-                                      elem_id="adapters")
-                base = gr.Textbox(label="Base model (your LLaMA, HF format)", elem_id="base",
-                                  placeholder=f"org/llama-7b-hf or org/llama-7b-hf@revision{local}")
+                preset = gr.Dropdown(
+                    choices=["(none)", *PRESETS],
+                    value="(none)",
+                    label="Preset",
+                    info="Chinese-LLaMA/Alpaca: fills the adapters in the order the recipe applies "
+                    "them (Plus and Pro: LLaMA-Plus first)",
+                )
+                adapters = gr.Textbox(
+                    label="LoRA adapters, in the order they apply",
+                    lines=3,
+                    max_lines=8,
+                    placeholder="org/adapter-name  (one per line; org/name@revision pins one)",
+                    elem_id="adapters",
+                )
+                base = gr.Textbox(
+                    label="Base model (your LLaMA, HF format)",
+                    elem_id="base",
+                    placeholder=f"org/llama-7b-hf or org/llama-7b-hf@revision{local}",
+                )
             with gr.Column(scale=2):
                 dtype = gr.Dropdown(choices=DTYPES, value="", label="Output dtype")
-                target = gr.Textbox(label="Publish to", elem_id="target",
-                                    placeholder="<you>/<last adapter's name>-merged")
+                target = gr.Textbox(
+                    label="Publish to", elem_id="target", placeholder="<you>/<last adapter's name>-merged"
+                )
                 private = gr.Checkbox(value=True, label="Private repository")
                 overwrite = gr.Checkbox(value=False, label="Replace the files if the repository already has some")
         with gr.Row():
@@ -396,17 +461,25 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         summary = gr.Markdown(elem_id="summary")
         with gr.Accordion("Model card (README.md of the new repository)", open=True):
             card = gr.Markdown(elem_id="card")
-        sha = gr.Dataframe(headers=["file", "sha256"], label="SHA256 of the published files",
-                           interactive=False, elem_id="sha256")
+        sha = gr.Dataframe(
+            headers=["file", "sha256"], label="SHA256 of the published files", interactive=False, elem_id="sha256"
+        )
 
         def on_load(profile: gr.OAuthProfile | None):
             signed_in = profile is not None
-            text = (f"Signed in as **{profile.username}**: the page reads and writes the Hub as you. New repositories "
-                    f"go to `{profile.username}/...` unless you name another namespace you can write to."
-                    if signed_in else SIGNED_OUT)
+            text = (
+                f"Signed in as **{profile.username}**: the page reads and writes the Hub as you. New repositories "
+                f"go to `{profile.username}/...` unless you name another namespace you can write to."
+                if signed_in
+                else SIGNED_OUT
+            )
             target_hint = f"{profile.username}/<last adapter's name>-merged" if signed_in else "<you>/..."
-            return (text, gr.Button(interactive=signed_in), gr.Button(interactive=signed_in),
-                    gr.Textbox(placeholder=target_hint))
+            return (
+                text,
+                gr.Button(interactive=signed_in),
+                gr.Button(interactive=signed_in),
+                gr.Textbox(placeholder=target_hint),
+            )
 
         demo.load(on_load, None, [account, check_btn, merge_btn, target], api_visibility="private")
 
@@ -420,12 +493,21 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         def check(adapters: str, base: str, dtype: str, oauth_token: gr.OAuthToken | None) -> str:
             return run_check(adapters, base, dtype, user_token(oauth_token), settings)
 
-        check_btn.click(check, [adapters, base, dtype], plan, api_name="check", concurrency_limit=4,
-                        concurrency_id="check")
+        check_btn.click(
+            check, [adapters, base, dtype], plan, api_name="check", concurrency_limit=4, concurrency_id="check"
+        )
 
-        def merge(adapters: str, base: str, dtype: str, target: str, private: bool, overwrite: bool,
-                  oauth_token: gr.OAuthToken | None, request: gr.Request,
-                  progress=gr.Progress(track_tqdm=True)):
+        def merge(
+            adapters: str,
+            base: str,
+            dtype: str,
+            target: str,
+            private: bool,
+            overwrite: bool,
+            oauth_token: gr.OAuthToken | None,
+            request: gr.Request,
+            progress=gr.Progress(track_tqdm=True),
+        ):
             token = user_token(oauth_token)
             session = getattr(request, "session_hash", None)
             cancelled = threading.Event()
@@ -439,8 +521,15 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 if session and settings.cancelled.get(session) is cancelled:
                     del settings.cancelled[session]
 
-        merge_btn.click(merge, [adapters, base, dtype, target, private, overwrite], [link, summary, card, sha],
-                        api_name="merge", concurrency_limit=1, concurrency_id="merge", show_progress_on=[link])
+        merge_btn.click(
+            merge,
+            [adapters, base, dtype, target, private, overwrite],
+            [link, summary, card, sha],
+            api_name="merge",
+            concurrency_limit=1,
+            concurrency_id="merge",
+            show_progress_on=[link],
+        )
 
         def on_unload(request: gr.Request):
             event = settings.cancelled.pop(getattr(request, "session_hash", None), None)

@@ -29,19 +29,25 @@ def assemble(out: Path) -> Path:
     out.mkdir(parents=True)
     for name in FILES:
         shutil.copy2(HERE / name, out / name)
-    shutil.copytree(PACKAGE, out / "hubmerge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(PACKAGE, out / "hubmerge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "testing"))
     return out
 
 
-def upload(folder: Path, space_id: str, *, private: bool = False, endpoint: str | None = None,
-           token: str | None = None) -> str:
+def upload(
+    folder: Path, space_id: str, *, private: bool = False, endpoint: str | None = None, token: str | None = None
+) -> str:
     """Create the Space if needed and upload ``folder`` as its content; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=folder,
-                               commit_message="Deploy the hubmerge Space", delete_patterns=["hubmerge/**"])
+    commit = api.upload_folder(
+        repo_id=space_id,
+        repo_type="space",
+        folder_path=folder,
+        commit_message="Deploy the hubmerge Space",
+        delete_patterns=["hubmerge/**"],
+    )
     return str(commit)
 
 

@@ -1,5 +1,5 @@
 # =====================================================================================================================
-# Local Hub fixtures (hubmerge/localhub). Keep this section self-contained; other sections may be added around it.
+# Local Hub fixtures (hubmerge/testing/localhub). Keep this section self-contained; other sections may be added around it.
 # =====================================================================================================================
 import os as _lh_os
 
@@ -16,14 +16,14 @@ import pytest as _lh_pytest  # noqa: E402
 
 @_lh_pytest.fixture
 def localhub(tmp_path, monkeypatch):
-    """A running :class:`hubmerge.localhub.LocalHub` on a fresh root (``tmp_path / "hub"``), stopped afterwards.
+    """A running :class:`hubmerge.testing.localhub.LocalHub` on a fresh root (``tmp_path / "hub"``), stopped afterwards.
 
     Also makes sure the already-imported client is online and Xet-free, whatever the environment says. Create users
     with ``localhub.add_user("alice", orgs=["hfl"])`` (returns a token) and point the client at ``localhub.url``.
     """
     from huggingface_hub import constants
 
-    from hubmerge.localhub import LocalHub
+    from hubmerge.testing.localhub import LocalHub
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -35,8 +35,9 @@ def localhub(tmp_path, monkeypatch):
 
 
 # =====================================================================================================================
-# Tiny model fixtures (hubmerge/tinymodels via tests/support.py).
+# Tiny model fixtures (hubmerge/testing/tinymodels via tests/support.py).
 # =====================================================================================================================
+
 
 @_lh_pytest.fixture(scope="session")
 def models(tmp_path_factory):
@@ -54,7 +55,7 @@ def _published_hub(tmp_path_factory, models):
     from huggingface_hub import HfApi
     from support import ALPACA_REPO, BASE_REPO, LLAMA_REPO
 
-    from hubmerge.localhub import LocalHub
+    from hubmerge.testing.localhub import LocalHub
 
     with LocalHub(tmp_path_factory.mktemp("published-hub")) as server:
         server.tokens = {name: server.add_user(name) for name in ("hfl", "alice", "bob")}
@@ -62,8 +63,11 @@ def _published_hub(tmp_path_factory, models):
         base = models.base()
         llama, alpaca = models.plus_recipe(base)
         server.local = {"base": base, LLAMA_REPO: llama, ALPACA_REPO: alpaca}
-        for repo, folder, owner, private in ((LLAMA_REPO, llama, "hfl", False), (ALPACA_REPO, alpaca, "hfl", False),
-                                             (BASE_REPO, base, "alice", True)):
+        for repo, folder, owner, private in (
+            (LLAMA_REPO, llama, "hfl", False),
+            (ALPACA_REPO, alpaca, "hfl", False),
+            (BASE_REPO, base, "alice", True),
+        ):
             api = HfApi(endpoint=server.url, token=server.tokens[owner])
             api.create_repo(repo, private=private)
             api.upload_folder(repo_id=repo, folder_path=folder)

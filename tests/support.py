@@ -9,13 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from hubmerge import tinymodels as tm
+from hubmerge.testing import tinymodels as tm
 
 # Our merge and PEFT's agree in fp32 up to summation order, so after the one cast they differ by one ulp at most.
 ULP = tm.ULP
@@ -50,10 +51,18 @@ class ModelCache:
 
     def plus_recipe(self, base: Path) -> tuple[Path, Path]:
         """(llama-plus-like, alpaca-plus-like): 2023 layout r=8 then current layout r=16, both extending the vocab."""
-        llama = self.adapter(base, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
-                             tokenizer="llama", seed=11)
-        alpaca = self.adapter(base, layout="current", r=16, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
-                              tokenizer="alpaca", seed=12)
+        llama = self.adapter(
+            base, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"), tokenizer="llama", seed=11
+        )
+        alpaca = self.adapter(
+            base,
+            layout="current",
+            r=16,
+            alpha=32,
+            modules_to_save=("embed_tokens", "lm_head"),
+            tokenizer="alpaca",
+            seed=12,
+        )
         return llama, alpaca
 
     def copy(self, src: Path, name: str) -> Path:
@@ -89,7 +98,7 @@ def read_pth_like_llamacpp(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def meta_to_hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """formats.md's Meta->HF rotary permute, written out here independently of hubmerge.layouts."""
+    """formats.md's Meta->HF rotary permute, written out here independently of hubmerge.model.layouts."""
     rows, cols = w.shape
     head_dim = rows // n_heads
     return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -100,7 +109,7 @@ def assert_matches_peft(out_hf: Path, base: Path, adapters: Sequence[Path], dtyp
 
     Tensors: PEFT merges in fp32; cast once to ``dtype``, its weights must equal ours within one ulp (a single
     rounding; fp32 summation order decides the rare ties) and be bit-identical almost everywhere.
-    Logits: :func:`hubmerge.tinymodels.check_against_peft` (two ulps of the largest logit; the merge itself must
+    Logits: :func:`hubmerge.testing.tinymodels.check_against_peft` (two ulps of the largest logit; the merge itself must
     move the logits by ten times more, or the comparison would prove nothing).
     """
     ref = tm.peft_merged_model(base, adapters, dtype=torch.float32)
@@ -127,8 +136,14 @@ def no_partial_left(out: Path) -> bool:
 
 def hubmerge(hub, tmp_path, *args, token="alice", cache="cache"):
     """Run the CLI as a user would, with its own HF home (no saved login) and a fresh cache by default."""
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = hub.tokens.get(token, token)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import ALPACA_REPO, no_partial_left
 
 from hubmerge.cli import main
-from support import ALPACA_REPO, no_partial_left
 
 ALL = ("embed_tokens", "lm_head")
 
@@ -173,8 +173,15 @@ def output_inside_base(m, out):
 def output_inside_the_hf_cache(m, out):
     cache = out.parent / "hf-cache"
     cache.mkdir()
-    return [str(m.adapter(m.base(), seed=26)), "--base", str(m.base()), "--cache-dir", str(cache),
-            "--out", str(cache / "merged")]
+    return [
+        str(m.adapter(m.base(), seed=26)),
+        "--base",
+        str(m.base()),
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(cache / "merged"),
+    ]
 
 
 def bad_dtype(m, out):

@@ -9,17 +9,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from support import hf_tensors, meta_to_hf_permute
 
 import hubmerge
-from support import hf_tensors, meta_to_hf_permute
 
 gguf = pytest.importorskip("gguf")
 
 GGUF_NAMES = {  # llama.cpp's names, written out here rather than taken from the package hubmerge uses
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
 TORCH = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}
@@ -87,12 +94,17 @@ def test_gguf_hyperparameters_follow_config(plus):
     config = json.loads((plus.folders["hf"] / "config.json").read_text())
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     assert fields["general.architecture"] == "llama"
-    want = {"llama.context_length": config["max_position_embeddings"],
-            "llama.embedding_length": config["hidden_size"], "llama.block_count": config["num_hidden_layers"],
-            "llama.feed_forward_length": config["intermediate_size"],
-            "llama.attention.head_count": config["num_attention_heads"],
-            "llama.attention.head_count_kv": config["num_key_value_heads"],
-            "llama.rope.dimension_count": head_dim, "llama.vocab_size": 297, "general.file_type": 1}
+    want = {
+        "llama.context_length": config["max_position_embeddings"],
+        "llama.embedding_length": config["hidden_size"],
+        "llama.block_count": config["num_hidden_layers"],
+        "llama.feed_forward_length": config["intermediate_size"],
+        "llama.attention.head_count": config["num_attention_heads"],
+        "llama.attention.head_count_kv": config["num_key_value_heads"],
+        "llama.rope.dimension_count": head_dim,
+        "llama.vocab_size": 297,
+        "general.file_type": 1,
+    }
     assert {k: fields[k] for k in want} == want
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
     theta = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]
@@ -116,20 +128,24 @@ def test_gguf_vocabulary_is_the_full_extended_tokenizer(plus):
             if test(i):
                 return value
         return 1
+
     types = [kind(i) for i in range(n)]
     assert fields["tokenizer.ggml.token_type"] == types
     assert types.count(6) == 0 and types[:3] == [2, 3, 3]
     tok = AutoTokenizer.from_pretrained(hf)
     assert tok.pad_token == "[PAD]"
-    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.unknown_token_id"], fields["tokenizer.ggml.padding_token_id"]) == (
-        tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id)
+    assert (
+        fields["tokenizer.ggml.bos_token_id"],
+        fields["tokenizer.ggml.eos_token_id"],
+        fields["tokenizer.ggml.unknown_token_id"],
+        fields["tokenizer.ggml.padding_token_id"],
+    ) == (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id)
 
 
 def test_added_tokens_and_byte_pieces_get_their_types(tmp_path):
-    from hubmerge import tinymodels as tm
-    from hubmerge.tokenizer import read_tokenizer
-    from hubmerge.write.gguf import sentencepiece_vocabulary
+    from hubmerge.model.tokenizer import read_tokenizer
+    from hubmerge.output.writers.gguf import sentencepiece_vocabulary
+    from hubmerge.testing import tinymodels as tm
 
     folder = tm.make_tokenizer(tmp_path / "tok", base_vocab=300)  # large enough for byte fallback pieces
     (folder / "added_tokens.json").write_text(json.dumps({"<tool>": 300, "<note>": 301}))
@@ -151,24 +167,26 @@ def test_gguf_in_bf16_and_f32(models, tmp_path, dtype):
     adapter = models.adapter(base, seed=41)
     result = hubmerge.merge([adapter], base, tmp_path / "out", formats=["hf", "gguf"], dtype=dtype, progress=False)
     suffix = {"bfloat16": "bf16", "float32": "f32"}[dtype]
-    fields = assert_gguf_matches_hf(result.folders["gguf"] / f"model-{suffix}.gguf", result.folders["hf"],
-                                    getattr(torch, dtype))
+    fields = assert_gguf_matches_hf(
+        result.folders["gguf"] / f"model-{suffix}.gguf", result.folders["hf"], getattr(torch, dtype)
+    )
     assert fields["general.file_type"] == {"bf16": 32, "f32": 0}[suffix]
 
 
 def test_llama_cpp_gives_the_logits_transformers_gives(plus):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from hubmerge import tinymodels as tm
+    from hubmerge.testing import tinymodels as tm
 
     ids = [1, 17, 250, 296, 5, 42, 280, 9]
     want = tm.model_logits(plus.folders["hf"], torch.tensor([ids]))[0]
-    llm = llama_cpp.Llama(str(plus.folders["gguf"] / "model-f16.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                          n_threads=2)
+    llm = llama_cpp.Llama(
+        str(plus.folders["gguf"] / "model-f16.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2
+    )
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     assert got.shape == want.shape
     # llama.cpp multiplies in f16 on the CPU: agreement to a few f16 ulps of the largest logit, and the same argmax.
-    tolerance = 8 * 2.0 ** -10 * float(want.abs().max())
+    tolerance = 8 * 2.0**-10 * float(want.abs().max())
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=tolerance)
     torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
     assert torch.equal(got.argmax(-1), want.argmax(-1))

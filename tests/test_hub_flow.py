@@ -11,20 +11,32 @@ import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-from hubmerge import merge
-from hubmerge.verify import file_digest, known_hashes
 from support import ALPACA_REPO as ALPACA
 from support import BASE_REPO as BASE
 from support import LLAMA_REPO as LLAMA
 from support import hf_tensors, hubmerge, one_line_error
 
+from hubmerge import merge
+from hubmerge.verification.hashing import file_digest
+from hubmerge.verification.known import known_hashes
+
 CANARY = "hf_CANARYcanaryCANARYcanary0000000000"
 
 
 def test_plus_recipe_by_hub_ids_with_private_base_pushed_privately(hub, tmp_path):
-    done = hubmerge(hub, tmp_path, LLAMA, ALPACA, "--base", BASE, "--out", tmp_path / "out", "--push-to",
-                    "alice/alpaca-plus-merged", "--quiet")
+    done = hubmerge(
+        hub,
+        tmp_path,
+        LLAMA,
+        ALPACA,
+        "--base",
+        BASE,
+        "--out",
+        tmp_path / "out",
+        "--push-to",
+        "alice/alpaca-plus-merged",
+        "--quiet",
+    )
     assert done.returncode == 0, done.stderr
     recipe = json.loads((tmp_path / "out" / "hubmerge.json").read_text())
     assert recipe["base"]["repo_id"] == BASE and recipe["base"]["commit"] == hub.resolve(BASE)
@@ -40,8 +52,15 @@ def test_plus_recipe_by_hub_ids_with_private_base_pushed_privately(hub, tmp_path
     assert info.private
     names = {s.rfilename for s in info.siblings}
     assert {"model.safetensors", "config.json", "tokenizer.model", "hubmerge.json", "README.md"} <= names
-    card = Path(hf_hub_download("alice/alpaca-plus-merged", "README.md", endpoint=hub.url,
-                                token=hub.tokens["alice"], cache_dir=tmp_path / "c1")).read_text()
+    card = Path(
+        hf_hub_download(
+            "alice/alpaca-plus-merged",
+            "README.md",
+            endpoint=hub.url,
+            token=hub.tokens["alice"],
+            cache_dir=tmp_path / "c1",
+        )
+    ).read_text()
     for s in info.siblings:
         if s.lfs:
             assert s.lfs.sha256 in card  # the card lists the SHA256 of every uploaded file
@@ -51,16 +70,29 @@ def test_plus_recipe_by_hub_ids_with_private_base_pushed_privately(hub, tmp_path
 
     # anonymous (fresh cache) and another user are refused; the owner can read
     with pytest.raises(RepositoryNotFoundError) as anon:
-        hf_hub_download("alice/alpaca-plus-merged", "config.json", endpoint=hub.url, token=False,
-                        cache_dir=tmp_path / "anon")
+        hf_hub_download(
+            "alice/alpaca-plus-merged", "config.json", endpoint=hub.url, token=False, cache_dir=tmp_path / "anon"
+        )
     assert not isinstance(anon.value, GatedRepoError)
     with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download("alice/alpaca-plus-merged", "config.json", endpoint=hub.url, token=hub.tokens["bob"],
-                        cache_dir=tmp_path / "bob")
-    pulled = hf_hub_download("alice/alpaca-plus-merged", "model.safetensors", endpoint=hub.url,
-                             token=hub.tokens["alice"], cache_dir=tmp_path / "c2")
-    assert file_digest(Path(pulled)) == recipe["files"]["hf/model.safetensors" if "hf/model.safetensors" in
-                                                         recipe["files"] else "model.safetensors"]
+        hf_hub_download(
+            "alice/alpaca-plus-merged",
+            "config.json",
+            endpoint=hub.url,
+            token=hub.tokens["bob"],
+            cache_dir=tmp_path / "bob",
+        )
+    pulled = hf_hub_download(
+        "alice/alpaca-plus-merged",
+        "model.safetensors",
+        endpoint=hub.url,
+        token=hub.tokens["alice"],
+        cache_dir=tmp_path / "c2",
+    )
+    assert (
+        file_digest(Path(pulled))
+        == recipe["files"]["hf/model.safetensors" if "hf/model.safetensors" in recipe["files"] else "model.safetensors"]
+    )
 
 
 def test_revision_pinning_by_commit_and_tag(hub, tmp_path, models):
@@ -84,22 +116,28 @@ def test_revision_pinning_by_commit_and_tag(hub, tmp_path, models):
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("case,token,fragments", [
-    ("wrong-token", CANARY, ("rejected your token (401)", "hf auth login")),
-    ("missing-repo", "alice", ("hfl/no-such-adapter", "not found", "check the name")),
-    ("private-base-anonymous", None, (BASE, "not found, or private", "not logged in")),
-    ("private-base-other-user", "bob", (BASE, "your token cannot see it")),
-    ("gated", "bob", ("hfl/gated-adapter is gated", "request access")),
-    ("bad-revision", "alice", ("revision 'nope' not found",)),
-])
+@pytest.mark.parametrize(
+    "case,token,fragments",
+    [
+        ("wrong-token", CANARY, ("rejected your token (401)", "hf auth login")),
+        ("missing-repo", "alice", ("hfl/no-such-adapter", "not found", "check the name")),
+        ("private-base-anonymous", None, (BASE, "not found, or private", "not logged in")),
+        ("private-base-other-user", "bob", (BASE, "your token cannot see it")),
+        ("gated", "bob", ("hfl/gated-adapter is gated", "request access")),
+        ("bad-revision", "alice", ("revision 'nope' not found",)),
+    ],
+)
 def test_access_problems_are_one_line_errors(hub, tmp_path, models, case, token, fragments):
     if case == "gated":
         api = HfApi(endpoint=hub.url, token=hub.tokens["hfl"])
         api.create_repo("hfl/gated-adapter", exist_ok=True)
         api.upload_folder(repo_id="hfl/gated-adapter", folder_path=hub.local[LLAMA])
         hub.set_gated("hfl/gated-adapter", allowed=["alice"])
-    adapter = {"missing-repo": "hfl/no-such-adapter", "gated": "hfl/gated-adapter",
-               "bad-revision": f"{LLAMA}@nope"}.get(case, LLAMA)
+    adapter = {
+        "missing-repo": "hfl/no-such-adapter",
+        "gated": "hfl/gated-adapter",
+        "bad-revision": f"{LLAMA}@nope",
+    }.get(case, LLAMA)
     base = BASE if case.startswith("private-base") else hub.local["base"]
     done = hubmerge(hub, tmp_path, adapter, "--base", base, "--out", tmp_path / "out", token=token)
     line = one_line_error(done)
@@ -130,8 +168,10 @@ def test_interrupted_download_is_retried_and_completes(hub, tmp_path):
     assert done.returncode == 0, done.stderr
     assert hub.faults.get(fault)["hits"] == 1
     recipe = json.loads((tmp_path / "out" / "hubmerge.json").read_text())
-    assert recipe["adapters"][1]["files"]["adapter_model.safetensors"] == \
-        hub.file_entry(ALPACA, "adapter_model.safetensors").sha256
+    assert (
+        recipe["adapters"][1]["files"]["adapter_model.safetensors"]
+        == hub.file_entry(ALPACA, "adapter_model.safetensors").sha256
+    )
 
 
 def test_push_into_existing_repo_needs_overwrite(hub, tmp_path):
@@ -172,13 +212,25 @@ def test_dry_run_downloads_no_weights_and_catches_reversed_order(hub, tmp_path):
 def test_known_hash_table_catches_a_mixed_up_tokenizer(hub, tmp_path, monkeypatch):
     # Teach the table the tiny LLaMA-type tokenizer, as the real table knows the Chinese-LLaMA one, then ship it
     # with an Alpaca-type adapter: the hash check must name the mix-up before any shape check runs.
-    import hubmerge.verify as verify
+    import hubmerge.verification.known as verify
 
     table = json.loads(json.dumps(known_hashes()))
-    table["tokenizers"].append({"sha256": file_digest(hub.local[LLAMA] / "tokenizer.model"),
-                                "name": "tiny LLaMA-type tokenizer", "type": "llama", "vocab_size": 296})
-    table["tokenizers"].append({"sha256": file_digest(hub.local[ALPACA] / "tokenizer.model"),
-                                "name": "tiny Alpaca-type tokenizer", "type": "alpaca", "vocab_size": 297})
+    table["tokenizers"].append(
+        {
+            "sha256": file_digest(hub.local[LLAMA] / "tokenizer.model"),
+            "name": "tiny LLaMA-type tokenizer",
+            "type": "llama",
+            "vocab_size": 296,
+        }
+    )
+    table["tokenizers"].append(
+        {
+            "sha256": file_digest(hub.local[ALPACA] / "tokenizer.model"),
+            "name": "tiny Alpaca-type tokenizer",
+            "type": "alpaca",
+            "vocab_size": 297,
+        }
+    )
     monkeypatch.setattr(verify, "known_hashes", lambda: table)
 
     mixed = tmp_path / "mixed"
@@ -222,11 +274,25 @@ def test_verify_command_on_repo_cache_and_output(hub, tmp_path):
 
 def test_token_never_leaves_the_process(hub, tmp_path):
     canary = hub.add_user("carol", token="hf_CAROLcarolCAROLcarol0000000000000")
-    done = hubmerge(hub, tmp_path, LLAMA, "--base", hub.local["base"], "--out", tmp_path / "out",
-                    "--push-to", "carol/merged", "--token", canary)
+    done = hubmerge(
+        hub,
+        tmp_path,
+        LLAMA,
+        "--base",
+        hub.local["base"],
+        "--out",
+        tmp_path / "out",
+        "--push-to",
+        "carol/merged",
+        "--token",
+        canary,
+    )
     assert done.returncode == 0, done.stderr
-    texts = [done.stdout, done.stderr] + [p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*")
-                                           if p.is_file() and p.stat().st_size < 10_000_000]
+    texts = [done.stdout, done.stderr] + [
+        p.read_text(errors="ignore")
+        for p in (tmp_path / "out").rglob("*")
+        if p.is_file() and p.stat().st_size < 10_000_000
+    ]
     card = hf_hub_download("carol/merged", "README.md", endpoint=hub.url, token=canary, cache_dir=tmp_path / "c")
     texts.append(Path(card).read_text())
     assert not [t for t in texts if canary in t]

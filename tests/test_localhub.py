@@ -1,4 +1,4 @@
-"""Tests of the local Hub server (hubmerge/localhub) through the real huggingface_hub client.
+"""Tests of the local Hub server (hubmerge/testing/localhub) through the real huggingface_hub client.
 
 Every check goes through ``HfApi``/``hf_hub_download``/``snapshot_download`` pointed at the server, except a few raw
 HTTP requests (urllib) for what the client cannot express: Range requests, a tampered LFS upload, control endpoints.
@@ -44,7 +44,7 @@ from huggingface_hub.errors import (  # noqa: E402
     RevisionNotFoundError,
 )
 
-from hubmerge.localhub import LocalHub  # noqa: E402
+from hubmerge.testing.localhub import LocalHub  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
@@ -570,7 +570,7 @@ def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm(tmp_path):
         [
             sys.executable,
             "-m",
-            "hubmerge.localhub",
+            "hubmerge.testing.localhub",
             "--port",
             "0",
             "--root",

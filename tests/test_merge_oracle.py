@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import assert_matches_peft
 
 import hubmerge
-from support import assert_matches_peft
 
 ALL = ("embed_tokens", "lm_head")
 
@@ -24,8 +24,21 @@ def _case(models, name):
         return base, [models.adapter(base, r=8, alpha=16, use_rslora=True, seed=4)], None
     if name == "rank-alpha-patterns-regex":
         base = models.base()
-        return base, [models.adapter(base, r=8, alpha=16, target_modules=r".*\.(q_proj|v_proj|down_proj)",
-                                     rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 7}, seed=5)], None
+        return (
+            base,
+            [
+                models.adapter(
+                    base,
+                    r=8,
+                    alpha=16,
+                    target_modules=r".*\.(q_proj|v_proj|down_proj)",
+                    rank_pattern={"v_proj": 4},
+                    alpha_pattern={"down_proj": 7},
+                    seed=5,
+                )
+            ],
+            None,
+        )
     if name == "fan_in_fan_out":
         base = models.base()
         return base, [models.adapter(base, layout="2023", fan_in_fan_out=True, seed=6)], None
@@ -44,8 +57,20 @@ def _case(models, name):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["vocab-extension-2023", "plus-recipe", "rslora", "rank-alpha-patterns-regex",
-                                  "fan_in_fan_out", "gqa", "sharded-bin", "bf16", "fp16-base-to-fp32"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vocab-extension-2023",
+        "plus-recipe",
+        "rslora",
+        "rank-alpha-patterns-regex",
+        "fan_in_fan_out",
+        "gqa",
+        "sharded-bin",
+        "bf16",
+        "fp16-base-to-fp32",
+    ],
+)
 def test_merge_matches_peft(models, tmp_path, name):
     base, adapters, dtype = _case(models, name)
     result = hubmerge.merge(adapters, base, tmp_path / "out", dtype=dtype, progress=False)

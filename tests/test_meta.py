@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import hf_tensors, meta_to_hf_permute, no_partial_left
 
 import hubmerge
-from hubmerge import VerificationError, tinymodels as tm
-from hubmerge import convert
-from hubmerge.meta import open_meta
-from support import hf_tensors, meta_to_hf_permute, no_partial_left
+from hubmerge import VerificationError, convert
+from hubmerge.model.meta import open_meta
+from hubmerge.testing import tinymodels as tm
 
 SPLIT_DIM1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
 
@@ -32,9 +32,20 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def make_meta(root: Path, *, shards: int, dim: int = 64, n_layers: int = 2, n_heads: int = 8,
-              n_kv_heads: int | None = None, multiple_of: int = 32, ffn_dim_multiplier: float | None = None,
-              norm_eps: float = 1e-6, rope_theta: float | None = None, seed: int = 0) -> tuple[Path, dict, dict]:
+def make_meta(
+    root: Path,
+    *,
+    shards: int,
+    dim: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 8,
+    n_kv_heads: int | None = None,
+    multiple_of: int = 32,
+    ffn_dim_multiplier: float | None = None,
+    norm_eps: float = 1e-6,
+    rope_theta: float | None = None,
+    seed: int = 0,
+) -> tuple[Path, dict, dict]:
     """A Meta release in miniature: ``root/tokenizer.model`` + ``tokenizer_checklist.chk``, and ``root/model`` with
     the consolidated shards (rope.freqs included, as in LLaMA-1), params.json and checklist.chk.
 
@@ -57,13 +68,19 @@ def make_meta(root: Path, *, shards: int, dim: int = 64, n_layers: int = 2, n_he
     weights = {"tok_embeddings.weight": rand(vocab, dim, scale=1.0)}
     for i in range(n_layers):
         p = f"layers.{i}."
-        weights.update({
-            p + "attention.wq.weight": rand(n_heads * head_dim, dim), p + "attention.wk.weight": rand(kv * head_dim, dim),
-            p + "attention.wv.weight": rand(kv * head_dim, dim), p + "attention.wo.weight": rand(dim, dim),
-            p + "feed_forward.w1.weight": rand(inter, dim), p + "feed_forward.w2.weight": rand(dim, inter),
-            p + "feed_forward.w3.weight": rand(inter, dim),
-            p + "attention_norm.weight": (1 + 0.1 * torch.randn(dim, generator=gen)).half(),
-            p + "ffn_norm.weight": (1 + 0.1 * torch.randn(dim, generator=gen)).half()})
+        weights.update(
+            {
+                p + "attention.wq.weight": rand(n_heads * head_dim, dim),
+                p + "attention.wk.weight": rand(kv * head_dim, dim),
+                p + "attention.wv.weight": rand(kv * head_dim, dim),
+                p + "attention.wo.weight": rand(dim, dim),
+                p + "feed_forward.w1.weight": rand(inter, dim),
+                p + "feed_forward.w2.weight": rand(dim, inter),
+                p + "feed_forward.w3.weight": rand(inter, dim),
+                p + "attention_norm.weight": (1 + 0.1 * torch.randn(dim, generator=gen)).half(),
+                p + "ffn_norm.weight": (1 + 0.1 * torch.randn(dim, generator=gen)).half(),
+            }
+        )
     weights["norm.weight"] = (1 + 0.1 * torch.randn(dim, generator=gen)).half()
     weights["output.weight"] = rand(vocab, dim)
     theta = rope_theta or 10000.0
@@ -81,8 +98,14 @@ def make_meta(root: Path, *, shards: int, dim: int = 64, n_layers: int = 2, n_he
                 shard[name] = torch.chunk(w, shards, dim=axis)[k].clone()
         shard["rope.freqs"] = freqs.clone()
         torch.save(shard, folder / f"consolidated.{k:02d}.pth")
-    params = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers, "norm_eps": norm_eps,
-              "vocab_size": -1}
+    params = {
+        "dim": dim,
+        "multiple_of": multiple_of,
+        "n_heads": n_heads,
+        "n_layers": n_layers,
+        "norm_eps": norm_eps,
+        "vocab_size": -1,
+    }
     if n_kv_heads:
         params["n_kv_heads"] = n_kv_heads
     if ffn_dim_multiplier:
@@ -98,6 +121,7 @@ def make_meta(root: Path, *, shards: int, dim: int = 64, n_layers: int = 2, n_he
 
 
 # --------------------------------------------------------------------------------- reference forward pass (Meta's)
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -131,7 +155,9 @@ def meta_logits(weights: dict, params: dict, tokens: torch.Tensor) -> torch.Tens
         att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, dim=-1) @ v
         h = h + att.transpose(1, 2).reshape(batch, seq, dim) @ w[p + "attention.wo.weight"].T
         x = _rms_norm(h, w[p + "ffn_norm.weight"], eps)
-        gated = torch.nn.functional.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T)
+        gated = torch.nn.functional.silu(x @ w[p + "feed_forward.w1.weight"].T) * (
+            x @ w[p + "feed_forward.w3.weight"].T
+        )
         h = h + gated @ w[p + "feed_forward.w2.weight"].T
     return _rms_norm(h, w["norm.weight"], eps) @ w["output.weight"].T
 
@@ -140,8 +166,16 @@ CASES = {
     "1-shard": dict(shards=1),
     "2-shards": dict(shards=2),
     "8-shards": dict(shards=8),
-    "gqa-8-shards": dict(shards=8, dim=128, n_heads=16, n_kv_heads=8, multiple_of=64, ffn_dim_multiplier=1.3,
-                         norm_eps=1e-5, rope_theta=500000.0),
+    "gqa-8-shards": dict(
+        shards=8,
+        dim=128,
+        n_heads=16,
+        n_kv_heads=8,
+        multiple_of=64,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -153,6 +187,7 @@ def metas(tmp_path_factory):
         if name not in built:
             built[name] = make_meta(tmp_path_factory.mktemp(name), **CASES[name])
         return built[name]
+
     return get
 
 
@@ -167,10 +202,15 @@ def test_converted_model_matches_a_reference_forward_pass_of_the_meta_weights(me
     hidden = int(params.get("ffn_dim_multiplier", 1) * int(8 * params["dim"] / 3))
     assert config["intermediate_size"] == params["multiple_of"] * math.ceil(hidden / params["multiple_of"])
     assert config["rms_norm_eps"] == params["norm_eps"]
-    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "generation_config.json", "hubmerge.json",
-                                                    "model.safetensors",
-                                                    "special_tokens_map.json", "tokenizer.model",
-                                                    "tokenizer_config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "hubmerge.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     want = meta_logits(weights, params, tokens)
     got = tm.model_logits(hf, tokens)
@@ -181,14 +221,17 @@ def test_converted_model_matches_a_reference_forward_pass_of_the_meta_weights(me
     assert (meta_logits(wrong, params, tokens) - want).abs().max() > 100 * tolerance
     recipe = json.loads((result.out / "hubmerge.json").read_text())
     assert recipe["adapters"] == [] and set(recipe["base"]["files"]) == {
-        f"consolidated.{k:02d}.pth" for k in range(CASES[case]["shards"])}
-    assert {r.file for r in result.plan.base.checks} == set(recipe["base"]["files"]) | {"params.json",
-                                                                                       "tokenizer.model"}
+        f"consolidated.{k:02d}.pth" for k in range(CASES[case]["shards"])
+    }
+    assert {r.file for r in result.plan.base.checks} == set(recipe["base"]["files"]) | {
+        "params.json",
+        "tokenizer.model",
+    }
 
 
 def test_tokenizer_files_load_with_autotokenizer_and_prepend_bos(metas, tmp_path):
-    from transformers import AutoTokenizer
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     folder, _, _ = metas("2-shards")
     hf = convert(folder, tmp_path / "hf", progress=False).folders["hf"]
@@ -212,8 +255,15 @@ def test_hf_to_pth_and_back_is_bit_identical(models, tmp_path, shards, kv_heads)
     for name, tensor in original.items():
         assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
     a, b = (json.loads((f / "config.json").read_text()) for f in (base, back))
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "vocab_size"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "vocab_size",
+    ):
         assert a[key] == b[key], key
 
 
@@ -221,17 +271,25 @@ def test_joined_tensors_read_any_row_range(metas):
     folder, weights, params = metas("gqa-8-shards")
     base = open_meta(folder)
     full = {name: src.read() for name, src in base.tensors.items()}
-    assert torch.equal(full["model.layers.1.self_attn.k_proj.weight"],
-                       meta_to_hf_permute(weights["layers.1.attention.wk.weight"], params["n_kv_heads"]))
+    assert torch.equal(
+        full["model.layers.1.self_attn.k_proj.weight"],
+        meta_to_hf_permute(weights["layers.1.attention.wk.weight"], params["n_kv_heads"]),
+    )
     assert torch.equal(full["model.embed_tokens.weight"], weights["tok_embeddings.weight"])
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight",
-                 "model.layers.0.mlp.down_proj.weight", "model.norm.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.norm.weight",
+    ):
         rows = full[name].shape[0]
         for start, stop in ((0, 1), (3, 13), (rows - 5, rows), (7, 7)):
             assert torch.equal(base.tensors[name].read(start, stop), full[name][start:stop]), (name, start, stop)
 
 
 # ------------------------------------------------------------------------------------------------- verification
+
 
 def _copy_meta(metas, name: str, tmp_path: Path) -> Path:
     folder, _, _ = metas(name)
@@ -241,8 +299,9 @@ def _copy_meta(metas, name: str, tmp_path: Path) -> Path:
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "hubmerge.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_damaged_shard_fails_its_checklist_with_one_line_naming_it(metas, tmp_path):
@@ -289,17 +348,34 @@ def test_cli_convert_prints_what_it_verified(metas, tmp_path):
 def tiny_release(monkeypatch):
     """Pretend the known-hash table knows a tiny release (the real ones are 13 GB and up): ``set_hashes`` gives the
     SHA256 the table publishes for its consolidated files."""
-    import hubmerge.meta as meta
+    import hubmerge.model.meta as meta
 
-    table = {"releases": [{"name": "Tiny-LLaMA", "size": "tiny", "shards": 2, "vocab_size": 256,
-                           "max_position_embeddings": 512,
-                           "params": {"dim": 64, "n_layers": 2, "n_heads": 8, "norm_eps": 1e-6}}],
-             "originals": []}
+    table = {
+        "releases": [
+            {
+                "name": "Tiny-LLaMA",
+                "size": "tiny",
+                "shards": 2,
+                "vocab_size": 256,
+                "max_position_embeddings": 512,
+                "params": {"dim": 64, "n_layers": 2, "n_heads": 8, "norm_eps": 1e-6},
+            }
+        ],
+        "originals": [],
+    }
     monkeypatch.setattr(meta, "known_hashes", lambda: table)
 
     def set_hashes(*digests):
-        table["originals"] = [{"name": f"Tiny-LLaMA consolidated.{k:02d}.pth", "file": f"consolidated.{k:02d}.pth",
-                               "size": "tiny", "sha256": d} for k, d in enumerate(digests)]
+        table["originals"] = [
+            {
+                "name": f"Tiny-LLaMA consolidated.{k:02d}.pth",
+                "file": f"consolidated.{k:02d}.pth",
+                "size": "tiny",
+                "sha256": d,
+            }
+            for k, d in enumerate(digests)
+        ]
+
     return set_hashes
 
 
@@ -317,7 +393,9 @@ def test_a_known_release_is_checked_against_its_published_sha256(metas, tmp_path
     result = convert(folder, tmp_path / "good", progress=False)
     assert json.loads((result.folders["hf"] / "config.json").read_text())["max_position_embeddings"] == 512
     assert [r.note for r in result.plan.base.checks if r.note.startswith("Tiny")] == [
-        "Tiny-LLaMA consolidated.00.pth", "Tiny-LLaMA consolidated.01.pth"]
+        "Tiny-LLaMA consolidated.00.pth",
+        "Tiny-LLaMA consolidated.01.pth",
+    ]
 
 
 def test_a_checkpoint_that_is_no_known_release_is_not_judged_by_the_table(metas, tmp_path, tiny_release):
@@ -333,13 +411,16 @@ def test_a_checkpoint_that_is_no_known_release_is_not_judged_by_the_table(metas,
 
 # ------------------------------------------------------------------------------------------- Meta base in a merge
 
+
 def test_merge_with_a_meta_base_equals_merge_with_its_hf_conversion(metas, models, tmp_path):
     folder, _, _ = metas("gqa-8-shards")
     converted = convert(folder, tmp_path / "converted", progress=False).folders["hf"]
-    llama = models.adapter(converted, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
-                           tokenizer="llama", seed=31)
-    alpaca = models.adapter(converted, r=16, alpha=32, modules_to_save=("embed_tokens", "lm_head"),
-                            tokenizer="alpaca", seed=32)
+    llama = models.adapter(
+        converted, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"), tokenizer="llama", seed=31
+    )
+    alpaca = models.adapter(
+        converted, r=16, alpha=32, modules_to_save=("embed_tokens", "lm_head"), tokenizer="alpaca", seed=32
+    )
     direct = hubmerge.merge([llama, alpaca], folder, tmp_path / "direct", progress=False)
     via_hf = hubmerge.merge([llama, alpaca], converted, tmp_path / "via-hf", progress=False)
     a, b = hf_tensors(direct.folders["hf"]), hf_tensors(via_hf.folders["hf"])
@@ -351,10 +432,20 @@ def test_merge_with_a_meta_base_equals_merge_with_its_hf_conversion(metas, model
     assert config["vocab_size"] == 297 and config["rope_theta"] == 500000.0
 
 
-META_GGUF = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention.wq": "attn_q",
-             "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+META_GGUF = {
+    "tok_embeddings": "token_embd",
+    "norm": "output_norm",
+    "output": "output",
+    "attention.wq": "attn_q",
+    "attention.wk": "attn_k",
+    "attention.wv": "attn_v",
+    "attention.wo": "attn_output",
+    "feed_forward.w1": "ffn_gate",
+    "feed_forward.w2": "ffn_down",
+    "feed_forward.w3": "ffn_up",
+    "attention_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+}
 
 
 def test_gguf_from_a_meta_checkpoint_holds_the_meta_weights_unchanged(metas, tmp_path):

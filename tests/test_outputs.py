@@ -9,17 +9,24 @@ import zipfile
 
 import pytest
 import torch
+from support import hf_tensors, meta_to_hf_permute, read_pth_like_llamacpp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hubmerge
-from hubmerge.verify import file_digest
-from support import hf_tensors, meta_to_hf_permute, read_pth_like_llamacpp
+from hubmerge.verification.hashing import file_digest
 
 HF_TO_META = {  # written out here rather than imported, so the test checks hubmerge's table
-    "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
 
@@ -36,8 +43,9 @@ def plus(models, tmp_path_factory):
     base = models.base()
     adapters = list(models.plus_recipe(base))
     out = tmp_path_factory.mktemp("plus") / "merged"
-    result = hubmerge.merge(adapters, base, out, formats=["hf", "pth"], max_shard_size="60kB", pth_shards=2,
-                            progress=False)
+    result = hubmerge.merge(
+        adapters, base, out, formats=["hf", "pth"], max_shard_size="60kB", pth_shards=2, progress=False
+    )
     return base, adapters, result
 
 
@@ -69,8 +77,7 @@ def test_hf_output_loads_cleanly_with_transformers(plus, capfd):
 def test_pth_output_rejoins_to_hf_tensors(models, tmp_path, shards, kv_heads):
     base = models.base(heads=4, kv_heads=kv_heads)
     adapters = list(models.plus_recipe(base))
-    result = hubmerge.merge(adapters, base, tmp_path / "out", formats=["hf", "pth"], pth_shards=shards,
-                            progress=False)
+    result = hubmerge.merge(adapters, base, tmp_path / "out", formats=["hf", "pth"], pth_shards=shards, progress=False)
     pth, hf = result.folders["pth"], hf_tensors(result.folders["hf"])
     files = sorted(p.name for p in pth.iterdir())
     assert files == [f"consolidated.{k:02d}.pth" for k in range(shards)] + ["params.json", "tokenizer.model"]
@@ -116,8 +123,9 @@ def test_pth_zip_records_are_aligned_for_mmap(plus):
 def test_recipe_records_inputs_and_every_file(plus):
     base, adapters, result = plus
     recipe = json.loads((result.out / "hubmerge.json").read_text())
-    written = sorted(p.relative_to(result.out).as_posix() for p in result.out.rglob("*")
-                     if p.is_file() and p.name != "hubmerge.json")
+    written = sorted(
+        p.relative_to(result.out).as_posix() for p in result.out.rglob("*") if p.is_file() and p.name != "hubmerge.json"
+    )
     assert sorted(recipe["files"]) == written
     for name, digest in recipe["files"].items():
         assert file_digest(result.out / name) == digest

@@ -29,17 +29,25 @@ import pytest  # noqa: E402
 from huggingface_hub import HfApi, hf_hub_download  # noqa: E402
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError  # noqa: E402
 
-
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("HUBMERGE_CHROMIUM", "/usr/bin/chromium")
 SKIP_BROWSER = "HUBMERGE_SKIP_BROWSER_TESTS"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 from support import ALPACA_REPO as ALPACA  # noqa: E402
 from support import BASE_REPO as BASE  # noqa: E402
 from support import LLAMA_REPO as LLAMA  # noqa: E402
+
 TIMEOUT = 30_000  # ms, for anything the page waits on
 
 
@@ -77,8 +85,9 @@ def space(tmp_path_factory, _published_hub):
         mocked_info = gradio.oauth._get_mocked_oauth_info
         mp.setattr(gradio.oauth, "get_token", lambda: tokens["alice"])
         mp.setattr(gradio.oauth, "whoami", lambda *a, **k: HfApi(endpoint=hub.url).whoami(token=tokens["alice"]))
-        mp.setattr(gradio.oauth, "_get_mocked_oauth_info",
-                   lambda: {**mocked_info(), "access_token": gradio.oauth.get_token()})
+        mp.setattr(
+            gradio.oauth, "_get_mocked_oauth_info", lambda: {**mocked_info(), "access_token": gradio.oauth.get_token()}
+        )
 
         app = load_app()
         stages: list[str] = []
@@ -97,11 +106,27 @@ def space(tmp_path_factory, _published_hub):
 
         settings = app.Settings(endpoint=hub.url, workdir=root / "jobs", allow_local_paths=True, on_stage=on_stage)
         demo = app.create_app(settings)
-        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                quiet=True, share=False, **app.LAUNCH)
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1",
+            server_port=free_port(),
+            prevent_thread_lock=True,
+            quiet=True,
+            share=False,
+            **app.LAUNCH,
+        )
         try:
-            yield SimpleNamespace(hub=hub, url=url.rstrip("/"), app=app, settings=settings, tokens=tokens,
-                                  local=local, stages=stages, slow=slow, hold=hold, root=root)
+            yield SimpleNamespace(
+                hub=hub,
+                url=url.rstrip("/"),
+                app=app,
+                settings=settings,
+                tokens=tokens,
+                local=local,
+                stages=stages,
+                slow=slow,
+                hold=hold,
+                root=root,
+            )
         finally:
             demo.close()
 
@@ -111,8 +136,10 @@ def browser():
     if os.environ.get(SKIP_BROWSER) == "1":
         pytest.skip(f"{SKIP_BROWSER}=1: browser tests skipped on request")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), or set "
-                    f"{SKIP_BROWSER}=1 to skip the browser tests deliberately")
+        pytest.fail(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), or set "
+            f"{SKIP_BROWSER}=1 to skip the browser tests deliberately"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -191,7 +218,9 @@ def test_plus_recipe_check_merge_and_push(space, page, tmp_path):
     page.get_by_role("option", name="Chinese-Alpaca-Plus-7B", exact=True).click()
     page.wait_for_function("() => document.querySelector('#adapters textarea').value.includes('alpaca')")
     assert page.locator("#adapters textarea").input_value().split() == [
-        "ziqingyang/chinese-llama-plus-lora-7b", "ziqingyang/chinese-alpaca-plus-lora-7b"]
+        "ziqingyang/chinese-llama-plus-lora-7b",
+        "ziqingyang/chinese-alpaca-plus-lora-7b",
+    ]
 
     # the same recipe with the tiny adapters on the local Hub, and alice's private base
     fill(page, f"{LLAMA}\n{ALPACA}")
@@ -242,15 +271,27 @@ def test_plus_recipe_check_merge_and_push(space, page, tmp_path):
     assert info.private
     names = {s.rfilename for s in info.siblings}
     assert {"model.safetensors", "config.json", "tokenizer.model", "hubmerge.json", "README.md"} <= names
-    readme = Path(hf_hub_download("alice/alpaca-plus-tiny-merged", "README.md", endpoint=space.hub.url,
-                                  token=space.tokens["alice"], cache_dir=tmp_path / "alice")).read_text()
+    readme = Path(
+        hf_hub_download(
+            "alice/alpaca-plus-tiny-merged",
+            "README.md",
+            endpoint=space.hub.url,
+            token=space.tokens["alice"],
+            cache_dir=tmp_path / "alice",
+        )
+    ).read_text()
     for s in info.siblings:
         if s.lfs:
             assert s.lfs.sha256 in readme and s.lfs.sha256 in sha
     assert "- hubmerge" in readme and f"{LLAMA}/tree/{space.hub.resolve(LLAMA)}" in readme
     with pytest.raises(RepositoryNotFoundError) as anon:
-        hf_hub_download("alice/alpaca-plus-tiny-merged", "config.json", endpoint=space.hub.url, token=False,
-                        cache_dir=tmp_path / "anonymous")
+        hf_hub_download(
+            "alice/alpaca-plus-tiny-merged",
+            "config.json",
+            endpoint=space.hub.url,
+            token=False,
+            cache_dir=tmp_path / "anonymous",
+        )
     assert not isinstance(anon.value, GatedRepoError)
     assert no_jobs_left(space)
 
@@ -264,8 +305,13 @@ def test_errors_show_the_cli_message_and_the_page_keeps_working(space, page):
     open_page(page, space, sign_in=True)
     # a bad adapter ID: the message the CLI prints, word for word
     with pytest.raises(hubmerge.HubmergeError) as want:
-        hubmerge.preview(["hfl/no-such-adapter"], BASE, token=space.tokens["alice"], endpoint=space.hub.url,
-                         cache_dir=space.root / "cli-cache")
+        hubmerge.preview(
+            ["hfl/no-such-adapter"],
+            BASE,
+            token=space.tokens["alice"],
+            endpoint=space.hub.url,
+            cache_dir=space.root / "cli-cache",
+        )
     fill(page, "hfl/no-such-adapter")
     button(page, "Check").click()
     assert toast_text(page) == str(want.value)
@@ -308,8 +354,9 @@ def test_gradio_client_with_oauth_token_and_a_local_base_folder(space, tmp_path)
     plan = client.predict(f"{LLAMA}\n{ALPACA}", BASE, "", api_name="/check")
     assert f"adapter 2: {ALPACA}@" in plan and "vocab 297" in plan
     # a local base folder (allowed off Spaces), a bare repo name (goes under alice), bfloat16, public
-    link, summary, card, table = client.predict(f"{LLAMA}\n{ALPACA}", str(space.local[BASE]), "bfloat16",
-                                                "client-merge", False, False, api_name="/merge")
+    link, summary, card, table = client.predict(
+        f"{LLAMA}\n{ALPACA}", str(space.local[BASE]), "bfloat16", "client-merge", False, False, api_name="/merge"
+    )
     assert f"[alice/client-merge]({space.hub.url}/alice/client-merge) (public)" in link
     assert "dtype bfloat16" in summary and "## Files (SHA256)" in card
     api = HfApi(endpoint=space.hub.url, token=space.tokens["alice"])
@@ -317,8 +364,13 @@ def test_gradio_client_with_oauth_token_and_a_local_base_folder(space, tmp_path)
     assert not info.private
     shas = {row[0]: row[1] for row in table["data"]}
     assert shas["model.safetensors"] == next(s.lfs.sha256 for s in info.siblings if s.rfilename == "model.safetensors")
-    config = json.loads(Path(hf_hub_download("alice/client-merge", "config.json", endpoint=space.hub.url,
-                                             token=False, cache_dir=tmp_path / "anon")).read_text())
+    config = json.loads(
+        Path(
+            hf_hub_download(
+                "alice/client-merge", "config.json", endpoint=space.hub.url, token=False, cache_dir=tmp_path / "anon"
+            )
+        ).read_text()
+    )
     assert config["vocab_size"] == 297 and "bfloat16" in (config.get("dtype"), config.get("torch_dtype"))
 
     # no token: the endpoint says to sign in, and never falls back to a token of the server's
@@ -375,7 +427,7 @@ def test_simultaneous_users_each_get_their_own_result(space, tmp_path):
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = dict(zip(jobs, pool.map(run, jobs)))
     digests = {}
-    for user, (link, summary, _card, table) in results.items():
+    for user, (link, _summary, _card, table) in results.items():
         repo = f"{user}/load-test"
         assert f"[{repo}]({space.hub.url}/{repo}) (private)" in link, (user, link)
         info = HfApi(endpoint=space.hub.url, token=users[user]).model_info(repo, files_metadata=True)
@@ -453,12 +505,14 @@ def test_stage_labels_follow_the_bars_hubmerge_and_the_hub_client_open(space):
     progress.close(bar("merge"))  # hubmerge's merge bar
     shown.append((stage.desc, None))
     bar("Upload 2 LFS files")
-    assert shown == [("stage 1/4: download", "adapter_model.safetensors"),
-                     ("stage 2/4: verify adapter_model.safetensors (SHA256)", None),
-                     ("stage 2/4: verify model.safetensors (SHA256)", "bytes hashed"),
-                     ("stage 3/4: merge", "tensors written"),
-                     ("stage 4/4: upload (hashing the output first)", None),
-                     ("stage 4/4: upload", "Upload 2 LFS files")]
+    assert shown == [
+        ("stage 1/4: download", "adapter_model.safetensors"),
+        ("stage 2/4: verify adapter_model.safetensors (SHA256)", None),
+        ("stage 2/4: verify model.safetensors (SHA256)", "bytes hashed"),
+        ("stage 3/4: merge", "tensors written"),
+        ("stage 4/4: upload (hashing the output first)", None),
+        ("stage 4/4: upload", "Upload 2 LFS files"),
+    ]
     assert stages.seen == ["download", "verify", "merge", "upload"]
     assert [stage.index, stage.length] == [3, 4]
     cancelled.set()  # the session ended: the next progress report stops the job
@@ -498,17 +552,20 @@ def test_on_spaces_local_paths_are_refused_and_tokens_never_swapped(space, monke
 
 
 def test_presets_follow_the_recipes_and_name_known_adapters(space):
-    from hubmerge.verify import known_hashes
+    from hubmerge.verification.known import known_hashes
 
     known = {repo: entry["name"] for entry in known_hashes()["adapters"] for repo in entry["repos"]}
     presets = space.app.PRESETS
-    assert presets["Chinese-Alpaca-Plus-7B"] == ["ziqingyang/chinese-llama-plus-lora-7b",
-                                                  "ziqingyang/chinese-alpaca-plus-lora-7b"]
+    assert presets["Chinese-Alpaca-Plus-7B"] == [
+        "ziqingyang/chinese-llama-plus-lora-7b",
+        "ziqingyang/chinese-alpaca-plus-lora-7b",
+    ]
     for name, ids in presets.items():
         assert [known[i] for i in ids][-1] == name  # the last adapter is the model the preset is named after
         if "Alpaca-Plus" in name or "Alpaca-Pro" in name:
             assert len(ids) == 2 and known[ids[0]] == name.replace("Alpaca-Pro", "LLaMA-Plus").replace(
-                "Alpaca-Plus", "LLaMA-Plus")
+                "Alpaca-Plus", "LLaMA-Plus"
+            )
 
 
 def test_space_front_matter_requirements_and_deploy(space, tmp_path):
@@ -538,13 +595,28 @@ def test_space_front_matter_requirements_and_deploy(space, tmp_path):
     spec.loader.exec_module(deploy)
     folder = deploy.assemble(tmp_path / "space")
     assert not list(folder.rglob("__pycache__"))
-    done = subprocess.run([sys.executable, "-c", "import hubmerge, hubmerge.verify as v; v.known_hashes(); "
-                           "print(hubmerge.__file__)"], cwd=folder, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import hubmerge, hubmerge.verification.known as v; v.known_hashes(); print(hubmerge.__file__)",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == (folder / "hubmerge" / "__init__.py").resolve()
 
     deploy.upload(folder, "alice/hubmerge", endpoint=space.hub.url, token=space.tokens["alice"])
-    files = HfApi(endpoint=space.hub.url, token=space.tokens["alice"]).list_repo_files("alice/hubmerge",
-                                                                                       repo_type="space")
-    assert {"app.py", "README.md", "requirements.txt", "hubmerge/__init__.py",
-            "hubmerge/data/known_hashes.json"} <= set(files)
+    files = HfApi(endpoint=space.hub.url, token=space.tokens["alice"]).list_repo_files(
+        "alice/hubmerge", repo_type="space"
+    )
+    assert {
+        "app.py",
+        "README.md",
+        "requirements.txt",
+        "hubmerge/__init__.py",
+        "hubmerge/data/known_hashes.json",
+    } <= set(files)

@@ -22,17 +22,20 @@ def _tensors():
     }
 
 
-@pytest.mark.parametrize("writer,reference_load", [
-    (SafetensorsWriter, load_file),
-    (TorchZipWriter, lambda p: torch.load(p, weights_only=True)),
-])
+@pytest.mark.parametrize(
+    "writer,reference_load",
+    [
+        (SafetensorsWriter, load_file),
+        (TorchZipWriter, lambda p: torch.load(p, weights_only=True)),
+    ],
+)
 def test_streamed_file_reads_back_with_the_reference_library(tmp_path, writer, reference_load):
     tensors = _tensors()
     path = tmp_path / "out.bin"
     w = writer(path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
     for v in tensors.values():  # in blocks of at most two rows, as the merge streams them
         for start in range(0, max(len(v), 1), 2):
-            w.write(v[start:start + 2])
+            w.write(v[start : start + 2])
     w.close()
     back = reference_load(path)
     assert list(back) == list(tensors)
@@ -55,8 +58,10 @@ def test_readers_give_any_rows_of_reference_files(tmp_path):
     save_file(tensors, tmp_path / "a.safetensors")
     transposed = torch.randn(5, 6).t()  # a non-contiguous tensor, as pickles may hold
     torch.save({**tensors, "transposed": transposed}, tmp_path / "a.pth")
-    for refs, extra in ((read_safetensors(tmp_path / "a.safetensors"), {}),
-                        (read_torch_zip(tmp_path / "a.pth"), {"transposed": transposed})):
+    for refs, extra in (
+        (read_safetensors(tmp_path / "a.safetensors"), {}),
+        (read_torch_zip(tmp_path / "a.pth"), {"transposed": transposed}),
+    ):
         for name, value in {**tensors, **extra}.items():
             assert torch.equal(refs[name].read(), value), name
             if len(value) > 3:
@@ -82,7 +87,7 @@ def test_truncated_files_are_reported_not_misread(tmp_path, cut):
     torch.save(_tensors(), tmp_path / "a.pth")
     for name, reader in (("a.safetensors", read_safetensors), ("a.pth", read_torch_zip)):
         data = (tmp_path / name).read_bytes()
-        (tmp_path / name).write_bytes(data[:len(data) - cut] if cut > 100 else data[:cut])
+        (tmp_path / name).write_bytes(data[: len(data) - cut] if cut > 100 else data[:cut])
         with pytest.raises(CorruptFileError, match=name):
             refs = reader(tmp_path / name)
             for ref in refs.values():

@@ -8,13 +8,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hubmerge import tinymodels as tm
+from hubmerge.testing import tinymodels as tm
 
 IDS = torch.tensor([[1, 5, 9, 100, 200, 17, 250, 3], [1, 40, 41, 42, 43, 44, 45, 46]])
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_2023_KEYS = {
-    "base_model_name_or_path", "bias", "enable_lora", "fan_in_fan_out", "inference_mode", "lora_alpha",
-    "lora_dropout", "merge_weights", "modules_to_save", "peft_type", "r", "target_modules", "task_type",
+    "base_model_name_or_path",
+    "bias",
+    "enable_lora",
+    "fan_in_fan_out",
+    "inference_mode",
+    "lora_alpha",
+    "lora_dropout",
+    "merge_weights",
+    "modules_to_save",
+    "peft_type",
+    "r",
+    "target_modules",
+    "task_type",
 }
 EMBEDS = ("embed_tokens", "lm_head")
 # transformers 5 deprecation raised from inside PEFT, not ours to fix
@@ -33,7 +44,9 @@ def _safetensors_keys(path):
 def _lora_keys(layers, modules):
     return {
         f"base_model.model.model.layers.{i}.{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}.lora_{ab}.weight"
-        for i in range(layers) for m in modules for ab in "AB"
+        for i in range(layers)
+        for m in modules
+        for ab in "AB"
     }
 
 
@@ -47,14 +60,17 @@ def plus(tmp_path_factory, base):
     """The Plus recipe in the 2023 layout: llama-type (r=8) then alpaca-type (r=64, alpha=128)."""
     root = tmp_path_factory.mktemp("plus")
     llama = tm.make_adapter(root / "llama", base, layout="2023", modules_to_save=EMBEDS, tokenizer="llama")
-    alpaca = tm.make_adapter(root / "alpaca", base, layout="2023", r=64, alpha=128, modules_to_save=EMBEDS,
-                             tokenizer="alpaca", seed=2)
+    alpaca = tm.make_adapter(
+        root / "alpaca", base, layout="2023", r=64, alpha=128, modules_to_save=EMBEDS, tokenizer="alpaca", seed=2
+    )
     return llama, alpaca
 
 
 def test_tokenizer_sizes_and_determinism(tmp_path):
-    sizes = {kind: tm.sp_size(tm.make_tokenizer(tmp_path / kind, kind) / "tokenizer.model")
-             for kind in ("base", "llama", "alpaca")}
+    sizes = {
+        kind: tm.sp_size(tm.make_tokenizer(tmp_path / kind, kind) / "tokenizer.model")
+        for kind in ("base", "llama", "alpaca")
+    }
     assert sizes == {"base": 256, "llama": 296, "alpaca": 297}
     assert tm.sp_size(tm.make_tokenizer(tmp_path / "big", "llama", base_vocab=400, extra=7) / "tokenizer.model") == 407
     tm._trained_base.cache_clear()  # train again from scratch, not from the in-process cache
@@ -87,14 +103,17 @@ def test_autotokenizer_loads_each_kind(tmp_path):
 
 @pytest.mark.parametrize(
     "weights,shards,dtype,kv_heads,tie",
-    [("safetensors", 1, "float16", None, False), ("safetensors", 3, "bfloat16", 2, False),
-     ("bin", 1, "float32", None, False), ("bin", 2, "float16", 1, True)],
+    [
+        ("safetensors", 1, "float16", None, False),
+        ("safetensors", 3, "bfloat16", 2, False),
+        ("bin", 1, "float32", None, False),
+        ("bin", 2, "float16", 1, True),
+    ],
 )
 def test_base_loads_with_transformers(tmp_path, weights, shards, dtype, kv_heads, tie):
     from transformers import AutoModelForCausalLM
 
-    d = tm.make_base(tmp_path, weights=weights, shards=shards, dtype=dtype, kv_heads=kv_heads,
-                     tie_word_embeddings=tie)
+    d = tm.make_base(tmp_path, weights=weights, shards=shards, dtype=dtype, kv_heads=kv_heads, tie_word_embeddings=tie)
     stem = "model" if weights == "safetensors" else "pytorch_model"
     if shards == 1:
         files = [d / f"{stem}.{weights}"]
@@ -149,8 +168,14 @@ def test_current_adapter_loads_with_peft_and_scales_as_documented(tmp_path, base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    d = tm.make_adapter(tmp_path, base, target_modules=["q_proj", "v_proj"], use_rslora=True,
-                        rank_pattern={"model.layers.0.self_attn.q_proj": 4}, alpha_pattern={"v_proj": 7})
+    d = tm.make_adapter(
+        tmp_path,
+        base,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        rank_pattern={"model.layers.0.self_attn.q_proj": 4},
+        alpha_pattern={"v_proj": 7},
+    )
     assert _safetensors_keys(d / "adapter_model.safetensors") == _lora_keys(2, ("q_proj", "v_proj"))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d)
     attn = [layer.self_attn for layer in model.base_model.model.model.layers]
@@ -163,8 +188,7 @@ def test_current_adapter_loads_with_peft_and_scales_as_documented(tmp_path, base
 def test_current_layout_embedding_keys(tmp_path, base):
     """What current PEFT writes for a resized vocab, with and without modules_to_save."""
     plain = tm.make_adapter(tmp_path / "plain", base, target_modules=["q_proj"], tokenizer="alpaca")
-    mts = tm.make_adapter(tmp_path / "mts", base, target_modules=["q_proj"], tokenizer="alpaca",
-                          modules_to_save=EMBEDS)
+    mts = tm.make_adapter(tmp_path / "mts", base, target_modules=["q_proj"], tokenizer="alpaca", modules_to_save=EMBEDS)
     embeds = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
     lora = _lora_keys(2, ("q_proj",))
     assert _safetensors_keys(plain / "adapter_model.safetensors") == lora | embeds

@@ -5,8 +5,8 @@ with one positioned read: no whole-file mmap whose pages would pile up in the pr
 Writers take the full list of tensors up front (names, dtypes, shapes), write headers first, then stream bytes.
 """
 
-from .source import TensorRef, TensorSource, tensor_bytes
 from .safetensors import SafetensorsWriter, read_safetensors
+from .source import TensorRef, TensorSource, tensor_bytes
 from .torchzip import TorchZipWriter, read_torch_zip
 
 __all__ = [

@@ -151,7 +151,7 @@ class OutputFile:
         view = memoryview(buf)
         fd = self._raw.fileno()
         while start < end:
-            got = os.preadv(fd, [view[:min(len(buf), end - start)]], start)
+            got = os.preadv(fd, [view[: min(len(buf), end - start)]], start)
             if got <= 0:
                 raise OSError(f"{self.path}: could not read back bytes at {start}")
             self._sha.update(view[:got])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -19,9 +19,18 @@ from .output import OutputFile
 from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -46,8 +55,10 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
                 raise CorruptFileError(f"{path}: too short to be a safetensors file ({size} bytes); {fix}")
             (hlen,) = struct.unpack("<Q", head)
             if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise CorruptFileError(f"{path}: safetensors header length {hlen} does not fit the file "
-                                       f"({size} bytes): truncated or not safetensors; {fix}")
+                raise CorruptFileError(
+                    f"{path}: safetensors header length {hlen} does not fit the file "
+                    f"({size} bytes): truncated or not safetensors; {fix}"
+                )
             raw = f.read(hlen)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
@@ -72,8 +83,10 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
         for d in shape:
             nbytes *= d
         if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != nbytes or data_start + end > size:
-            raise CorruptFileError(f"{path}: tensor {name!r} lies outside the file or does not match its shape "
-                                   f"{list(shape)}: the file is truncated or damaged; {fix}")
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} lies outside the file or does not match its shape "
+                f"{list(shape)}: the file is truncated or damaged; {fix}"
+            )
         refs[name] = TensorRef(path, data_start + begin, dtype, shape)
     return refs
 
@@ -91,8 +104,11 @@ class SafetensorsWriter(StreamingTensorWriter):
             header["__metadata__"] = dict(metadata)
         offset = 0
         for e in self.entries:
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                              "data_offsets": [offset, offset + e.nbytes]}
+            header[e.name] = {
+                "dtype": DTYPE_NAMES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does

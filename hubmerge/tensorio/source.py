@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -80,8 +81,9 @@ class TensorRef:
         except OSError:
             return  # read() reports it
         try:
-            os.posix_fadvise(fd, self.offset, self.span * self.dtype.itemsize if self.stride else self.nbytes,
-                             os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(
+                fd, self.offset, self.span * self.dtype.itemsize if self.stride else self.nbytes, os.POSIX_FADV_WILLNEED
+            )
         finally:
             os.close(fd)
 
@@ -90,7 +92,7 @@ class TensorRef:
         caller reading block after block reuses one buffer instead of faulting in fresh memory each time.
         Returns the typed view of ``buffer`` holding the rows."""
         stop = row_count(self.shape) if stop is None else stop
-        data = buffer[:(stop - start) * self.row_bytes]
+        data = buffer[: (stop - start) * self.row_bytes]
         if self.stride is not None:
             data.view(self.dtype).copy_(self.read(start, stop).reshape(-1))
         else:
@@ -120,7 +122,8 @@ def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
             if got == 0:
                 raise CorruptFileError(
                     f"{path}: file is truncated (needed {nbytes} bytes at offset {offset}, got {done}); "
-                    "download it again")
+                    "download it again"
+                )
             done += got
     finally:
         os.close(fd)

@@ -18,8 +18,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -28,9 +29,16 @@ from .output import OutputFile
 from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
     "UntypedStorage": torch.uint8,
 }
 _STORAGE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items() if k != "UntypedStorage"}
@@ -57,8 +65,7 @@ class _Marker:
     """Stands for a class the pickle may name only as an argument (torch.Tensor, nn.Parameter)."""
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor without storage")
     return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
@@ -97,11 +104,11 @@ class _SafeUnpickler(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         raise UnsafeFileError(
             f"{self.path}: the pickle references {module}.{name}, which is not plain tensor data; hubmerge refuses "
-            "to run code from weight files: get this file from its original publisher or as safetensors")
+            "to run code from weight files: get this file from its original publisher or as safetensors"
+        )
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
         return _Storage(str(pid[2]), pid[1].dtype, int(pid[4]))
 
@@ -168,8 +175,10 @@ def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: 
     if info.compress_type != zipfile.ZIP_STORED:
         raise InputError(f"{path}: compressed tensor records are not supported; re-save it with torch.save")
     if info.file_size != storage.numel * storage.dtype.itemsize:
-        raise CorruptFileError(f"{path}: tensor data {name} has {info.file_size} bytes, expected "
-                               f"{storage.numel * storage.dtype.itemsize}; the file is damaged")
+        raise CorruptFileError(
+            f"{path}: tensor data {name} has {info.file_size} bytes, expected "
+            f"{storage.numel * storage.dtype.itemsize}; the file is damaged"
+        )
     raw.seek(info.header_offset)
     head = raw.read(30)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -183,7 +192,7 @@ def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: 
 
 def _tensor_ref(path: Path, start: int, t: _LazyTensor) -> TensorRef:
     st = t.storage
-    contiguous = tuple(math.prod(t.shape[i + 1:]) for i in range(len(t.shape)))
+    contiguous = tuple(math.prod(t.shape[i + 1 :]) for i in range(len(t.shape)))
     extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if all(t.shape) else 0
     if t.offset < 0 or t.offset + extent > st.numel or any(s < 0 for s in t.stride):
         raise CorruptFileError(f"{path}: a tensor reaches outside its storage; the file is damaged")
@@ -207,9 +216,8 @@ class _TensorPlaceholder:
 
     def __reduce__(self):
         shape = self.entry.shape
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, shape, stride, False, collections.OrderedDict()))
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, shape, stride, False, collections.OrderedDict()))
 
 
 class _PlaceholderPickler(pickle.Pickler):
@@ -234,7 +242,8 @@ class TorchZipWriter(StreamingTensorWriter):
         self._handle = None
         buf = io.BytesIO()
         _PlaceholderPickler(buf, protocol=2).dump(
-            {e.name: _TensorPlaceholder(str(i), e) for i, e in enumerate(self.entries)})
+            {e.name: _TensorPlaceholder(str(i), e) for i, e in enumerate(self.entries)}
+        )
         self._record("data.pkl", buf.getvalue())
         self._record("byteorder", b"little")
 

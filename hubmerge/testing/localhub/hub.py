@@ -32,7 +32,7 @@ class LocalHub:
 
     Use as a context manager (``with LocalHub(root) as hub: ...``) or call :meth:`start`/:meth:`stop`. State lives on
     disk, so a new ``LocalHub`` on the same ``root`` serves the same users, repos and files. Faults for tests are set
-    through :attr:`faults` (a :class:`~hubmerge.localhub.faults.FaultInjector`).
+    through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`).
     """
 
     def __init__(

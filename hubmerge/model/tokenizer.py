@@ -7,16 +7,21 @@ ids defined on top of it (``added_tokens.json``, ``tokenizer_config.json``'s ``a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
+from ..verification.hashing import file_digest
 
 # Files copied into an HF output, in the order they are looked for. The first two carry the vocabulary.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 VOCAB_FILES = TOKENIZER_FILES[:2]
 CONFIG_ONLY_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -40,7 +45,7 @@ class TokenizerInfo:
         """SHA256 of tokenizer.model (what the known-hash table identifies), or None."""
         if self.model_file is None:
             return None
-        return hashlib.sha256(self.model_file.read_bytes()).hexdigest()
+        return file_digest(self.model_file)
 
 
 def load_json(path: Path) -> dict:
@@ -77,8 +82,10 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         try:
             sp.LoadFromSerializedProto(path.read_bytes())
         except Exception:  # sentencepiece raises bare RuntimeError/OSError variants
-            raise InputError(f"{path}: not a sentencepiece model (damaged or wrong file); "
-                             "use the tokenizer.model published with this model") from None
+            raise InputError(
+                f"{path}: not a sentencepiece model (damaged or wrong file); "
+                "use the tokenizer.model published with this model"
+            ) from None
         sp_size = sp.get_piece_size()
         base_size = sp_size
     else:
@@ -97,6 +104,8 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
     added = {tok: i for tok, i in ids.items() if i >= base_size}
     extra = sorted(set(added.values()))
     if extra and extra != list(range(base_size, base_size + len(extra))):
-        raise InputError(f"{folder}: added token ids {extra[:5]}... do not follow the vocabulary ({base_size}) "
-                         "without gaps; fix added_tokens.json")
+        raise InputError(
+            f"{folder}: added token ids {extra[:5]}... do not follow the vocabulary ({base_size}) "
+            "without gaps; fix added_tokens.json"
+        )
     return TokenizerInfo(folder, files, base_size + len(extra), sp_size, added)

@@ -11,23 +11,26 @@ top of it (added_tokens.json, tokenizer_config.json), with the special token ids
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .. import layouts
-from ..errors import IncompatibleError, InputError
-from ..merging import Block
-from ..plan import MergePlan, dtype_name
-from ..tensorio.source import Entry, StreamingTensorWriter, close_written
-from ..tokenizer import TokenizerInfo, load_json
+from ...errors import IncompatibleError, InputError
+from ...merging import Block
+from ...model import layouts
+from ...model.tokenizer import TokenizerInfo, load_json
+from ...plan import MergePlan, dtype_name
+from ...tensorio.source import Entry, StreamingTensorWriter, close_written
 
 # Output dtype -> (GGML tensor type, llama.cpp file type, file name suffix): the names gguf spells them with.
-_TYPES = {torch.float16: ("F16", "MOSTLY_F16", "f16"), torch.bfloat16: ("BF16", "MOSTLY_BF16", "bf16"),
-          torch.float32: ("F32", "ALL_F32", "f32")}
+_TYPES = {
+    torch.float16: ("F16", "MOSTLY_F16", "f16"),
+    torch.bfloat16: ("BF16", "MOSTLY_BF16", "bf16"),
+    torch.float32: ("F32", "ALL_F32", "f32"),
+}
 _NUMPY = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32}  # numpy has no bfloat16
 SPECIALS = ("bos", "eos", "unk", "pad")
 
@@ -72,8 +75,11 @@ def sentencepiece_vocabulary(tokenizer: TokenizerInfo) -> Vocabulary:
     types = [int(gguf.TokenType[piece_type.Name(p.type)]) for p in proto.pieces]
 
     configs = {p.name: load_json(p) for p in tokenizer.files if p.suffix == ".json" and p.name != "tokenizer.json"}
-    special_added = {int(k) for k, v in (configs.get("tokenizer_config.json", {}).get("added_tokens_decoder") or {}
-                                         ).items() if isinstance(v, dict) and v.get("special")}
+    special_added = {
+        int(k)
+        for k, v in (configs.get("tokenizer_config.json", {}).get("added_tokens_decoder") or {}).items()
+        if isinstance(v, dict) and v.get("special")
+    }
     for text, token_id in sorted(tokenizer.added.items(), key=lambda kv: kv[1]):
         tokens.append(text.encode("utf-8"))
         scores.append(-1000.0)
@@ -93,8 +99,11 @@ def sentencepiece_vocabulary(tokenizer: TokenizerInfo) -> Vocabulary:
             special_ids[typ] = ids[named]
         elif 0 <= fallback < len(tokens):
             special_ids[typ] = fallback
-    add_special = {typ: configs["tokenizer_config.json"][f"add_{typ}_token"] for typ in ("bos", "eos")
-                   if isinstance(configs.get("tokenizer_config.json", {}).get(f"add_{typ}_token"), bool)}
+    add_special = {
+        typ: configs["tokenizer_config.json"][f"add_{typ}_token"]
+        for typ in ("bos", "eos")
+        if isinstance(configs.get("tokenizer_config.json", {}).get(f"add_{typ}_token"), bool)
+    }
     return Vocabulary(tokens, scores, types, special_ids, add_special)
 
 
@@ -131,19 +140,24 @@ class GGUFOutput:
         gguf = _gguf()
         self.folder, self.plan = Path(folder), plan
         if plan.dtype not in _TYPES:
-            raise IncompatibleError(f"GGUF output in {dtype_name(plan.dtype)} is not supported; use --dtype "
-                                    "float16, bfloat16 or float32")
+            raise IncompatibleError(
+                f"GGUF output in {dtype_name(plan.dtype)} is not supported; use --dtype float16, bfloat16 or float32"
+            )
         if plan.tokenizer.model_file is None:
-            raise IncompatibleError(f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece "
-                                    "vocabulary); this tokenizer has only tokenizer.json: use --format hf")
+            raise IncompatibleError(
+                f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece "
+                "vocabulary); this tokenizer has only tokenizer.json: use --format hf"
+            )
         config = plan.config
         rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
         if (rope.get("rope_type") or rope.get("type") or "default") != "default":
             raise IncompatibleError(f"rope scaling {rope!r} is not written to GGUF by hubmerge; use --format hf")
         vocab = sentencepiece_vocabulary(plan.tokenizer)
         if len(vocab.tokens) != plan.vocab_size:
-            raise IncompatibleError(f"{plan.tokenizer.model_file}: {len(vocab.tokens)} tokens for {plan.vocab_size} "
-                                    "embedding rows; use the tokenizer published with the model")
+            raise IncompatibleError(
+                f"{plan.tokenizer.model_file}: {len(vocab.tokens)} tokens for {plan.vocab_size} "
+                "embedding rows; use the tokenizer published with the model"
+            )
         qtype, ftype, _ = _TYPES[plan.dtype]
         arch = gguf.MODEL_ARCH.LLAMA
         names = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
@@ -158,8 +172,13 @@ class GGUFOutput:
             if dtype not in _TYPES:
                 raise IncompatibleError(f"{t.name} is {dtype_name(dtype)}, which GGUF output does not support")
             entry = Entry(name, dtype, t.shape)
-            writer.add_tensor_info(name, t.shape, np.dtype(_NUMPY[dtype]), entry.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[_TYPES[dtype][0]])
+            writer.add_tensor_info(
+                name,
+                t.shape,
+                np.dtype(_NUMPY[dtype]),
+                entry.nbytes,
+                raw_dtype=gguf.GGMLQuantizationType[_TYPES[dtype][0]],
+            )
             entries.append(entry)
             heads = layouts.rotary_head_count(t.name, config)
             self._tensors.append(_Tensor(dtype, plan.base.head_dim if heads else None))

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from ..errors import CorruptFileError, IncompatibleError, InputError, VerificationError
+from ..tensorio import TensorRef, read_torch_zip
+from ..verification.checklists import CheckRow, read_checklist
+from ..verification.hashing import file_digests
+from ..verification.known import known_hashes
 from . import layouts
 from .base import BaseModel, check_tensor_names
-from .errors import CorruptFileError, IncompatibleError, InputError, VerificationError
-from .tensorio import TensorRef, read_torch_zip
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
-from .verify import CheckRow, file_digests, known_hashes, read_checklist
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 CHECKLIST, TOKENIZER_CHECKLIST = "checklist.chk", "tokenizer_checklist.chk"
@@ -44,8 +47,10 @@ def shard_files(folder: Path) -> list[Path]:
     numbers = [n for n, _ in found]
     if numbers != list(range(len(numbers))):
         missing = min(set(range(len(numbers) + 1)) - set(numbers))
-        raise InputError(f"{folder}: consolidated.{missing:02d}.pth is missing (found shards {numbers}); "
-                         "copy every shard of the checkpoint")
+        raise InputError(
+            f"{folder}: consolidated.{missing:02d}.pth is missing (found shards {numbers}); "
+            "copy every shard of the checkpoint"
+        )
     return [p for _, p in found]
 
 
@@ -54,8 +59,9 @@ def read_params(folder: Path) -> dict[str, Any]:
     [ffn_dim_multiplier], [rope_theta], vocab_size)."""
     path = folder / "params.json"
     if not path.is_file():
-        raise InputError(f"{folder}: consolidated.*.pth without params.json; copy params.json from the release "
-                         "next to the weights")
+        raise InputError(
+            f"{folder}: consolidated.*.pth without params.json; copy params.json from the release next to the weights"
+        )
     params = load_json(path)
     for key in ("dim", "n_layers", "n_heads", "multiple_of"):
         if not isinstance(params.get(key), int) or params[key] <= 0:
@@ -79,11 +85,14 @@ def find_tokenizer(folder: Path) -> TokenizerInfo:
             tok = read_tokenizer(where)
             assert tok is not None
             return tok
-    raise InputError(f"{folder}: no tokenizer.model here or in {folder.parent}; copy the release's tokenizer.model "
-                     "next to the weights")
+    raise InputError(
+        f"{folder}: no tokenizer.model here or in {folder.parent}; copy the release's tokenizer.model "
+        "next to the weights"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- verification
+
 
 def identify_release(params: Mapping[str, Any], shards: int, vocab_rows: int) -> dict[str, Any] | None:
     """The known release (``releases`` in known_hashes.json) whose params.json signature, shard count and vocabulary
@@ -93,8 +102,11 @@ def identify_release(params: Mapping[str, Any], shards: int, vocab_rows: int) ->
     for release in known_hashes().get("releases", []):
         want = dict(release["params"])
         want.setdefault("n_kv_heads", want["n_heads"])
-        if (all(_same(have.get(k), v) for k, v in want.items()) and release["shards"] == shards
-                and release["vocab_size"] == vocab_rows):
+        if (
+            all(_same(have.get(k), v) for k, v in want.items())
+            and release["shards"] == shards
+            and release["vocab_size"] == vocab_rows
+        ):
             return release
     return None
 
@@ -130,19 +142,24 @@ def verify_checklists(folder: Path, tokenizer_folder: Path, cache: dict[Path, di
         for name, want in read_checklist(checklist).items():
             path = where / name
             if not path.is_file():
-                raise VerificationError(f"{path}: listed in {checklist.name} but missing; copy every file of the "
-                                        "release (or pass --no-verify)")
+                raise VerificationError(
+                    f"{path}: listed in {checklist.name} but missing; copy every file of the "
+                    "release (or pass --no-verify)"
+                )
             algorithm = {32: "md5", 40: "sha1", 64: "sha256"}[len(want)]
             got = _hash(path, (algorithm, "sha256"), cache)[algorithm]
             if got != want:
-                raise VerificationError(f"{path}: {algorithm} {got} differs from {checklist.name} ({want}); the file "
-                                        "is corrupt or incomplete: download it again (or pass --no-verify)")
+                raise VerificationError(
+                    f"{path}: {algorithm} {got} differs from {checklist.name} ({want}); the file "
+                    "is corrupt or incomplete: download it again (or pass --no-verify)"
+                )
             rows.append(CheckRow(name, want, got, "ok", checklist.name))
     return rows
 
 
-def verify_originals(files: Sequence[Path], release: dict[str, Any] | None,
-                     cache: dict[Path, dict[str, str]]) -> list[CheckRow]:
+def verify_originals(
+    files: Sequence[Path], release: dict[str, Any] | None, cache: dict[Path, dict[str, str]]
+) -> list[CheckRow]:
     """Compare each shard with the known SHA256 of that file of the identified release (``originals`` entries with
     its ``size`` and the file name). Files of checkpoints that are no known release are not judged.
 
@@ -153,8 +170,10 @@ def verify_originals(files: Sequence[Path], release: dict[str, Any] | None,
         return []
     rows = []
     for path in files:
-        entry = next((e for e in known_hashes()["originals"]
-                      if e.get("size") == release["size"] and e["file"] == path.name), None)
+        entry = next(
+            (e for e in known_hashes()["originals"] if e.get("size") == release["size"] and e["file"] == path.name),
+            None,
+        )
         if entry is None:
             continue
         got = _hash(path, ("sha256",), cache)["sha256"]
@@ -162,12 +181,14 @@ def verify_originals(files: Sequence[Path], release: dict[str, Any] | None,
             raise VerificationError(
                 f"{path}: SHA256 {got[:16]}... differs from the published {entry['name']} ({entry['sha256'][:16]}...),"
                 f" and params.json says this is {release['name']}: the file is corrupt or altered, download it again "
-                "(or pass --no-verify if it was changed on purpose)")
+                "(or pass --no-verify if it was changed on purpose)"
+            )
         rows.append(CheckRow(path.name, entry["sha256"], got, "ok", entry["name"]))
     return rows
 
 
 # --------------------------------------------------------------------------------------------------- joined tensors
+
 
 @dataclass
 class JoinedTensor:
@@ -193,7 +214,7 @@ class JoinedTensor:
         hd = self.head_dim
         lo, hi = start // hd * hd, min(rows, -(-stop // hd) * hd)
         block = layouts.meta_to_hf_rows(self._read(lo, hi), hd)
-        return block if (lo, hi) == (start, stop) else block[start - lo:stop - lo].clone()
+        return block if (lo, hi) == (start, stop) else block[start - lo : stop - lo].clone()
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if self.split is None:
@@ -221,8 +242,10 @@ def _joined_shape(name: str, parts: Sequence[TensorRef], split: int | None, file
         ok = next(iter(dims)) == 2 and len({s[1 - split] for s in shapes}) == 1
     if not ok:
         listing = ", ".join(f"{f.name} {list(s)}" for f, s in zip(files, shapes))
-        raise CorruptFileError(f"{name} has slices that cannot be joined ({listing}); the shards come from different "
-                               "checkpoints: copy all of them from one release")
+        raise CorruptFileError(
+            f"{name} has slices that cannot be joined ({listing}); the shards come from different "
+            "checkpoints: copy all of them from one release"
+        )
     if split is None:
         return shapes[0]
     joined = list(shapes[0])
@@ -234,17 +257,27 @@ def _expected_shapes(config: Mapping[str, Any], vocab: int) -> dict[str, tuple[i
     dim, inter = int(config["hidden_size"]), int(config["intermediate_size"])
     head_dim = dim // int(config["num_attention_heads"])
     kv = int(config["num_key_value_heads"]) * head_dim
-    return {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,),
-            "q_proj": (dim, dim), "k_proj": (kv, dim), "v_proj": (kv, dim), "o_proj": (dim, dim),
-            "gate_proj": (inter, dim), "up_proj": (inter, dim), "down_proj": (dim, inter),
-            "input_layernorm": (dim,), "post_attention_layernorm": (dim,)}
+    return {
+        "model.embed_tokens.weight": (vocab, dim),
+        "lm_head.weight": (vocab, dim),
+        "model.norm.weight": (dim,),
+        "q_proj": (dim, dim),
+        "k_proj": (kv, dim),
+        "v_proj": (kv, dim),
+        "o_proj": (dim, dim),
+        "gate_proj": (inter, dim),
+        "up_proj": (inter, dim),
+        "down_proj": (dim, inter),
+        "input_layernorm": (dim,),
+        "post_attention_layernorm": (dim,),
+    }
 
 
 def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any]) -> dict[str, JoinedTensor]:
     """Index every shard and join each tensor's slices under its HF name, checking names and joined shapes against
     ``config``. Raises InputError / CorruptFileError naming the shard or tensor at fault."""
     shards = [read_torch_zip(f) for f in files]
-    for f, refs in zip(files, shards):
+    for refs in shards:
         for dropped in layouts.META_DROPPED:
             refs.pop(dropped, None)
     head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
@@ -254,11 +287,14 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
         meta_template, split = layouts.HF_TO_META[template]
         wanted[layouts.fill(meta_template, layer)] = (hf_name, split)
     for f, refs in zip(files, shards):
-        check_tensor_names(refs, list(wanted),
-                           unknown=f"{f}: tensor {{name}} does not belong to a LLaMA model with this params.json "
-                                   "({count} such); the shard belongs to another model",
-                           missing=f"{f}: lacks {{name}} ({{count}} tensors missing); the shard is incomplete or "
-                                   "params.json belongs to another model")
+        check_tensor_names(
+            refs,
+            list(wanted),
+            unknown=f"{f}: tensor {{name}} does not belong to a LLaMA model with this params.json "
+            "({count} such); the shard belongs to another model",
+            missing=f"{f}: lacks {{name}} ({{count}} tensors missing); the shard is incomplete or "
+            "params.json belongs to another model",
+        )
     vocab = _joined_shape("tok_embeddings.weight", [s["tok_embeddings.weight"] for s in shards], 1, files)[0]
     expected = _expected_shapes(config, vocab)
     tensors: dict[str, JoinedTensor] = {}
@@ -267,19 +303,29 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
         shape = _joined_shape(meta_name, parts, split, files)
         key = hf_name if hf_name in expected else hf_name.rsplit(".", 2)[-2]
         if shape != expected[key]:
-            raise InputError(f"{folder}: {meta_name} joins to {list(shape)} but params.json implies "
-                             f"{list(expected[key])}; params.json and the shards belong to different models")
+            raise InputError(
+                f"{folder}: {meta_name} joins to {list(shape)} but params.json implies "
+                f"{list(expected[key])}; params.json and the shards belong to different models"
+            )
         rotary = layouts.rotary_head_count(hf_name, config) is not None
         span = f"{files[0].name}" if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
-        tensors[hf_name] = JoinedTensor(parts, split if len(parts) > 1 else None, head_dim if rotary else None,
-                                        shape, parts[0].dtype, f"{span}:{meta_name}")
+        tensors[hf_name] = JoinedTensor(
+            parts,
+            split if len(parts) > 1 else None,
+            head_dim if rotary else None,
+            shape,
+            parts[0].dtype,
+            f"{span}:{meta_name}",
+        )
     return tensors
 
 
 # --------------------------------------------------------------------------------------------- config and documents
 
-def hf_config(params: Mapping[str, Any], vocab_size: int, context: int, tokens: Mapping[str, int | None],
-              dtype: torch.dtype) -> dict[str, Any]:
+
+def hf_config(
+    params: Mapping[str, Any], vocab_size: int, context: int, tokens: Mapping[str, int | None], dtype: torch.dtype
+) -> dict[str, Any]:
     """config.json of the HF conversion (formats.md: the intermediate size formula, GQA, eps, rope theta)."""
     dim, heads = params["dim"], params["n_heads"]
     config: dict[str, Any] = {
@@ -324,19 +370,28 @@ def hf_documents(tokenizer: TokenizerInfo, context: int) -> dict[str, dict[str, 
     transformers 5 does not without ``add_bos_token``."""
     names, ids = special_tokens(tokenizer)
     return {
-        "generation_config.json": {k: v for k, v in {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-                                                     "pad_token_id": ids["pad"]}.items() if v is not None},
-        "tokenizer_config.json": {**names, "add_bos_token": True, "add_eos_token": False,
-                                  "clean_up_tokenization_spaces": False, "model_max_length": context,
-                                  "tokenizer_class": "LlamaTokenizer"},
+        "generation_config.json": {
+            k: v
+            for k, v in {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}.items()
+            if v is not None
+        },
+        "tokenizer_config.json": {
+            **names,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": context,
+            "tokenizer_class": "LlamaTokenizer",
+        },
         "special_tokens_map.json": names,
     }
 
 
 # ------------------------------------------------------------------------------------------------------------- open
 
+
 def open_meta(folder: Path, *, verify: bool = True) -> BaseModel:
-    """Open (and first verify) a Meta checkpoint folder as a :class:`~hubmerge.base.BaseModel` under HF names.
+    """Open (and first verify) a Meta checkpoint folder as a :class:`~hubmerge.model.base.BaseModel` under HF names.
 
     Verification (skipped with ``verify=False``): md5 (or sha) lists ``checklist.chk`` and
     ``tokenizer_checklist.chk`` when present; then, when params.json, the shard count and the vocabulary identify a
@@ -354,19 +409,28 @@ def open_meta(folder: Path, *, verify: bool = True) -> BaseModel:
     cache: dict[Path, dict[str, str]] = {}
     checks = verify_checklists(folder, tokenizer.folder, cache) if verify else []
     heads = params["n_heads"]
-    skeleton = {"hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
-                "num_attention_heads": heads, "num_key_value_heads": params.get("n_kv_heads") or heads,
-                "intermediate_size": layouts.ffn_hidden_size(params["dim"], params["multiple_of"],
-                                                             params.get("ffn_dim_multiplier"))}
+    skeleton = {
+        "hidden_size": params["dim"],
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": params.get("n_kv_heads") or heads,
+        "intermediate_size": layouts.ffn_hidden_size(
+            params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")
+        ),
+    }
     tensors = join_tensors(folder, files, skeleton)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     if isinstance(params.get("vocab_size"), int) and params["vocab_size"] > 0 and params["vocab_size"] != rows:
-        raise IncompatibleError(f"{folder / 'params.json'}: vocab_size {params['vocab_size']} but tok_embeddings has "
-                                f"{rows} rows; restore the params.json of these weights")
+        raise IncompatibleError(
+            f"{folder / 'params.json'}: vocab_size {params['vocab_size']} but tok_embeddings has "
+            f"{rows} rows; restore the params.json of these weights"
+        )
     if tokenizer.size != rows:
-        raise IncompatibleError(f"{tokenizer.model_file}: the tokenizer has {tokenizer.size} tokens but the "
-                                f"checkpoint's tok_embeddings has {rows} rows; use the tokenizer.model published with "
-                                "these weights")
+        raise IncompatibleError(
+            f"{tokenizer.model_file}: the tokenizer has {tokenizer.size} tokens but the "
+            f"checkpoint's tok_embeddings has {rows} rows; use the tokenizer.model published with "
+            "these weights"
+        )
     release = identify_release(params, len(files), rows)
     if verify:
         checks += verify_originals(files, release, cache)
@@ -374,5 +438,6 @@ def open_meta(folder: Path, *, verify: bool = True) -> BaseModel:
     _, ids = special_tokens(tokenizer)
     config = hf_config(params, rows, context, ids, tensors["model.embed_tokens.weight"].dtype)
     hashes = {p.name: d["sha256"] for p, d in cache.items() if p in files and "sha256" in d}
-    return BaseModel(folder, config, tensors, list(files), tokenizer, [], hf_documents(tokenizer, context),
-                     hashes, checks)
+    return BaseModel(
+        folder, config, tensors, list(files), tokenizer, [], hf_documents(tokenizer, context), hashes, checks
+    )

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
+from ..errors import CorruptFileError, InputError
+from ..tensorio import TensorSource, read_safetensors, read_torch_zip
+from ..verification.checklists import CheckRow
 from . import layouts
-from .errors import CorruptFileError, InputError
-from .tensorio import TensorSource, read_safetensors, read_torch_zip
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
-from .verify import CheckRow
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
 _WEIGHT_LAYOUTS = (
@@ -71,8 +72,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     """
     path = folder / "config.json"
     if not path.is_file():
-        raise InputError(f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder or a Meta "
-                         "checkpoint folder (consolidated.*.pth + params.json)")
+        raise InputError(
+            f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder or a Meta "
+            "checkpoint folder (consolidated.*.pth + params.json)"
+        )
     config = load_json(path)
     model_type = config.get("model_type")
     if model_type != "llama":
@@ -101,20 +104,25 @@ def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
             files = list(dict.fromkeys(folder / f for f in weight_map.values()))
             for f in files:
                 if f.parent != folder or not f.is_file():
-                    raise InputError(f"{index_path}: lists {f.name}, which is not in {folder}; "
-                                     "download the missing shard")
+                    raise InputError(
+                        f"{index_path}: lists {f.name}, which is not in {folder}; download the missing shard"
+                    )
             tensors: dict[str, TensorSource] = {}
             for f in files:
                 tensors.update(reader(f))
             missing = [n for n, f in weight_map.items() if n not in tensors]
             if missing:
-                raise CorruptFileError(f"{index_path}: {missing[0]} is not in {weight_map[missing[0]]}; "
-                                       "the shard or the index is damaged, download both again")
+                raise CorruptFileError(
+                    f"{index_path}: {missing[0]} is not in {weight_map[missing[0]]}; "
+                    "the shard or the index is damaged, download both again"
+                )
             return tensors, files
         if single_path.is_file():
             return dict(reader(single_path)), [single_path]
-    raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded index); "
-                     "point --base at a complete Hugging Face-format model folder")
+    raise InputError(
+        f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded index); "
+        "point --base at a complete Hugging Face-format model folder"
+    )
 
 
 def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown: str, missing: str) -> None:
@@ -128,7 +136,7 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
 
 def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
     """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies. A Meta checkpoint
-    folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.meta.open_meta`, verified first
+    folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.model.meta.open_meta`, verified first
     unless ``verify`` is false.
 
     Returns:
@@ -150,11 +158,14 @@ def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
     for name in list(tensors):
         if layouts.match(name, layouts.HF_DROPPED) or (name == "lm_head.weight" and name not in expected):
             del tensors[name]  # stale rotary caches; a tied head transformers never reads
-    check_tensor_names(tensors, expected,
-                       unknown=f"{folder}: tensor {{name}} does not belong to a LLaMA model with this config.json "
-                               f"({{count}} such); hubmerge merges {SUPPORTED}",
-                       missing=f"{folder}: the weights lack {{name}} ({{count}} tensors missing); the download is "
-                               "incomplete or config.json belongs to another model")
+    check_tensor_names(
+        tensors,
+        expected,
+        unknown=f"{folder}: tensor {{name}} does not belong to a LLaMA model with this config.json "
+        f"({{count}} such); hubmerge merges {SUPPORTED}",
+        missing=f"{folder}: the weights lack {{name}} ({{count}} tensors missing); the download is "
+        "incomplete or config.json belongs to another model",
+    )
     ordered = {n: tensors[n] for n in expected}
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
     return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra)

@@ -83,7 +83,7 @@ class _Ticket:
 
 
 class State:
-    """Everything the request handlers share; owned by :class:`~hubmerge.localhub.hub.LocalHub`."""
+    """Everything the request handlers share; owned by :class:`~hubmerge.testing.localhub.hub.LocalHub`."""
 
     def __init__(self, storage: HubStorage, faults: FaultInjector, *, verbose: bool, tree_page_size: int) -> None:
         self.storage = storage

@@ -88,10 +88,19 @@ def _trained_base(base_vocab: int) -> bytes:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]),
-        model_writer=buf, vocab_size=base_vocab, model_type="bpe", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=base_vocab >= _BYTE_FALLBACK_MIN,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as LLaMA's
-        num_threads=1, minloglevel=2,
+        model_writer=buf,
+        vocab_size=base_vocab,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=base_vocab >= _BYTE_FALLBACK_MIN,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,  # as LLaMA's
+        num_threads=1,
+        minloglevel=2,
     )
     return buf.getvalue()
 
@@ -224,11 +233,19 @@ def make_base(
         for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
     config = LlamaConfig(
-        vocab_size=sp_size(out / "tokenizer.model"), hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-        intermediate_size=intermediate or 3 * hidden, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_word_embeddings,
-        architectures=["LlamaForCausalLM"], dtype=dtype,
+        vocab_size=sp_size(out / "tokenizer.model"),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate or 3 * hidden,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
+        architectures=["LlamaForCausalLM"],
+        dtype=dtype,
     )
     config.save_pretrained(out)
     if generation_config:
@@ -326,9 +343,17 @@ def make_adapter(
                 emb[old_vocab:] = emb[:old_vocab].std() * torch.randn(emb[old_vocab:].shape, generator=gen)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", target_modules=targets,
-        fan_in_fan_out=fan_in_fan_out, use_rslora=use_rslora, rank_pattern=dict(rank_pattern or {}),
-        alpha_pattern=dict(alpha_pattern or {}), modules_to_save=list(modules_to_save) or None,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        modules_to_save=list(modules_to_save) or None,
     )
     with warnings.catch_warnings():  # both documented above, and expected here
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True")
@@ -342,10 +367,19 @@ def make_adapter(
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     torch.save({k: v.contiguous() for k, v in state.items()}, out / "adapter_model.bin")
     config_2023 = {
-        "base_model_name_or_path": str(base), "bias": "none", "enable_lora": None,
-        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "lora_alpha": alpha,
-        "lora_dropout": 0.05, "merge_weights": False, "modules_to_save": list(modules_to_save) or None,
-        "peft_type": "LORA", "r": r, "target_modules": targets, "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "bias": "none",
+        "enable_lora": None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "merge_weights": False,
+        "modules_to_save": list(modules_to_save) or None,
+        "peft_type": "LORA",
+        "r": r,
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM",
     }
     (out / "adapter_config.json").write_text(json.dumps(config_2023, indent=2, sort_keys=True) + "\n")
     return out
@@ -417,7 +451,7 @@ def model_logits(model_dir: str | Path, input_ids: torch.Tensor, *, dtype: torch
 
 
 # One unit in the last place, relative: the most a single rounding to a dtype moves a value.
-ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -22}
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
 
 
 @dataclasses.dataclass
@@ -434,8 +468,14 @@ class OracleCheck:
         return self.max_diff <= self.tolerance and self.moved > 10 * self.tolerance
 
 
-def check_against_peft(merged_dir: str | Path, base_dir: str | Path, adapter_dirs: Sequence[str | Path],
-                       dtype: torch.dtype, *, seed: int = 0) -> OracleCheck:
+def check_against_peft(
+    merged_dir: str | Path,
+    base_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    dtype: torch.dtype,
+    *,
+    seed: int = 0,
+) -> OracleCheck:
     """Compare the logits of ``merged_dir`` (weights in ``dtype``) with PEFT's merge_and_unload() of the same inputs
     cast to ``dtype``, both run in fp32 on the same random token ids.
 
@@ -450,5 +490,6 @@ def check_against_peft(merged_dir: str | Path, base_dir: str | Path, adapter_dir
     base_vocab = sp_size(Path(base_dir) / "tokenizer.model")
     base_ids = ids % base_vocab
     moved = (model_logits(merged_dir, base_ids)[..., :base_vocab] - model_logits(base_dir, base_ids)).abs().max()
-    return OracleCheck(float((got - ref_logits).abs().max()), 2 * ULP[dtype] * float(ref_logits.abs().max()),
-                       float(moved))
+    return OracleCheck(
+        float((got - ref_logits).abs().max()), 2 * ULP[dtype] * float(ref_logits.abs().max()), float(moved)
+    )

@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the local server speaks plain HTTP + LFS, as older Hub deployments do
@@ -40,11 +40,13 @@ def run(*, keep: bool = False, workdir: str | Path | None = None, say: Callable[
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hubmerge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     state: dict = {}
-    steps = [("build a tiny base and two vocabulary-extending adapters", _build),
-             ("start the local Hub and publish: adapters public, base private", _publish),
-             ("merge from Hub IDs (resolve, download, verify, merge, push privately)", _merge),
-             ("the result is private: anonymous access refused, owner allowed", _privacy),
-             ("the merged model's logits match PEFT's merge_and_unload()", _oracle)]
+    steps = [
+        ("build a tiny base and two vocabulary-extending adapters", _build),
+        ("start the local Hub and publish: adapters public, base private", _publish),
+        ("merge from Hub IDs (resolve, download, verify, merge, push privately)", _merge),
+        ("the result is private: anonymous access refused, owner allowed", _privacy),
+        ("the merged model's logits match PEFT's merge_and_unload()", _oracle),
+    ]
     started = time.monotonic()
     failed = None
     try:
@@ -64,8 +66,10 @@ def run(*, keep: bool = False, workdir: str | Path | None = None, say: Callable[
             state["hub"].stop()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    say(f"summary: {failed or 'all steps passed'} in {time.monotonic() - started:.1f} s"
-        + (f"; files kept in {root}" if keep else ""))
+    say(
+        f"summary: {failed or 'all steps passed'} in {time.monotonic() - started:.1f} s"
+        + (f"; files kept in {root}" if keep else "")
+    )
     return 1 if failed else 0
 
 
@@ -75,10 +79,26 @@ def _build(root: Path, state: dict):
     base = tm.make_base(root / "models" / "llama-tiny-hf", heads=4, kv_heads=2)
     state["base"] = base
     state["adapters"] = [
-        tm.make_adapter(root / "models" / "llama-plus", base, layout="2023", r=8, alpha=32,
-                        modules_to_save=("embed_tokens", "lm_head"), tokenizer="llama", seed=1),
-        tm.make_adapter(root / "models" / "alpaca-plus", base, layout="current", r=16, alpha=32,
-                        modules_to_save=("embed_tokens", "lm_head"), tokenizer="alpaca", seed=2),
+        tm.make_adapter(
+            root / "models" / "llama-plus",
+            base,
+            layout="2023",
+            r=8,
+            alpha=32,
+            modules_to_save=("embed_tokens", "lm_head"),
+            tokenizer="llama",
+            seed=1,
+        ),
+        tm.make_adapter(
+            root / "models" / "alpaca-plus",
+            base,
+            layout="current",
+            r=16,
+            alpha=32,
+            modules_to_save=("embed_tokens", "lm_head"),
+            tokenizer="alpaca",
+            seed=2,
+        ),
     ]
     yield f"base: {tm.sp_size(base / 'tokenizer.model')} tokens, GQA (4 heads, 2 kv heads), float16"
     for a in state["adapters"]:
@@ -94,9 +114,11 @@ def _publish(root: Path, state: dict):
     publisher = hub.add_user(PUBLISHER)
     state["token"] = hub.add_user(USER)
     yield f"local Hub at {hub.url}"
-    for repo, folder, private, token in ((LLAMA_PLUS, state["adapters"][0], False, publisher),
-                                         (ALPACA_PLUS, state["adapters"][1], False, publisher),
-                                         (BASE, state["base"], True, state["token"])):
+    for repo, folder, private, token in (
+        (LLAMA_PLUS, state["adapters"][0], False, publisher),
+        (ALPACA_PLUS, state["adapters"][1], False, publisher),
+        (BASE, state["base"], True, state["token"]),
+    ):
         api = HfApi(endpoint=hub.url, token=token)
         api.create_repo(repo, private=private)
         api.upload_folder(repo_id=repo, folder_path=folder)
@@ -104,10 +126,19 @@ def _publish(root: Path, state: dict):
 
 
 def _merge(root: Path, state: dict):
-    from .pipeline import merge
+    from ..pipeline import merge
 
-    result = merge([LLAMA_PLUS, ALPACA_PLUS], BASE, root / "merged", formats=["hf", "pth"], push_to=RESULT,
-                   token=state["token"], endpoint=state["hub"].url, cache_dir=root / "cache", progress=False)
+    result = merge(
+        [LLAMA_PLUS, ALPACA_PLUS],
+        BASE,
+        root / "merged",
+        formats=["hf", "pth"],
+        push_to=RESULT,
+        token=state["token"],
+        endpoint=state["hub"].url,
+        cache_dir=root / "cache",
+        progress=False,
+    )
     state["result"] = result
     yield from result.summary()
 
@@ -137,10 +168,11 @@ def _oracle(root: Path, state: dict):
 
     from .tinymodels import check_against_peft
 
-    pulled = snapshot_download(RESULT, endpoint=state["hub"].url, token=state["token"],
-                               cache_dir=root / "owner-cache")
+    pulled = snapshot_download(RESULT, endpoint=state["hub"].url, token=state["token"], cache_dir=root / "owner-cache")
     check = check_against_peft(pulled, state["base"], state["adapters"], torch.float16)
-    yield (f"max |logit difference| {check.max_diff:.2e} <= tolerance {check.tolerance:.2e} (two float16 ulps); "
-           f"the merge moved the logits by {check.moved:.2f}")
+    yield (
+        f"max |logit difference| {check.max_diff:.2e} <= tolerance {check.tolerance:.2e} (two float16 ulps); "
+        f"the merge moved the logits by {check.moved:.2f}"
+    )
     if not check.ok:
         raise RuntimeError(f"logits differ from PEFT's: {check}")

@@ -7,7 +7,8 @@ Templates use ``{i}`` for the layer index; :func:`match` and :func:`fill` are th
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -73,7 +74,8 @@ def match(name: str, templates) -> tuple[str, int | None] | None:
         pattern = _PATTERNS.get(template)
         if pattern is None:
             pattern = _PATTERNS[template] = re.compile(
-                "^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+                "^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$"
+            )
         m = pattern.match(name)
         if m:
             return template, int(m.group(1)) if m.groups() else None

@@ -3,13 +3,13 @@
 The real ``huggingface_hub`` client talks to it unchanged (``HfApi(endpoint=hub.url)``, ``hf_hub_download(...,
 endpoint=hub.url)``) as long as ``HF_HUB_DISABLE_XET=1`` is set before ``huggingface_hub`` is imported::
 
-    from hubmerge.localhub import LocalHub
+    from hubmerge.testing.localhub import LocalHub
     with LocalHub(root) as hub:
         token = hub.add_user("alice", role="write", orgs=["hfl"])
         api = HfApi(endpoint=hub.url, token=token)
         ...
 
-Command line: ``python -m hubmerge.localhub --port 0 --root DIR [--user NAME:TOKEN:ROLE] [--org ORG:MEMBER,...]``.
+Command line: ``python -m hubmerge.testing.localhub --port 0 --root DIR [--user NAME:TOKEN:ROLE] [--org ORG:MEMBER,...]``.
 
 Modules: :mod:`.storage` (on-disk repos, commits, refs, objects, users), :mod:`.server` (HTTP routes),
 :mod:`.hub` (:class:`LocalHub`), :mod:`.faults` (test-only fault injection), :mod:`.frontmatter` (README YAML).

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import layouts
-from ..errors import IncompatibleError
-from ..merging import Block
-from ..plan import MergePlan
-from ..tensorio import TorchZipWriter
-from ..tensorio.source import Entry
+from ...errors import IncompatibleError
+from ...merging import Block
+from ...model import layouts
+from ...plan import MergePlan
+from ...tensorio import TorchZipWriter
+from ...tensorio.source import Entry
 
 # Model-parallel shard count of the original release, by hidden size (formats.md).
 DEFAULT_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
@@ -56,8 +56,11 @@ def ffn_params(dim: int, intermediate: int) -> dict[str, Any]:
 def params_json(plan: MergePlan) -> dict[str, Any]:
     """params.json with real values (vocab_size included: old converters choke on -1)."""
     c = plan.config
-    params: dict[str, Any] = {"dim": int(c["hidden_size"]), "n_layers": int(c["num_hidden_layers"]),
-                              "n_heads": plan.base.num_heads}
+    params: dict[str, Any] = {
+        "dim": int(c["hidden_size"]),
+        "n_layers": int(c["num_hidden_layers"]),
+        "n_heads": plan.base.num_heads,
+    }
     if plan.base.num_kv_heads != plan.base.num_heads:
         params["n_kv_heads"] = plan.base.num_kv_heads
     params.update(ffn_params(params["dim"], int(c["intermediate_size"])))
@@ -85,14 +88,20 @@ class MetaWriter:
         n = shards or default_shards(plan.base.hidden_size)
         self.shards = n
         if plan.tokenizer.model_file is None:
-            raise IncompatibleError(f"{plan.tokenizer.folder}: the pth format needs tokenizer.model, this tokenizer "
-                                    "has only tokenizer.json; use --format hf")
-        for what, value in (("attention heads", plan.base.num_heads), ("kv heads", plan.base.num_kv_heads),
-                            ("hidden size", plan.base.hidden_size),
-                            ("intermediate size", int(plan.config["intermediate_size"]))):
+            raise IncompatibleError(
+                f"{plan.tokenizer.folder}: the pth format needs tokenizer.model, this tokenizer "
+                "has only tokenizer.json; use --format hf"
+            )
+        for what, value in (
+            ("attention heads", plan.base.num_heads),
+            ("kv heads", plan.base.num_kv_heads),
+            ("hidden size", plan.base.hidden_size),
+            ("intermediate size", int(plan.config["intermediate_size"])),
+        ):
             if value % n:
-                raise IncompatibleError(f"cannot split {value} {what} into {n} pth shards; choose a --pth-shards "
-                                        f"count that divides it")
+                raise IncompatibleError(
+                    f"cannot split {value} {what} into {n} pth shards; choose a --pth-shards count that divides it"
+                )
         self._routes: list[_Route] = []
         per_shard: list[list[Entry]] = [[] for _ in range(n)]
         for t in plan.tensors:
@@ -100,8 +109,9 @@ class MetaWriter:
             if found is None:
                 raise IncompatibleError(f"{t.name} has no place in Meta's layout (it has no biases); use --format hf")
             meta_template, split = layouts.HF_TO_META[found[0]]
-            route = _Route(layouts.fill(meta_template, found[1]), split,
-                           layouts.rotary_head_count(t.name, plan.config), [])
+            route = _Route(
+                layouts.fill(meta_template, found[1]), split, layouts.rotary_head_count(t.name, plan.config), []
+            )
             dtype = plan.out_dtype(t)
             if split is None:
                 shapes = [t.shape] * n
@@ -128,13 +138,13 @@ class MetaWriter:
         elif route.split == 1:
             cols = data.shape[1] // self.shards
             for k, w in enumerate(self._writers):
-                w.write(data[:, k * cols:(k + 1) * cols])
+                w.write(data[:, k * cols : (k + 1) * cols])
         else:
             start, stop = block.start, block.start + data.shape[0]
             for k, w in enumerate(self._writers):
                 lo, hi = max(start, route.bounds[k]), min(stop, route.bounds[k + 1])
                 if lo < hi:
-                    w.write(data[lo - start:hi - start])
+                    w.write(data[lo - start : hi - start])
 
     def close(self) -> list[Path]:
         for w in self._writers:

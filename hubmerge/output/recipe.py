@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-from .verify import file_digest
+from typing import Any
 
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
-
-
-def hash_files(paths: Iterable[Path], root: Path) -> dict[str, str]:
-    """``{path relative to root: sha256}`` in the given order."""
-    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
 
 
 def tool_versions() -> dict[str, str]:
@@ -38,8 +32,9 @@ def tool_versions() -> dict[str, str]:
 def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
     """Write ``hubmerge.json`` into ``folder``; returns its path."""
     path = folder / RECIPE_NAME
-    path.write_text(json.dumps({"hubmerge_recipe": RECIPE_VERSION, **recipe}, indent=2, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps({"hubmerge_recipe": RECIPE_VERSION, **recipe}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return path
 
 

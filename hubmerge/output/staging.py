@@ -13,18 +13,20 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .plan import MergePlan, dtype_name
+from ..plan import MergePlan, dtype_name
+from ..verification.hashing import file_digest
 from .recipe import tool_versions
-from .verify import file_digest
 
 JOURNAL_NAME = ".hubmerge-journal.json"
 
 
 def fingerprint(plan: MergePlan, input_files: Iterable[Path], options: Mapping[str, Any]) -> str:
     """SHA256 of what decides the output bytes: the inputs' identity, the plan, the output options, the versions."""
+
     def stat(path: Path) -> list:
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
@@ -33,8 +35,10 @@ def fingerprint(plan: MergePlan, input_files: Iterable[Path], options: Mapping[s
         "inputs": [stat(p) for p in input_files],
         "dtype": dtype_name(plan.dtype),
         "config": plan.config,
-        "tensors": [[t.name, list(t.shape), t.origin, [[x.adapter, x.pair.module, x.pair.scale] for x in t.terms]]
-                    for t in plan.tensors],
+        "tensors": [
+            [t.name, list(t.shape), t.origin, [[x.adapter, x.pair.module, x.pair.scale] for x in t.terms]]
+            for t in plan.tensors
+        ],
         "options": dict(options),
         "tools": tool_versions(),
     }
@@ -86,8 +90,10 @@ class Journal:
     def _save(self) -> None:
         # write-then-rename: a crash leaves the old journal or the new one, never half of one
         tmp = self.path.with_suffix(".tmp")
-        doc = {"fingerprint": self.fingerprint,
-               "files": {p.relative_to(self.staging).as_posix(): d for p, d in self.done.items()}}
+        doc = {
+            "fingerprint": self.fingerprint,
+            "files": {p.relative_to(self.staging).as_posix(): d for p, d in self.done.items()},
+        }
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f)
             f.flush()

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the registry stays importable without torch, so `hubmerge --help` starts fast
-    from ..merging import Block
-    from ..plan import MergePlan
+    from ...merging import Block
+    from ...plan import MergePlan
 
 FORMATS = ("hf", "pth", "gguf")
 

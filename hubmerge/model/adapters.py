@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import InputError
+from ..tensorio import TensorRef, read_safetensors, read_torch_zip
 from . import layouts
-from .errors import InputError
-from .tensorio import TensorRef, read_safetensors, read_torch_zip
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
@@ -31,8 +31,13 @@ _KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("linear", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")),
     ("embedding", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$")),
     ("original", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.original_module\.(?P<part>weight|bias)$")),
-    ("wrapped", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.modules_to_save(?:\.[^.]+)?"
-                           r"\.(?P<part>weight|bias)$")),
+    (
+        "wrapped",
+        re.compile(
+            r"^(?:base_model\.model\.)?(?P<module>.+)\.modules_to_save(?:\.[^.]+)?"
+            r"\.(?P<part>weight|bias)$"
+        ),
+    ),
     ("whole", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>weight|bias)$")),
 )
 
@@ -118,6 +123,16 @@ def _targeted(config: dict[str, Any], module: str) -> bool:
     return True
 
 
+def lora_scale(config: dict[str, Any], r: float, alpha: float) -> float:
+    """PEFT's scaling for rank ``r`` and ``lora_alpha`` ``alpha``: alpha / r, or alpha / sqrt(r) with use_rslora."""
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def config_layout(config: dict[str, Any]) -> Literal["2023", "current"]:
+    """ "2023" for configs written by PEFT 0.2/0.3 (they carry ``enable_lora`` / ``merge_weights``), else "current"."""
+    return "2023" if "enable_lora" in config or "merge_weights" in config else "current"
+
+
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """Read and check ``adapter_config.json``.
 
@@ -141,8 +156,10 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if isinstance(targets, list):
         unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in layouts.LLAMA_MODULES]
         if unknown:
-            raise InputError(f"{path}: target_modules {unknown} are not modules of a LLaMA model; this adapter "
-                             "was trained for another architecture")
+            raise InputError(
+                f"{path}: target_modules {unknown} are not modules of a LLaMA model; this adapter "
+                "was trained for another architecture"
+            )
     return config
 
 
@@ -180,8 +197,10 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
             if m:
                 break
         else:
-            raise InputError(f"{weights}: tensor {key} is not a LoRA weight hubmerge understands "
-                             "(only plain LoRA factors and whole replaced modules can be merged)")
+            raise InputError(
+                f"{weights}: tensor {key} is not a LoRA weight hubmerge understands "
+                "(only plain LoRA factors and whole replaced modules can be merged)"
+            )
         if kind == "whole":
             replacements[f"{m['module']}.{m['part']}"] = ref
         elif kind == "wrapped":
@@ -190,8 +209,10 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
             factors.setdefault((m["module"], kind), {})[m["part"]] = ref
     replacements = {**wrapped, **replacements}
     if not factors and not replacements:
-        raise InputError(f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
-                         "adapter, save it again from the trained model")
+        raise InputError(
+            f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
+            "adapter, save it again from the trained model"
+        )
 
     warnings: list[str] = []
     if config.get("fan_in_fan_out"):
@@ -211,13 +232,17 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         a, b = parts["A"], parts["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
             found = a.shape[0] if len(a.shape) == 2 else list(a.shape)
-            raise InputError(f"{folder / 'adapter_config.json'}: says r={r} for {module} but its lora_A has "
-                             f"{found} rows; the config belongs to another adapter, use the one published with "
-                             "these weights")
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            raise InputError(
+                f"{folder / 'adapter_config.json'}: says r={r} for {module} but its lora_A has "
+                f"{found} rows; the config belongs to another adapter, use the one published with "
+                "these weights"
+            )
+        scale = lora_scale(config, r, alpha)
         lora[f"{module}.weight"] = LoraPair(module, kind, a, b, r, alpha, scale)  # type: ignore[arg-type]
     if skipped:
-        warnings.append(f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does "
-                        f"(e.g. {skipped[0]})")
-    layout = "2023" if "enable_lora" in config or "merge_weights" in config else "current"
-    return Adapter(label, folder, config, layout, weights, lora, replacements, read_tokenizer(folder), warnings)
+        warnings.append(
+            f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does (e.g. {skipped[0]})"
+        )
+    return Adapter(
+        label, folder, config, config_layout(config), weights, lora, replacements, read_tokenizer(folder), warnings
+    )

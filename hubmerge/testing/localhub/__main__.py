@@ -1,6 +1,6 @@
 """Command line: run the local Hub until SIGINT/SIGTERM.
 
-    python -m hubmerge.localhub --port 0 --root DIR [--host 127.0.0.1] [--user NAME:TOKEN[:ROLE]]... \
+    python -m hubmerge.testing.localhub --port 0 --root DIR [--host 127.0.0.1] [--user NAME:TOKEN[:ROLE]]... \
         [--org ORG:MEMBER,MEMBER]... [--verbose]
 
 Prints exactly one line, the endpoint URL (``http://127.0.0.1:PORT``), on stdout once it is listening; everything
@@ -35,9 +35,9 @@ def _parse_org(spec: str) -> tuple[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m hubmerge.localhub``."""
+    """The argument parser of ``python -m hubmerge.testing.localhub``."""
     p = argparse.ArgumentParser(
-        prog="python -m hubmerge.localhub", description="Local Hugging Face Hub-compatible server (for tests)."
+        prog="python -m hubmerge.testing.localhub", description="Local Hugging Face Hub-compatible server (for tests)."
     )
     p.add_argument("--root", required=True, help="directory holding the server's state (created if missing)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

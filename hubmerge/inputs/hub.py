@@ -9,11 +9,11 @@ import) unless one is passed explicitly, as the demo and the tests do for the lo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from .errors import HubAccessError
+from ..errors import HubAccessError
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ class Hub:
 
 
 @contextlib.contextmanager
-def hub_errors(hub: Hub, repo_id: str, action: str = "read", revision: str | None = None,
-               filename: str | None = None) -> Iterator[None]:
+def hub_errors(
+    hub: Hub, repo_id: str, action: str = "read", revision: str | None = None, filename: str | None = None
+) -> Iterator[None]:
     """Turn the client's exceptions raised inside the block into :class:`HubAccessError` with a message naming
     ``repo_id`` and the fix."""
     from huggingface_hub import errors as e
@@ -70,36 +71,52 @@ def hub_errors(hub: Hub, repo_id: str, action: str = "read", revision: str | Non
     try:
         yield
     except e.GatedRepoError:
-        raise HubAccessError(f"{repo_id} is gated: request access at {hub.url}/{repo_id}, then {login} with the "
-                             "account that was granted access") from None
+        raise HubAccessError(
+            f"{repo_id} is gated: request access at {hub.url}/{repo_id}, then {login} with the "
+            "account that was granted access"
+        ) from None
     except e.RevisionNotFoundError:
-        raise HubAccessError(f"{repo_id}: revision {revision!r} not found; check the branch, tag or commit "
-                             "after the @") from None
+        raise HubAccessError(
+            f"{repo_id}: revision {revision!r} not found; check the branch, tag or commit after the @"
+        ) from None
     except e.RepositoryNotFoundError:
         who = "your token cannot see it" if hub.has_token() else "you are not logged in"
-        raise HubAccessError(f"{repo_id}: repository not found, or private and {who}; check the name, or {login} "
-                             "with an account that can read it") from None
+        raise HubAccessError(
+            f"{repo_id}: repository not found, or private and {who}; check the name, or {login} "
+            "with an account that can read it"
+        ) from None
     except e.LocalEntryNotFoundError:  # the client's name for "could not download and not cached"
-        raise HubAccessError(f"{repo_id}: connection to the Hub at {hub.url} failed while downloading {filename!r}, "
-                             "even after retries; check your connection or HF_ENDPOINT, then retry") from None
+        raise HubAccessError(
+            f"{repo_id}: connection to the Hub at {hub.url} failed while downloading {filename!r}, "
+            "even after retries; check your connection or HF_ENDPOINT, then retry"
+        ) from None
     except (e.EntryNotFoundError, e.RemoteEntryNotFoundError):
-        raise HubAccessError(f"{repo_id}: file {filename!r} not found at {revision or 'main'}; the repository is "
-                             "incomplete, check it holds a full adapter or model") from None
+        raise HubAccessError(
+            f"{repo_id}: file {filename!r} not found at {revision or 'main'}; the repository is "
+            "incomplete, check it holds a full adapter or model"
+        ) from None
     except e.HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         if status == 401:
-            raise HubAccessError(f"{repo_id}: the Hub rejected your token (401); {login} again with a valid "
-                                 "token") from None
+            raise HubAccessError(
+                f"{repo_id}: the Hub rejected your token (401); {login} again with a valid token"
+            ) from None
         if status == 403:
-            raise HubAccessError(f"{repo_id}: your token may not {action} this repository (403); use a token "
-                                 "with write access to that namespace") from None
-        raise HubAccessError(f"{repo_id}: the Hub at {hub.url} answered {status} while trying to {action}; "
-                             "retry later") from None
+            raise HubAccessError(
+                f"{repo_id}: your token may not {action} this repository (403); use a token "
+                "with write access to that namespace"
+            ) from None
+        raise HubAccessError(
+            f"{repo_id}: the Hub at {hub.url} answered {status} while trying to {action}; retry later"
+        ) from None
     except OSError as exc:  # connection refused/reset, timeouts (httpx errors are not OSErrors: caught below)
-        raise HubAccessError(f"{repo_id}: cannot reach the Hub at {hub.url} ({type(exc).__name__}); check your "
-                             "connection or HF_ENDPOINT") from None
+        raise HubAccessError(
+            f"{repo_id}: cannot reach the Hub at {hub.url} ({type(exc).__name__}); check your connection or HF_ENDPOINT"
+        ) from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
-            raise HubAccessError(f"{repo_id}: connection to the Hub at {hub.url} failed ({type(exc).__name__}); "
-                                 "check your connection or HF_ENDPOINT, then retry (downloads resume)") from None
+            raise HubAccessError(
+                f"{repo_id}: connection to the Hub at {hub.url} failed ({type(exc).__name__}); "
+                "check your connection or HF_ENDPOINT, then retry (downloads resume)"
+            ) from None
         raise

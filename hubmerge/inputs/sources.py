@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Literal
+from typing import Literal
 
-from .errors import InputError, UnsafeFileError, VerificationError
+from ..errors import InputError, UnsafeFileError, VerificationError
+from ..model.tokenizer import TOKENIZER_FILES
+from ..verification.hashing import file_digest, git_blob_sha1
+from ..verification.known import check_known_file
 from .hub import Hub, hub_errors
-from .tokenizer import TOKENIZER_FILES
-from .verify import check_known_file, file_digest, git_blob_sha1
 
 Role = Literal["adapter", "base"]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -23,8 +25,13 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+
 ADAPTER_NEEDS = ("adapter_config.json",)
 ADAPTER_WEIGHTS = (("adapter_model.safetensors",), ("adapter_model.bin",))
 BASE_NEEDS = ("config.json", "generation_config.json", "params.json", "checklist.chk")
-BASE_WEIGHTS = (("model.safetensors.index.json",), ("model.safetensors",), ("pytorch_model.bin.index.json",),
-                ("pytorch_model.bin",), ("consolidated.*.pth",))
+BASE_WEIGHTS = (
+    ("model.safetensors.index.json",),
+    ("model.safetensors",),
+    ("pytorch_model.bin.index.json",),
+    ("pytorch_model.bin",),
+    ("consolidated.*.pth",),
+)
 COMMON = TOKENIZER_FILES + ("tokenizer_checklist.chk", "README.md")
 _VERIFY_BAR_BYTES = 64 * 2**20
 
@@ -103,8 +110,10 @@ def resolve(spec: str | Path, role: Role, hub: Hub) -> Source:
 def _check_name(repo_id: str, name: str) -> None:
     parts = PurePosixPath(name).parts
     if not name or name.startswith("/") or "\\" in name or ".." in parts or any(":" in p for p in parts):
-        raise UnsafeFileError(f"{repo_id}: the Hub lists a file named {name!r}, which would land outside the "
-                              "download folder; refusing to download from this repository")
+        raise UnsafeFileError(
+            f"{repo_id}: the Hub lists a file named {name!r}, which would land outside the "
+            "download folder; refusing to download from this repository"
+        )
 
 
 def _first_layout(names: set[str], layouts: Iterable[tuple[str, ...]]) -> list[str]:
@@ -143,8 +152,13 @@ def not_cached(source: Source, hub: Hub) -> list[str]:
         return []
     from huggingface_hub import try_to_load_from_cache
 
-    return [n for n in needed_files(source) if not isinstance(
-        try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str)]
+    return [
+        n
+        for n in needed_files(source)
+        if not isinstance(
+            try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str
+        )
+    ]
 
 
 def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = True) -> None:
@@ -183,16 +197,27 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
 
     for attempt in (1, 2):
         with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
-            local = Path(hf_hub_download(source.repo_id, name, revision=source.commit, cache_dir=hub.cache_dir,
-                                         token=hub.token, endpoint=hub.url, force_download=attempt == 2,
-                                         tqdm_class=None if progress else silent_tqdm))
+            local = Path(
+                hf_hub_download(
+                    source.repo_id,
+                    name,
+                    revision=source.commit,
+                    cache_dir=hub.cache_dir,
+                    token=hub.token,
+                    endpoint=hub.url,
+                    force_download=attempt == 2,
+                    tqdm_class=None if progress else silent_tqdm,
+                )
+            )
         problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local
         _discard(local)
         if attempt == 2:
-            raise VerificationError(f"{source.label}/{name}: {problem} even after downloading it again; the copy "
-                                    "on the Hub is damaged or altered: report it to the repository owner")
+            raise VerificationError(
+                f"{source.label}/{name}: {problem} even after downloading it again; the copy "
+                "on the Hub is damaged or altered: report it to the repository owner"
+            )
     raise AssertionError("unreachable")
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from ..merging import Block
-from ..plan import MergePlan
-from ..tensorio import SafetensorsWriter
-from ..tensorio.source import Entry
+from ...merging import Block
+from ...plan import MergePlan
+from ...tensorio import SafetensorsWriter
+from ...tensorio.source import Entry
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -35,8 +35,9 @@ class HFWriter:
             groups[-1].append(i)
             size += nbytes
         n = len(groups)
-        self.shard_names = ["model.safetensors"] if n == 1 else [
-            f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.shard_names = (
+            ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        )
         self._groups = groups
         self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
         self._open: tuple[int, SafetensorsWriter] | None = None
@@ -58,8 +59,10 @@ class HFWriter:
         return skip
 
     def _entries(self, k: int) -> list[Entry]:
-        return [Entry(self.plan.tensors[i].name, self.plan.out_dtype(self.plan.tensors[i]), self.plan.tensors[i].shape)
-                for i in self._groups[k]]
+        return [
+            Entry(self.plan.tensors[i].name, self.plan.out_dtype(self.plan.tensors[i]), self.plan.tensors[i].shape)
+            for i in self._groups[k]
+        ]
 
     def write(self, block: Block) -> None:
         k = self._shard_of[block.index]
@@ -68,8 +71,10 @@ class HFWriter:
         if self._open is None or self._open[0] != k:
             if self._open is not None:
                 self._close_shard()
-            self._open = (k, SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k),
-                                               metadata={"format": "pt"}))
+            self._open = (
+                k,
+                SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k), metadata={"format": "pt"}),
+            )
         self._open[1].write(block.data)
 
     def _close_shard(self) -> None:
@@ -85,10 +90,10 @@ class HFWriter:
             self._close_shard()
         files = [self.folder / name for name in self.shard_names]
         if len(self.shard_names) > 1:
-            weight_map = {self.plan.tensors[i].name: self.shard_names[k]
-                          for k, g in enumerate(self._groups) for i in g}
-            _json_dump(self.folder / INDEX_NAME, {"metadata": {"total_size": self.plan.nbytes},
-                                                  "weight_map": weight_map})
+            weight_map = {self.plan.tensors[i].name: self.shard_names[k] for k, g in enumerate(self._groups) for i in g}
+            _json_dump(
+                self.folder / INDEX_NAME, {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
+            )
             files.append(self.folder / INDEX_NAME)
         _json_dump(self.folder / "config.json", self.plan.config)
         files.append(self.folder / "config.json")
