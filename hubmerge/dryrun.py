@@ -8,8 +8,10 @@ is written.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from .model.base import read_config
 from .model.tokenizer import read_tokenizer
 from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
 from .plan import dtype_name, parse_dtype, vocab_shrink_message
-from .sizes import format_size
+from .sizes import format_size, parse_size
 from .verification.known import check_tokenizer_matches
 
 
@@ -34,11 +36,53 @@ def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
     return (layers * per_layer + embeddings + h) * itemsize
 
 
-def _download_line(src: Source, hub) -> str:
+@dataclass
+class PreviewInput:
+    """One input of a previewed merge, in the order it applies (base first). Adapter fields are None for the base;
+    ``download`` (bytes still to fetch) and ``files`` are None for a local folder."""
+
+    role: str  # "base" or "adapter"
+    source: str  # the repo ID, or the folder as given
+    commit: str | None  # the commit a Hub input resolved to
+    vocab: int | None  # rows of the embedding this input brings (the base's, or an adapter's replacement)
+    r: int | None = None
+    alpha: float | None = None
+    scale: float | None = None
+    layout: str | None = None
+    download: int | None = None
+    files: int | None = None
+
+
+@dataclass
+class Preview:
+    """What :func:`plan_preview` found: the inputs in order, the output, warnings, and the CLI's text lines."""
+
+    inputs: list[PreviewInput]
+    dtype: str  # the output dtype's name, or "the base's dtype" when it is only known after download
+    vocab: int
+    formats: list[str]
+    shards: int  # HF safetensors shards the output will have (about: from the estimated size)
+    disk: int  # bytes the output needs
+    free: int  # bytes free where it goes
+    out: Path
+    warnings: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _download(src: Source, hub) -> tuple[str, int, int]:
+    """The plan's words for what a Hub input still needs, the bytes to download and the files it uses."""
     names = needed_files(src)
     todo = not_cached(src, hub)
     size = sum(src.remote[n].size for n in todo)
-    return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"
+    return (
+        f"{_plural(len(names), 'file')}, {format_size(size)} to download ({len(names) - len(todo)} cached)",
+        size,
+        len(names),
+    )
 
 
 def preview(
@@ -56,7 +100,45 @@ def preview(
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
 
     Returns:
-        human-readable lines (the same the CLI's ``--dry-run`` and the Space's Check step show).
+        human-readable lines (the same the CLI's ``--dry-run`` prints); :func:`plan_preview` gives them as data.
+    Raises:
+        HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
+    """
+    return plan_preview(
+        adapters,
+        base,
+        out=out,
+        formats=formats,
+        dtype=dtype,
+        token=token,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        progress=progress,
+    ).lines
+
+
+def plan_preview(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    *,
+    out: PathLike | None = None,
+    formats: Sequence[str] = ("hf",),
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    token: str | None = None,
+    cache_dir: PathLike | None = None,
+    endpoint: str | None = None,
+    progress: bool = False,
+) -> Preview:
+    """The dry run as data: every input in order (pinned commit, r, alpha, scale, vocabulary, download size) and the
+    output (dtype, vocabulary, shards, disk), with the warnings and the text lines of :func:`preview`.
+
+    Args:
+        adapters, base, out, formats, dtype, token, cache_dir, endpoint: as for :func:`hubmerge.merge`.
+        max_shard_size: the HF shard size limit the shard count is estimated with.
+        progress: show the download bars of configs and tokenizers.
+    Returns:
+        a :class:`Preview`.
     Raises:
         HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
     """
@@ -66,19 +148,54 @@ def preview(
     out_dtype = parse_dtype(dtype)
     if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
         plan = build_plan(*_opened(base_src, adapter_srcs, hub), dtype)
-        nbytes = plan.nbytes
-        lines = plan.describe()
+        result = _full_preview(plan, base_src, adapter_srcs)
     else:
         for src in (base_src, *adapter_srcs):
             fetch(src, hub, weights=False, progress=progress)
-        lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
+        result = _light_plan(base_src, adapter_srcs, out_dtype, hub)
+    nbytes = result.disk
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
-    lines.append(
+    result.lines.append(
         f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
         f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
     )
-    return lines
+    if free < need:
+        result.warnings.append(f"{format_size(need)} of disk needed where the output goes, {format_size(free)} free")
+    result.formats, result.disk, result.free, result.out = list(formats), need, free, out_dir
+    result.shards = max(1, math.ceil(nbytes / parse_size(max_shard_size)))
+    return result
+
+
+def _full_preview(plan, base_src: Source, adapter_srcs: Sequence[Source]) -> Preview:
+    """The preview of a merge whose inputs are all local: the full plan, every shape checked."""
+    rows = [PreviewInput("base", base_src.spec, None, plan.base.vocab_size)]
+    for src, a in zip(adapter_srcs, plan.adapters):
+        scales = sorted({round(p.scale, 6) for p in a.lora.values()})
+        rows.append(
+            PreviewInput(
+                "adapter",
+                src.spec,
+                None,
+                a.vocab_size,
+                a.r,
+                a.lora_alpha,
+                scales[0] if len(scales) == 1 else None,
+                a.layout,
+            )
+        )
+    return Preview(
+        rows,
+        dtype_name(plan.dtype),
+        plan.vocab_size,
+        [],
+        0,
+        plan.nbytes,
+        0,
+        Path(),
+        list(plan.warnings),
+        plan.describe(),
+    )
 
 
 def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
@@ -86,16 +203,17 @@ def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
     return inputs.base, inputs.adapters
 
 
-def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
+def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> Preview:
     config = read_config(base_src.path)
     base_tok = read_tokenizer(base_src.path)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
-    where = _download_line(base_src, hub) if base_src.repo_id else "local"
+    where, size, files = _download(base_src, hub) if base_src.repo_id else ("local", None, None)
     itemsize = (
         out_dtype.itemsize
         if out_dtype
         else {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
     )
+    rows = [PreviewInput("base", base_src.repo_id or base_src.spec, base_src.commit, vocab, download=size, files=files)]
     lines = [
         f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"vocab {vocab}); {where}"
@@ -106,19 +224,24 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
         r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
         scale = lora_scale(cfg, r, alpha)
         extends = "embed_tokens" in (cfg.get("modules_to_save") or [])
-        rows = tok.size if (tok and extends) else None
+        extended = tok.size if (tok and extends) else None
         layout = config_layout(cfg)
-        where = _download_line(src, hub) if src.repo_id else "local"
+        where, size, files = _download(src, hub) if src.repo_id else ("local", None, None)
+        rows.append(
+            PreviewInput("adapter", src.repo_id or src.spec, src.commit, extended, r, alpha, scale, layout, size, files)
+        )
         lines.append(
             f"adapter {i}: {src.label} ({layout} layout) r={r} alpha={alpha:g} scale={scale:g}, targets "
             f"{cfg.get('target_modules')}, replaces {cfg.get('modules_to_save') or 'nothing'}"
-            f"{f' -> vocab {rows}' if rows else ''}; {where}"
+            f"{f' -> vocab {extended}' if extended else ''}; {where}"
         )
-        check_tokenizer_matches(src.label, src.repo_id, tok.sha256() if tok else None, rows)
-        if rows is not None:
-            if rows < vocab:
-                raise IncompatibleError(vocab_shrink_message(src.label, rows, owner, vocab))
-            vocab, owner = rows, f"adapter {src.label}"
+        check_tokenizer_matches(src.label, src.repo_id, tok.sha256() if tok else None, extended)
+        if extended is not None:
+            if extended < vocab:
+                raise IncompatibleError(vocab_shrink_message(src.label, extended, owner, vocab))
+            vocab, owner = extended, f"adapter {src.label}"
     dtype = dtype_name(out_dtype) if out_dtype else "the base's dtype"
     lines.append(f"output: {dtype}, vocab {vocab}; tensor shapes are checked after download, before writing")
-    return lines, estimate_nbytes(config, vocab, itemsize)
+    if dtype == "the base's dtype":
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or dtype)
+    return Preview(rows, dtype, vocab, [], 0, estimate_nbytes(config, vocab, itemsize), 0, Path(), [], lines)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import InputError, OutputError, VerificationError
 from .inputs.hub import Hub, hub_errors
-from .output.recipe import RECIPE_NAME, read_recipe
+from .output.recipe import RECIPE_NAME, read_recipe, reproduce_command
 from .verification.hashing import file_digest
 
 TAGS = ["hubmerge", "llama", "lora", "merge"]
@@ -41,10 +41,17 @@ def source_license(folder: Path | None) -> str | None:
         return None
 
 
-def _link(hub_url: str, record: dict[str, Any]) -> str:
+def _source_cells(hub_url: str, record: dict[str, Any]) -> str:
+    """The source and commit cells of a card row: the repo linked to the tree at its full commit, the commit shown
+    short (the full one is in the link, the command and hubmerge.json) so the table stays narrow enough to read."""
     if record.get("repo_id"):
-        return f"[{record['repo_id']}]({hub_url}/{record['repo_id']}/tree/{record['commit']}) @ `{record['commit']}`"
-    return f"`{record['source']}` (local folder)"
+        commit = record["commit"]
+        return f"[{record['repo_id']}]({hub_url}/{record['repo_id']}/tree/{commit}) | `{commit[:12]}`"
+    return f"`{record['source']}` | local folder"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[str, str]) -> str:
@@ -64,18 +71,19 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a LLaMA base by hubmerge, in this order.",
+        f"{_plural(len(recipe['adapters']), 'LoRA adapter')} merged into a LLaMA base by hubmerge, in this order "
+        "(r, lora_alpha and the scale each applies are the adapters' own).",
         "",
         "## Sources",
         "",
-        "| # | role | source | layout | r | lora_alpha | scaling | replaces | vocab |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| 0 | base | {_link(hub_url, recipe['base'])} | | | | | | |",
+        "| step | source | commit | layout | r | alpha | scale | replaces | vocab |",
+        "|---|---|---|---|--:|--:|--:|---|--:|",
+        f"| base | {_source_cells(hub_url, recipe['base'])} | | | | | | |",
     ]
     for i, a in enumerate(recipe["adapters"], 1):
         replaces = ", ".join(n.rsplit(".", 2)[-2] for n in a["replaces"]) or "-"
         lines.append(
-            f"| {i} | adapter | {_link(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
+            f"| {i} | {_source_cells(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
             f"{', '.join(f'{s:g}' for s in a['scaling']) or '-'}{' (rslora)' if a['use_rslora'] else ''} | "
             f"{replaces} | {a['vocab_size'] or '-'} |"
         )
@@ -103,6 +111,14 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     ]
     lines += [f"| {name} | `{digest}` |" for name, digest in sorted(files.items())]
     lines += [
+        "",
+        "## Reproduce",
+        "",
+        "The same files, made locally (`pip install hubmerge`; every source pinned to the commit used here):",
+        "",
+        "```bash",
+        reproduce_command(recipe),
+        "```",
         "",
         "## Use",
         "",
