@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import IncompatibleError
+from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, needed_files, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
-from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
-from .plan import dtype_name, parse_dtype, vocab_shrink_message
+from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
+from .progress import Progress, ProgressCallback
 from .sizes import format_size, parse_size
 from .verification.known import check_tokenizer_matches
 
@@ -90,12 +92,13 @@ def preview(
     base: PathLike,
     *,
     out: PathLike | None = None,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
     token: str | None = None,
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
 ) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
 
@@ -114,6 +117,7 @@ def preview(
         cache_dir=cache_dir,
         endpoint=endpoint,
         progress=progress,
+        progress_callback=progress_callback,
     ).lines
 
 
@@ -122,13 +126,14 @@ def plan_preview(
     base: PathLike,
     *,
     out: PathLike | None = None,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     token: str | None = None,
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
 ) -> Preview:
     """The dry run as data: every input in order (pinned commit, r, alpha, scale, vocabulary, download size) and the
     output (dtype, vocabulary, shards, disk), with the warnings and the text lines of :func:`preview`.
@@ -136,7 +141,7 @@ def plan_preview(
     Args:
         adapters, base, out, formats, dtype, token, cache_dir, endpoint: as for :func:`hubmerge.merge`.
         max_shard_size: the HF shard size limit the shard count is estimated with.
-        progress: show the download bars of configs and tokenizers.
+        progress, progress_callback: download bars of configs and tokenizers; their progress events.
     Returns:
         a :class:`Preview`.
     Raises:
@@ -144,14 +149,15 @@ def plan_preview(
     """
     hub = hub_from_args(token, cache_dir, endpoint)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
-    out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+    out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
+    reporter = Progress(progress_callback, bars=progress)
     out_dtype = parse_dtype(dtype)
     if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
-        plan = build_plan(*_opened(base_src, adapter_srcs, hub), dtype)
-        result = _full_preview(plan, base_src, adapter_srcs)
+        inputs = open_inputs(base_src, adapter_srcs, hub, progress=reporter)
+        result = _full_preview(build_plan(inputs.base, inputs.adapters, dtype), base_src, adapter_srcs)
     else:
         for src in (base_src, *adapter_srcs):
-            fetch(src, hub, weights=False, progress=progress)
+            fetch(src, hub, weights=False, progress=reporter)
         result = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     nbytes = result.disk
     need = nbytes * len(formats)
@@ -196,11 +202,6 @@ def _full_preview(plan, base_src: Source, adapter_srcs: Sequence[Source]) -> Pre
         list(plan.warnings),
         plan.describe(),
     )
-
-
-def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
-    inputs = open_inputs(base_src, adapter_srcs, hub, progress=False)
-    return inputs.base, inputs.adapters
 
 
 def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> Preview:
