@@ -302,7 +302,7 @@ def shown_errors(token: str | None) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Progress: hubmerge's typed events, summed per stage, drawn as a panel
 
-STAGE_LABELS = {"download": "Download", "verify": "Verify SHA256", "merge": "Merge", "upload": "Upload"}
+STAGE_LABELS = {"download": "Download", "verify": "Verify", "merge": "Merge", "upload": "Upload"}
 
 
 @dataclass
@@ -726,9 +726,9 @@ CSS = """
   list-style: none; }
 .hm-notes { padding: 0; margin: 8px 0 0; }
 .hm-scroll, #card table { display: block; overflow-x: auto; max-width: 100%; }
-.hm-table { border-collapse: collapse; }
+.hm-table, #card table { border-collapse: collapse; border: 0; }
 .hm-table th, .hm-table td, #card th, #card td { white-space: nowrap; word-break: normal; overflow-wrap: normal;
-  padding: 4px 10px; text-align: left; border-bottom: 1px solid var(--border-color-primary); }
+  padding: 4px 10px; text-align: left; border: 0; border-bottom: 1px solid var(--border-color-primary); }
 .hm-inputs td:nth-child(n+4):nth-child(-n+7) { text-align: right; }
 #reproduce { max-width: 100%; }
 @media (max-width: 480px) {
@@ -797,6 +797,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 language="shell",
                 label="Reproduce locally: the same files from the same pinned sources",
                 interactive=False,
+                wrap_lines=True,
                 elem_id="reproduce",
             )
             with gr.Accordion("Model card (README.md of the new repository)", open=True):

@@ -62,6 +62,9 @@ def reproduce_command(recipe: Mapping[str, Any]) -> str:
     """
     import shlex
 
+    from ..constants import DEFAULT_MAX_SHARD_SIZE
+    from ..sizes import parse_size
+
     def spec(source: Mapping[str, Any]) -> str:
         return f"{source['repo_id']}@{source['commit']}" if source.get("repo_id") else str(source["source"])
 
@@ -69,7 +72,7 @@ def reproduce_command(recipe: Mapping[str, Any]) -> str:
     args = ["hubmerge", *(spec(a) for a in recipe["adapters"]), "--base", spec(recipe["base"])]
     args += ["--dtype", str(recipe["merge"]["dtype"]), "--format", ",".join(formats)]
     shard = (formats.get("hf") or {}).get("max_shard_size")
-    if shard:
+    if shard and shard != parse_size(DEFAULT_MAX_SHARD_SIZE):
         args += ["--max-shard-size", str(shard)]
     pth_shards = (formats.get("pth") or {}).get("shards")
     if pth_shards:
