@@ -92,7 +92,8 @@ start `python space/app.py` again. The Hub is now `{hub}`."""
 # CLI wording in hubmerge's one-line messages -> what the page offers instead (applied in order, as data).
 PAGE_WORDING: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"pass --overwrite to replace (them|it)"), f"tick '{OVERWRITE_LABEL}' to replace \\1"),
-    (re.compile(r"(log in|login) \(`hf auth login`, HF_TOKEN or --token\)( again)?"), "sign in again"),
+    (re.compile(r"--overwrite replaces them"), f"'{OVERWRITE_LABEL}' is ticked: they will be replaced"),
+    (re.compile(r"(log in|login) \(`hf auth login`[^)]*\)( again)?"), "sign in again"),
     (re.compile(r"use a token with write access to that namespace"), "sign in again, or publish to your own namespace"),
     (re.compile(r"use --format hf|add hf to --format"), "the Space writes the HF format only"),
     (re.compile(r"try --dtype (\w+)"), "choose Output dtype \\1"),
@@ -452,11 +453,12 @@ class TargetStatus:
     message: str
 
 
-def check_target(repo_id: str, overwrite: bool, token: str, settings: Settings) -> TargetStatus:
-    """Whether Merge and push could publish to ``repo_id`` (hubmerge's push preflight)."""
+def check_target(repo_id: str, private: bool, overwrite: bool, token: str, settings: Settings) -> TargetStatus:
+    """Whether Merge and push could publish to ``repo_id`` (hubmerge's push preflight; creates nothing)."""
     from hubmerge.publish import check_push_target
 
-    target = check_push_target(repo_id, hubmerge.Hub(endpoint=settings.endpoint, token=token), overwrite=overwrite)
+    hub = hubmerge.Hub(endpoint=settings.endpoint, token=token)
+    target = check_push_target(repo_id, hub, overwrite=overwrite, private=private)
     return TargetStatus(repo_id, target.can_write, page_wording(target.message))
 
 
@@ -467,7 +469,14 @@ class CheckResult:
 
 
 def run_check(
-    adapters: str, base: str, dtype: str, target: str, overwrite: bool, token: str, settings: Settings
+    adapters: str,
+    base: str,
+    dtype: str,
+    target: str,
+    private: bool,
+    overwrite: bool,
+    token: str,
+    settings: Settings,
 ) -> CheckResult:
     """The dry run (configs and tokenizers are fetched; no weights) and the publish target's state."""
     ids, base = checked_inputs(adapters, base, settings)
@@ -483,7 +492,7 @@ def run_check(
                 cache_dir=job / "cache",
                 endpoint=settings.endpoint,
             )
-        return CheckResult(preview, check_target(repo, bool(overwrite), token, settings))
+        return CheckResult(preview, check_target(repo, bool(private), bool(overwrite), token, settings))
 
 
 @dataclass
@@ -707,6 +716,7 @@ def recent_html(user: str | None, merges: Sequence[RecentMerge] | None, problem:
 
 CSS = """
 .hm-progress, .hm-error, .hm-plan { border-radius: 8px; padding: 12px 14px; }
+.hm-idle { color: var(--body-text-color-subdued); font-size: 0.9em; padding: 2px 4px; }
 .hm-progress { border: 1px solid var(--border-color-primary); background: var(--block-background-fill); }
 .hm-progress-title { display: flex; justify-content: space-between; gap: 8px; margin-bottom: 6px; }
 .hm-stages { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px; }
@@ -787,7 +797,8 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         with gr.Row():
             check_btn = gr.Button("Check", interactive=False, min_width=120)
             merge_btn = gr.Button("Merge and push", variant="primary", interactive=False, min_width=120)
-        progress_box = gr.HTML(visible=False, elem_id="progress")
+        # always on the page: where a queued job shows its place in the queue, and a running one its stages
+        progress_box = gr.HTML(IDLE, elem_id="progress")
         error_box = gr.HTML(visible=False, elem_id="error")
         plan = gr.HTML(visible=False, elem_id="plan")
         with gr.Column(visible=False, elem_id="result") as result:
@@ -813,11 +824,11 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             recent_refresh = gr.Button("Refresh", size="sm", min_width=80)
             recent = gr.HTML(recent_html(None, None), elem_id="recent")
 
-        results = [progress_box, error_box, plan, result]
+        results = [progress_box, error_box, plan, result]  # what a new step replaces
 
         def cleared() -> dict:
             """Every step starts from a clean page: no progress, error, plan or result of an earlier one."""
-            return {c: gr.update(visible=False) for c in results}
+            return {c: gr.update(visible=False) for c in results} | {progress_box: IDLE}
 
         def signed_in_name(profile: gr.OAuthProfile | None) -> str | None:
             return profile.username if profile is not None else None
@@ -868,13 +879,15 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             base: str,
             dtype: str,
             target: str,
+            private: bool,
             overwrite: bool,
             oauth_token: gr.OAuthToken | None,
         ):
             busy = _busy("Checking: resolving the inputs and reading their configs (no weights)...")
-            yield cleared() | {progress_box: gr.update(visible=True, value=busy)}
+            yield cleared() | {progress_box: busy}
             try:
-                checked = run_check(adapters, base, dtype, target, overwrite, user_token(oauth_token), settings)
+                token = user_token(oauth_token)
+                checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
             except PageError as exc:
                 yield cleared() | {error_box: gr.update(visible=True, value=error_html(str(exc)))}
                 return
@@ -882,7 +895,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
 
         check_btn.click(
             show_check,
-            [adapters, base, dtype, target, overwrite],
+            [adapters, base, dtype, target, private, overwrite],
             results,
             api_visibility="private",
             concurrency_limit=4,
@@ -923,14 +936,14 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             try:
                 worker.start()
                 while worker.is_alive():
-                    yield cleared() | {progress_box: gr.update(visible=True, value=progress.html())}
+                    yield cleared() | {progress_box: progress.html()}
                     worker.join(settings.refresh_seconds)
             finally:  # the page went away (generator closed) or the job ended: either way stop and clean up
                 cancelled.set()
                 worker.join()
                 if session and settings.cancelled.get(session) is cancelled:
                     del settings.cancelled[session]
-            panel = gr.update(visible=True, value=progress.html())
+            panel = progress.html()
             if "error" in outcome:
                 error = gr.update(visible=True, value=error_html(outcome["error"]))
                 yield cleared() | {progress_box: panel, error_box: error}
@@ -960,11 +973,18 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
 
         # The API (gradio_client): the same two steps, answering data and raising errors instead of drawing panels.
         def check(
-            adapters: str, base: str, dtype: str, target: str, overwrite: bool, oauth_token: gr.OAuthToken | None
+            adapters: str,
+            base: str,
+            dtype: str,
+            target: str,
+            private: bool,
+            overwrite: bool,
+            oauth_token: gr.OAuthToken | None,
         ) -> dict:
             """Check a merge: the plan as data, and whether the target repository can take the result."""
             try:
-                checked = run_check(adapters, base, dtype, target, overwrite, user_token(oauth_token), settings)
+                token = user_token(oauth_token)
+                checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
             except PageError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
             p = checked.preview
@@ -1011,6 +1031,12 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         demo.unload(on_unload)
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
+
+
+IDLE = (
+    '<div class="hm-idle">No job running. <b>Check</b> reads only configs and tokenizers; <b>Merge and push</b> '
+    "downloads, verifies, merges and uploads, each stage shown here as it runs.</div>"
+)
 
 
 def _busy(text: str) -> str:

@@ -255,8 +255,9 @@ def test_signed_out_page_explains_and_shows_no_empty_results(space, page):
     assert button(page, "Merge and push").is_disabled()
     assert button(page, "Check").is_disabled()
     # before anything ran: no card, no SHA256 table, no plan, progress or error panel
-    for selector in ("#card", "#sha256", "#result", "#plan", "#progress", "#error", "#reproduce"):
+    for selector in ("#card", "#sha256", "#result", "#plan", "#error", "#reproduce"):
         assert not visible(page, selector), selector
+    assert page.locator("#progress").inner_text().startswith("No job running")
     shot(page, "signed-out")
 
 
@@ -301,7 +302,7 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     page.evaluate("""() => {
         window.__samples = [];
         window.__sampler = setInterval(() => {
-            const e = document.querySelector('#progress');
+            const e = document.querySelector('#progress .hm-progress');
             if (!e) return;
             const r = e.getBoundingClientRect();
             window.__samples.push({h: r.height, t: e.innerText.replace(/\\u00a0/g, ' ')});
@@ -313,7 +314,7 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     space.hold["upload"] = (reached, release)
     try:
         button(page, "Merge and push").click()
-        wait_shown(page, "#progress")
+        page.locator("#progress .hm-progress").wait_for()
         assert not visible(page, "#plan")  # the new step cleared the plan of the previous one
         assert reached.wait(60), "the merge never reached its upload"
         page.locator("#progress [data-stage=upload].is-running").wait_for()
@@ -411,9 +412,11 @@ def test_errors_stay_on_the_page_clear_stale_results_and_speak_the_page(space, p
     button(page, "Check").click()
     wait_shown(page, "#error")
     assert not visible(page, "#plan")
-    assert str(want.value) in page.locator("#error").inner_text()
+    message = space.app.page_wording(str(want.value))  # the CLI's words, with the page's controls for the CLI's
+    assert "hf auth login" in str(want.value) and "sign in again" in message and "--token" not in message
+    assert message in page.locator("#error").inner_text()
     time.sleep(11)  # longer than a toast lives: the panel stays
-    assert visible(page, "#error") and str(want.value) in page.locator("#error").inner_text()
+    assert visible(page, "#error") and message in page.locator("#error").inner_text()
     shot(page, "error")
 
     # the Plus adapters the wrong way round: refused by Merge and push (nothing published, no repo left)
@@ -455,7 +458,7 @@ def test_gradio_client_with_oauth_token_and_a_local_base_folder(space, tmp_path)
     from gradio_client.exceptions import AppError
 
     client = Client(space.url, oauth_token=space.tokens["alice"], verbose=False)
-    plan = client.predict(f"{LLAMA}\n{ALPACA}", BASE, "", "", False, api_name="/check")
+    plan = client.predict(f"{LLAMA}\n{ALPACA}", BASE, "", "", True, False, api_name="/check")
     assert [(i["role"], i["source"], i["vocab"]) for i in plan["inputs"]][1:] == [
         ("adapter", LLAMA, 296),
         ("adapter", ALPACA, 297),
@@ -485,7 +488,7 @@ def test_gradio_client_with_oauth_token_and_a_local_base_folder(space, tmp_path)
 
     # no token: the endpoint says to sign in, and never falls back to a token of the server's
     with pytest.raises(AppError, match="Sign in with Hugging Face first"):
-        Client(space.url, verbose=False).predict(LLAMA, BASE, "", "", False, api_name="/check")
+        Client(space.url, verbose=False).predict(LLAMA, BASE, "", "", True, False, api_name="/check")
     assert no_jobs_left(space)
 
 
@@ -580,14 +583,14 @@ def test_tokens_never_reach_the_output_or_the_logs(space, capfd, caplog, monkeyp
     done = client.predict(LLAMA, str(space.local[BASE]), "", "", True, False, api_name="/merge")
     assert done["repo_id"] == "dave/llama-plus-tiny-merged"
     with pytest.raises(AppError, match="hfl/no-such-adapter"):
-        client.predict("hfl/no-such-adapter", str(space.local[BASE]), "", "", False, api_name="/check")
+        client.predict("hfl/no-such-adapter", str(space.local[BASE]), "", "", True, False, api_name="/check")
 
     def broken(*args, token=None, **kwargs):
         raise RuntimeError(f"something went wrong with {token}")
 
     monkeypatch.setattr(space.app, "plan_preview", broken)
     with pytest.raises(AppError, match=r"unexpected error \(RuntimeError\)") as err:
-        client.predict(LLAMA, BASE, "", "", False, api_name="/check")
+        client.predict(LLAMA, BASE, "", "", True, False, api_name="/check")
     assert canary not in str(err.value)
     card = HfApi(endpoint=space.hub.url, token=canary).model_info("dave/llama-plus-tiny-merged").card_data
     out, errout = capfd.readouterr()
