@@ -24,6 +24,7 @@ from ...tensorio.source import Entry
 from ...verification.known import known_hashes
 from . import Writer
 
+
 def default_shards(hidden_size: int) -> int:
     """The model-parallel shard count Meta's release of this hidden size used (the releases table of
     known_hashes.json: 7B 1, 13B 2, 33B 4, 65B/70B 8); 1 for sizes it never shipped."""
