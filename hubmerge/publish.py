@@ -183,7 +183,7 @@ def push(
         existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
     if existing and not overwrite:
         raise OutputError(
-            f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
+            f"{repo_id}: the repository already has {_plural(len(existing), 'file')}; pass --overwrite to replace "
             "them, or choose another name",
             repo_id=repo_id,
             remedy="overwrite",

@@ -89,6 +89,16 @@ stands for this machine's own login. To merge, stop the app and either run `hf a
 or point it at another Hub with both `HF_ENDPOINT=<that Hub's URL>` and `HF_TOKEN=<a token of that Hub>`; then
 start `python space/app.py` again. The Hub is now `{hub}`."""
 
+# What to do on the page, by the remedy a hubmerge error names (hubmerge.errors.Remedy); shown under the message.
+DEFAULT_HINT = "Fix it above and start the step again."
+PAGE_HINTS: dict[str, str] = {
+    "overwrite": f"Tick '{OVERWRITE_LABEL}' to replace the files, or choose another name under 'Publish to'.",
+    "login": "Sign out and in again with the button at the top, as an account that can read it.",
+    "dtype": "Choose another Output dtype.",
+    "format": "The Space writes the HF format only: merge this one locally with the command-line tool.",
+    "no-verify": "The Space always verifies its inputs: merge this one locally with the command-line tool.",
+}
+
 # CLI wording in hubmerge's one-line messages -> what the page offers instead (applied in order, as data).
 PAGE_WORDING: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"pass --overwrite to replace (them|it)"), f"tick '{OVERWRITE_LABEL}' to replace \\1"),
@@ -161,7 +171,12 @@ class JobCancelled(Exception):
 
 
 class PageError(Exception):
-    """A message for the page's error panel (and, through the API, the client's error)."""
+    """A message for the page's error panel (and, through the API, the client's error); ``hint`` names the control
+    on the page that fixes it."""
+
+    def __init__(self, message: str, hint: str = DEFAULT_HINT):
+        super().__init__(message)
+        self.hint = hint
 
 
 def user_token(oauth_token: gr.OAuthToken | None) -> str:
@@ -289,7 +304,7 @@ def shown_errors(token: str | None) -> Iterator[None]:
     except PageError:
         raise
     except HubmergeError as exc:
-        raise PageError(page_wording(_scrub(str(exc), token))) from None
+        raise PageError(page_wording(_scrub(str(exc), token)), PAGE_HINTS.get(exc.remedy or "", DEFAULT_HINT)) from None
     except JobCancelled:
         raise PageError("the job was cancelled: its browser session ended") from None
     except Exception as exc:
@@ -648,10 +663,10 @@ def _card_body(card: str) -> str:
     return card
 
 
-def error_html(message: str) -> str:
+def error_html(error: PageError) -> str:
     return (
-        '<div class="hm-error" role="alert"><b>Error</b><p>'
-        f"{html.escape(message)}</p><p class='hm-hint'>Fix it above and start the step again.</p></div>"
+        f'<div class="hm-error" role="alert"><b>Error</b><p>{html.escape(str(error))}</p>'
+        f"<p class='hm-hint'>{html.escape(error.hint)}</p></div>"
     )
 
 
@@ -889,7 +904,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 token = user_token(oauth_token)
                 checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
             except PageError as exc:
-                yield cleared() | {error_box: gr.update(visible=True, value=error_html(str(exc)))}
+                yield cleared() | {error_box: gr.update(visible=True, value=error_html(exc))}
                 return
             yield cleared() | {plan: gr.update(visible=True, value=plan_html(checked, settings.hub_url))}
 
@@ -928,7 +943,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                         adapters, base, dtype, target, private, overwrite, token, settings, progress
                     )
                 except PageError as exc:
-                    outcome["error"] = str(exc)
+                    outcome["error"] = exc
                 finally:
                     progress.finish()
 

@@ -441,6 +441,7 @@ def test_errors_stay_on_the_page_clear_stale_results_and_speak_the_page(space, p
     wait_shown(page, "#error")
     message = page.locator("#error").inner_text()
     assert f"tick '{space.app.OVERWRITE_LABEL}'" in message and "--overwrite" not in message
+    assert page.locator("#error .hm-hint").inner_text() == space.app.PAGE_HINTS["overwrite"]  # by the error's remedy
     assert api.list_repo_files("alice/taken") == [".gitattributes", "notes.txt"] or set(
         api.list_repo_files("alice/taken")
     ) <= {".gitattributes", "notes.txt"}
