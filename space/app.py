@@ -334,6 +334,7 @@ class _Stage:
     started: float | None = None
     last: float | None = None  # time of the latest event
     current: str = ""  # the task that reported last and is not finished
+    expected: int | None = None  # bytes the whole stage will move, when known before its tasks start
 
     @property
     def done(self) -> int:
@@ -342,11 +343,14 @@ class _Stage:
     @property
     def total(self) -> int | None:
         totals = [t.total for t in self.tasks.values()]
-        return sum(totals) if totals and None not in totals else None
+        known = sum(totals) if totals and None not in totals else None  # type: ignore[arg-type]
+        return max(self.expected, known or 0) if self.expected is not None else known
 
     @property
     def finished(self) -> bool:
-        return bool(self.tasks) and all(t.finished for t in self.tasks.values())
+        """Every task that began has ended, and what was expected has all come."""
+        tasks_done = bool(self.tasks) and all(t.finished for t in self.tasks.values())
+        return tasks_done and (self.expected is None or self.done >= self.expected)
 
 
 class JobProgress:
@@ -384,6 +388,11 @@ class JobProgress:
         if self.on_event is not None:
             self.on_event(event)
 
+    def expect(self, stage: str, nbytes: int) -> None:
+        """Announce how many bytes ``stage`` will move in all, so its bar and time left cover the files to come."""
+        with self._lock:
+            self.stages[stage].expected = nbytes
+
     def finish(self) -> None:
         self.ended = self.clock()
 
@@ -410,7 +419,10 @@ class JobProgress:
         rate = done / (end - started) if end - started > 0.05 else None
         parts = [f"{format_size(done)} of {format_size(total)}" if total is not None else format_size(done)]
         if name != "merge":  # the merge is one task (the output), the other stages one per file
-            parts.append(f"{finished} of {_plural(files, 'file')}" if finished < files else _plural(files, "file"))
+            if finished < files:
+                parts.append(f"{finished} of {_plural(files, 'file')}")
+            else:
+                parts.append(_plural(files, "file") + ("" if self.state(name) == "done" else " done"))
         if rate:
             parts.append(f"{format_size(rate)}/s")
         if self.state(name) == "done":
@@ -542,6 +554,12 @@ def run_merge(
     with shown_errors(token):
         repo = target_repo(target, ids, lambda: whoami(token, settings))
         with job_folder(settings) as job, _removed_if_left_empty(repo, token, settings):
+            if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
+                ahead = plan_preview(
+                    ids, base, out=job / "out", dtype=dtype or None, token=token, cache_dir=job / "cache",
+                    endpoint=settings.endpoint,
+                )  # fmt: skip
+                progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
             result = hubmerge.merge(
                 ids,
                 base,
