@@ -22,7 +22,7 @@ from .inputs.sources import Source, fetch, needed_files, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
-from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
+from .plan import MergePlan, build_plan, dtype_name, parse_dtype, vocab_shrink_message
 from .progress import Progress, ProgressCallback
 from .sizes import format_size, parse_size
 from .verification.known import check_tokenizer_matches
@@ -173,7 +173,7 @@ def plan_preview(
     return result
 
 
-def _full_preview(plan, base_src: Source, adapter_srcs: Sequence[Source]) -> Preview:
+def _full_preview(plan: MergePlan, base_src: Source, adapter_srcs: Sequence[Source]) -> Preview:
     """The preview of a merge whose inputs are all local: the full plan, every shape checked."""
     rows = [PreviewInput("base", base_src.spec, None, plan.base.vocab_size)]
     for src, a in zip(adapter_srcs, plan.adapters):
