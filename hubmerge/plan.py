@@ -19,7 +19,7 @@ from .model.adapters import Adapter, LoraPair
 from .model.architectures import Architecture
 from .model.base import BaseModel
 from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
-from .tensorio import TensorSource
+from .tensorio import TensorRef, TensorSource
 
 DTYPES = {
     "float16": torch.float16,
@@ -187,6 +187,21 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
     )
 
 
+def _tied_replacements(
+    adapter: Adapter, arch: Architecture, config: dict[str, Any]
+) -> tuple[dict[str, TensorRef], bool]:
+    """The whole matrices ``adapter`` replaces, and whether a tie stays. On a tied model trained with PEFT's
+    ``ensure_weight_tying`` the embedding and the head were one trained matrix (saved under both names): it replaces
+    the embedding and the tie stays, as PEFT's merge keeps it."""
+    embed, head = arch.role("embed"), arch.role("head")
+    replaced: dict[str, TensorRef] = dict(adapter.replacements)
+    if not (arch.tied(config) and adapter.config.get("ensure_weight_tying") and {embed, head} & set(replaced)):
+        return replaced, False
+    embed_matrix, head_matrix = replaced.pop(embed, None), replaced.pop(head, None)
+    replaced[embed] = embed_matrix if embed_matrix is not None else head_matrix
+    return replaced, True
+
+
 def _check_targets(adapter: Adapter, arch: Architecture) -> None:
     """target_modules given as names must be modules of the base's family."""
     targets = adapter.config.get("target_modules")
@@ -225,12 +240,14 @@ def build_plan(
     for index, adapter in enumerate(adapters):
         warnings += adapter.warnings
         _check_targets(adapter, arch)
-        for name, ref in adapter.replacements.items():
-            if name == head_name and name not in plans and arch.tied(config):
-                # The adapter trained its own head on a tied model: untie (its embed_tokens, if it also replaced
-                # that, is handled as any replacement; replacing only embed_tokens keeps the tie: both change).
+        replacements, keep_tie = _tied_replacements(adapter, arch, config)
+        for name, ref in replacements.items():
+            if not keep_tie and name in (embed, head_name) and head_name not in plans and arch.tied(config):
+                # A tied model whose adapter trained one side: PEFT's merge unties them, the head keeping the
+                # matrix it shared until now.
                 config["tie_word_embeddings"] = False
-                plans[name] = TensorPlan(name, plans[embed].source, "base")
+                plans[head_name] = TensorPlan(head_name, plans[embed].source, plans[embed].origin)
+                plans[head_name].terms = list(plans[embed].terms)
             if name not in plans:
                 raise IncompatibleError(
                     f"adapter {adapter.label} replaces {name}, which the base does not have; "
