@@ -221,7 +221,7 @@ def test_padded_rows_fewer_than_tokens_is_the_error(family_bases, models, tmp_pa
 
 def test_dry_run_size_is_the_plan_size(family_bases, tmp_path):
     from hubmerge.dryrun import estimate_nbytes
-    from hubmerge.model.base import open_base
+    from hubmerge.model.loader import open_base
     from hubmerge.plan import build_plan
 
     for family, base in family_bases.items():

@@ -29,6 +29,7 @@ from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
+from . import Writer
 
 # Output dtype -> (GGML tensor type, llama.cpp file type, file name suffix): the names gguf spells them with.
 _TYPES = {
@@ -181,7 +182,7 @@ def rope_metadata(rope: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return [(f"{{arch}}.rope.scaling.{key}", typ, value) for key, typ, value in keys]
 
 
-class GGUFOutput:
+class GGUFOutput(Writer):
     """Writes ``model-<type>.gguf`` into ``folder``."""
 
     def __init__(self, folder: Path, plan: MergePlan):
