@@ -198,7 +198,9 @@ def _tied_replacements(
     if not (arch.tied(config) and adapter.config.get("ensure_weight_tying") and {embed, head} & set(replaced)):
         return replaced, False
     embed_matrix, head_matrix = replaced.pop(embed, None), replaced.pop(head, None)
-    replaced[embed] = embed_matrix if embed_matrix is not None else head_matrix
+    matrix = embed_matrix or head_matrix
+    assert matrix is not None  # one of them, by the test above
+    replaced[embed] = matrix
     return replaced, True
 
 

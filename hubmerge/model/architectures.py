@@ -239,10 +239,7 @@ def _load(text: str) -> Architecture:
         architectures=tuple(data["architectures"]),
         keys=data["config"],
         defaults=data.get("defaults", {}),
-        tensors=tuple(
-            TensorSpec(**{**t, "shape": tuple(t["shape"])})
-            for t in data["tensors"]  # type: ignore[arg-type]
-        ),
+        tensors=tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in data["tensors"]),
         dropped=tuple(data.get("dropped", ())),
         vocab_padding=bool(data.get("vocab_padding", False)),
         pth=bool(data.get("pth", False)),
