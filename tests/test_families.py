@@ -35,6 +35,7 @@ FAMILIES = {
     "mistral": dict(family="mistral", heads=4, kv_heads=2, sliding_window=16),
     "qwen2": dict(family="qwen2", heads=4, kv_heads=2, tokenizer="bpe", vocab_rows=320, tie_word_embeddings=True),
     "gemma": dict(family="gemma", heads=4, kv_heads=1, head_dim=32, tie_word_embeddings=True),
+    "qwen2-sentencepiece": dict(family="qwen2", heads=4, kv_heads=2, vocab_rows=264),
     "llama3": dict(heads=4, kv_heads=2, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, max_position_embeddings=131072),
 }
 
@@ -282,7 +283,7 @@ def llamacpp_metadata(family: str, config: dict, vocab: int) -> dict:
         arch = "gemma"
         keys = {**common, "attention.key_length": config["head_dim"], "attention.value_length": config["head_dim"]}
     else:
-        arch = "qwen2" if family == "qwen2" else "llama"
+        arch = "qwen2" if family.startswith("qwen2") else "llama"
         keys = {**common, "rope.freq_base": pytest.approx(rope.get("rope_theta", 10000.0))}
         if config.get("head_dim") is not None:
             keys["attention.key_length"] = keys["attention.value_length"] = config["head_dim"]
@@ -303,7 +304,7 @@ def llamacpp_metadata(family: str, config: dict, vocab: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma", "llama3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma", "llama3", "qwen2-sentencepiece"])
 def test_gguf_for_each_sentencepiece_family(family_bases, tmp_path, family):
     base = family_bases[family]
     adapter = tm.make_adapter(tmp_path / "adapter", base, seed=7)
@@ -317,7 +318,10 @@ def test_gguf_for_each_sentencepiece_family(family_bases, tmp_path, family):
     arch = fields["general.architecture"]
     ours = {k for k in fields if k.startswith(f"{arch}.")}
     assert ours == {k for k in llamacpp_metadata(family, config, 0) if k.startswith(f"{arch}.")}
-    assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == result.plan.vocab_size
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert fields["tokenizer.ggml.model"] == "llama" and len(tokens) == result.plan.vocab_size
+    if family == "qwen2-sentencepiece":  # 8 padded rows: unused tokens, named as llama.cpp names them
+        assert tokens[256:] == [f"[PAD{i}]" for i in range(256, 264)] and set(types[256:]) == {gguf.TokenType.UNUSED}
 
     # Tensors: llama arch q/k back in Meta's rotary order; gemma's norms + 1 in the HF dtype, then F32; no head.
     mapped = architectures.families()[config["model_type"]]

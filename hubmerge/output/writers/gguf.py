@@ -210,6 +210,11 @@ class GGUFOutput(Writer):
                 f"(it takes {', '.join(self.spec.rope_scaling) or 'none'}); use --format hf"
             )
         vocab = sentencepiece_vocabulary(plan.tokenizer)
+        if arch.vocab_padding:  # embedding rows beyond the tokenizer: unused "[PADn]" tokens, as llama.cpp writes
+            for i in range(len(vocab.tokens), plan.vocab_size):
+                vocab.tokens.append(f"[PAD{i}]".encode())
+                vocab.scores.append(-1000.0)
+                vocab.types.append(int(gguf.TokenType.UNUSED))
         if len(vocab.tokens) != plan.vocab_size:
             raise IncompatibleError(
                 f"{plan.tokenizer.model_file}: {len(vocab.tokens)} tokens for {plan.vocab_size} "
