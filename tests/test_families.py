@@ -371,6 +371,23 @@ def test_rope_scaling_is_carried_to_config_and_gguf(tmp_path, rope):
     assert fields.get("llama.rope.scaling.yarn_beta_fast") == (32.0 if rope["rope_type"] == "yarn" else None)
 
 
+def test_rope_scaling_in_the_transformers_4_spelling(models, tmp_path):
+    """Configs written before transformers 5 (Chinese-Alpaca-2-16K's among them) say ``rope_scaling`` with ``type``
+    and a top-level ``rope_theta``: read the same way, and the output config.json keeps their spelling."""
+    base = models.copy(models.base(), "rope-v4")
+    config = json.loads((base / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=20000.0, max_position_embeddings=8192)
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = models.adapter(models.base(), seed=10)
+    result = hubmerge.merge([adapter], base, tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    out = json.loads((result.folders["hf"] / "config.json").read_text())
+    assert out["rope_scaling"] == {"type": "linear", "factor": 4.0} and "rope_parameters" not in out
+    fields, _ = read_gguf(result.folders["gguf"] / "model-f16.gguf")
+    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+    assert fields["llama.rope.freq_base"] == 20000.0 and fields["llama.context_length"] == 8192
+
+
 def test_refusals_are_one_line(family_bases, tmp_path):
     """pth is LLaMA-only; GGUF of a BPE tokenizer.json (Qwen2 here) is refused rather than guessed; both before
     anything is written."""
