@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -288,8 +288,3 @@ def llama() -> Architecture:
 def lora_modules() -> frozenset[str]:
     """Module names LoRA may target in any supported family."""
     return frozenset().union(*(a.lora_modules for a in families().values()))
-
-
-def module_names(names: Sequence[str]) -> list[str]:
-    """The last component of each module path (what target_modules match)."""
-    return [n.rsplit(".", 1)[-1] for n in names]
