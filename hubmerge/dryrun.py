@@ -84,8 +84,8 @@ def preview(
 
 
 def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
-    config, arch = read_config(base_src.path)
-    base_tok = read_tokenizer(base_src.path)
+    config, arch = read_config(base_src.local)
+    base_tok = read_tokenizer(base_src.local)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
     where = _download_line(base_src, hub) if base_src.repo_id else "local"
     itemsize = (
@@ -99,8 +99,8 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
         f"vocab {vocab}); {where}"
     ]
     for i, src in enumerate(adapter_srcs, 1):
-        cfg = read_adapter_config(src.path)
-        tok = read_tokenizer(src.path)
+        cfg = read_adapter_config(src.local)
+        tok = read_tokenizer(src.local)
         r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
         scale = lora_scale(cfg, r, alpha)
         extends = "embed_tokens" in (cfg.get("modules_to_save") or [])

@@ -397,4 +397,4 @@ def test_refusals_are_one_line(family_bases, tmp_path):
         out = tmp_path / f"out-{family}-{fmt}"
         with pytest.raises(IncompatibleError, match=words) as info:
             hubmerge.merge([adapter], family_bases[family], out, formats=[fmt], progress=False)
-        assert "\n" not in str(info.value) and not out.exists()
+        assert "\n" not in str(info.value) and not out.exists() and info.value.remedy == "format"

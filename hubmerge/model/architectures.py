@@ -113,16 +113,21 @@ class Architecture:
         for dim in ("layers", "hidden", "heads", "intermediate"):
             value = config.get(self.keys[dim])
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputError(f"{path}: missing or invalid {self.keys[dim]!r}; restore the original config.json")
+                raise InputError(
+                    f"{path}: missing or invalid {self.keys[dim]!r}; restore the original config.json", path=path
+                )
         for dim in ("kv_heads", "head_dim"):
             value = config.get(self.keys[dim])
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InputError(f"{path}: invalid {self.keys[dim]!r} {value!r}; restore the original config.json")
+                raise InputError(
+                    f"{path}: invalid {self.keys[dim]!r} {value!r}; restore the original config.json", path=path
+                )
         dims = self.dims(config)
         if dims["heads"] % dims["kv_heads"]:
             raise InputError(
                 f"{path}: {dims['kv_heads']} key/value heads do not divide {dims['heads']} attention heads; "
-                "restore the original config.json"
+                "restore the original config.json",
+                path=path,
             )
 
     # ----------------------------------------------------------------------------------------------- the tensors
@@ -275,7 +280,8 @@ def for_config(config: Mapping[str, Any], path: Path | str) -> Architecture:
     if arch is None:
         raise InputError(
             f"{path}: model_type {model_type!r} is not supported; hubmerge merges {supported()}; "
-            "to add a family, add its table to hubmerge/data/architectures/ (see docs/architectures.md)"
+            "to add a family, add its table to hubmerge/data/architectures/ (see docs/architectures.md)",
+            path=path,
         )
     return arch
 

@@ -176,5 +176,6 @@ def _check_shapes(folder: Path, arch: Architecture, config: dict[str, Any], tens
         if got != want:
             raise InputError(
                 f"{folder}: {name} is {list(got)} but config.json implies {list(want)}; the weights and "
-                "config.json belong to different models, download both again"
+                "config.json belong to different models, download both again",
+                path=folder,
             )

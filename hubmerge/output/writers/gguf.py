@@ -167,7 +167,8 @@ def rope_metadata(rope: dict[str, Any]) -> list[tuple[str, str, Any]]:
         if rope.get("original_max_position_embeddings") is None:
             raise IncompatibleError(
                 "YaRN rope scaling without original_max_position_embeddings cannot be written to GGUF; "
-                "add it to config.json's rope parameters or use --format hf"
+                "add it to config.json's rope parameters or use --format hf",
+                remedy="format",
             )
         keys.append(("original_context_length", "uint32", int(rope["original_max_position_embeddings"])))
         attention = rope.get("attention_factor", rope.get("attn_factor"))
@@ -190,7 +191,9 @@ class GGUFOutput(Writer):
         self.folder, self.plan = Path(folder), plan
         arch = plan.base.arch
         if arch.gguf is None:
-            raise IncompatibleError(f"llama.cpp has no {arch.name} architecture hubmerge can write; use --format hf")
+            raise IncompatibleError(
+                f"llama.cpp has no {arch.name} architecture hubmerge can write; use --format hf", remedy="format"
+            )
         self.spec = arch.gguf
         if plan.dtype not in _TYPES:
             raise IncompatibleError(
@@ -200,14 +203,17 @@ class GGUFOutput(Writer):
             raise IncompatibleError(
                 f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece vocabulary); this "
                 "tokenizer is a BPE tokenizer.json, whose pre-tokenizer hubmerge cannot identify for llama.cpp: use "
-                "--format hf, then llama.cpp's convert_hf_to_gguf.py"
+                "--format hf, then llama.cpp's convert_hf_to_gguf.py",
+                path=plan.tokenizer.folder,
+                remedy="format",
             )
         config = plan.config
         self.rope = rope_parameters(config)
         if self.rope["rope_type"] not in ("default", *self.spec.rope_scaling):
             raise IncompatibleError(
                 f"rope scaling {self.rope['rope_type']!r} has no GGUF form for llama.cpp's {self.spec.arch} arch "
-                f"(it takes {', '.join(self.spec.rope_scaling) or 'none'}); use --format hf"
+                f"(it takes {', '.join(self.spec.rope_scaling) or 'none'}); use --format hf",
+                remedy="format",
             )
         vocab = sentencepiece_vocabulary(plan.tokenizer)
         if arch.vocab_padding:  # embedding rows beyond the tokenizer: unused "[PADn]" tokens, as llama.cpp writes
@@ -236,7 +242,8 @@ class GGUFOutput(Writer):
             if name is None:
                 raise IncompatibleError(
                     f"{t.name} has no place in llama.cpp's {self.spec.arch} arch (e.g. an untied lm_head); "
-                    "use --format hf"
+                    "use --format hf",
+                    remedy="format",
                 )
             dtype = torch.float32 if len(t.shape) <= 1 else plan.out_dtype(t)
             if dtype not in _TYPES:
