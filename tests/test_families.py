@@ -388,6 +388,18 @@ def test_rope_scaling_in_the_transformers_4_spelling(models, tmp_path):
     assert fields["llama.rope.freq_base"] == 20000.0 and fields["llama.context_length"] == 8192
 
 
+def test_llama3_meta_tokenizer_is_named_not_called_damaged(models, tmp_path):
+    """Llama 3's Meta release ships a tiktoken vocabulary as tokenizer.model: say so, and what to use instead."""
+    import base64
+
+    base = models.copy(models.base(), "tiktoken")
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    (base / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="a tiktoken vocabulary .*Hugging Face conversion") as info:
+        hubmerge.merge([models.adapter(models.base(), seed=26)], base, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and info.value.path == base / "tokenizer.model"
+
+
 def test_refusals_are_one_line(family_bases, tmp_path):
     """pth is LLaMA-only; GGUF of a BPE tokenizer.json (Qwen2 here) is refused rather than guessed; both before
     anything is written."""
