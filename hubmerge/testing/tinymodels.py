@@ -1,4 +1,5 @@
-"""Tiny but real-format LLaMA models, tokenizers and LoRA adapters, plus the PEFT oracle.
+"""Tiny but real-format models of every supported family (LLaMA, Mistral, Qwen2, Gemma), tokenizers and LoRA
+adapters, plus the PEFT oracle.
 
 Used by the tests, the ``hubmerge demo`` command and the benchmark's tokenizer. Nothing in the
 merge itself imports this module: every file here is written with the real libraries
@@ -67,17 +68,13 @@ from typing import Any, Literal
 
 import torch
 
+from ..model.architectures import families
+
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_EXTRA = 40  # appended pieces of a "llama" tokenizer built by make_adapter from the base's
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_CAUSAL_LM = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-}
 _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 # Byte fallback needs <unk> <s> </s>, 256 byte pieces and every corpus character ("▁" included).
 _BYTE_FALLBACK_MIN = 3 + 256 + len(set("".join(_SYLLABLES))) + 1
@@ -310,7 +307,7 @@ def make_base(
             **config_kw,
         },
     )
-    config.architectures = [_CAUSAL_LM[family]]
+    config.architectures = list(families()[family].architectures)
     config.save_pretrained(out)
     if generation_config:
         GenerationConfig(**special).save_pretrained(out)
