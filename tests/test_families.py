@@ -231,6 +231,29 @@ def test_dry_run_size_is_the_plan_size(family_bases, tmp_path):
         assert estimate_nbytes(opened.arch, opened.config, plan.vocab_size, 2) == plan.nbytes, family
 
 
+def test_dry_run_of_hub_inputs_reads_the_family(family_bases, localhub, tmp_path):
+    """The dry run of Hub inputs (configs only, no weights) names the family and sizes the output from its table."""
+    from huggingface_hub import HfApi
+
+    from hubmerge.model.loader import open_base
+    from hubmerge.plan import build_plan
+    from hubmerge.sizes import format_size
+
+    token = localhub.add_user("carol")
+    api = HfApi(endpoint=localhub.url, token=token)
+    adapter = tm.make_adapter(tmp_path / "adapter", family_bases["gemma"], seed=11)
+    for repo, folder in (("carol/gemma-tiny", family_bases["gemma"]), ("carol/gemma-lora", adapter)):
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=folder)
+    lines = hubmerge.preview(
+        ["carol/gemma-lora"], "carol/gemma-tiny", token=token, endpoint=localhub.url, cache_dir=tmp_path / "cache"
+    )
+    assert lines[0].startswith("base: carol/gemma-tiny@") and "(Gemma, hidden 64, 2 layers" in lines[0]
+    nbytes = build_plan(open_base(family_bases["gemma"]), [], conversion=True).nbytes
+    assert f"about {format_size(nbytes)} " in lines[-1]
+    assert not list((tmp_path / "cache").rglob("model.safetensors"))
+
+
 # ----------------------------------------------------------------------------------------------------------- GGUF
 
 
