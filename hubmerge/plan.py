@@ -270,8 +270,8 @@ def build_plan(
                     f"{list(current)}; use the base the adapter was trained on"
                 )
             plans[name] = TensorPlan(name, ref, adapter.label)
-        if embed in adapter.replacements:
-            rows = adapter.replacements[embed].shape[0]
+        if embed in replacements:
+            rows = replacements[embed].shape[0]
             if adapter.tokenizer is not None:
                 _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True, arch.vocab_padding)
             vocab_rows, vocab_owner = rows, f"adapter {adapter.label}"
