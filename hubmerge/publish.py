@@ -14,7 +14,7 @@ from .output.recipe import RECIPE_NAME, read_recipe, reproduce_command
 from .progress import Progress
 from .verification.hashing import file_digest
 
-TAGS = ["hubmerge", "llama", "lora", "merge"]
+TAGS = ["hubmerge", "lora", "merge"]  # and the family's model_type
 
 
 @dataclass
@@ -49,9 +49,10 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
 
     sources = [recipe["base"], *recipe["adapters"]]
     licenses = sorted({s["license"] for s in sources if s.get("license")})
+    family = recipe["merge"].get("family", "llama")  # recipes written before families were data: LLaMA
     data = ModelCardData(
         base_model=[s["repo_id"] for s in sources if s.get("repo_id")] or None,
-        tags=TAGS,
+        tags=[TAGS[0], family, *TAGS[1:]],
         library_name="transformers",
         license=licenses[0] if len(licenses) == 1 else ("other" if licenses else None),
     )
@@ -59,8 +60,8 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"{_plural(len(recipe['adapters']), 'LoRA adapter')} merged into a LLaMA base by hubmerge, in this order "
-        "(r, lora_alpha and the scale each applies are the adapters' own).",
+        f"{_plural(len(recipe['adapters']), 'LoRA adapter')} merged into a {family} base by hubmerge, in this "
+        "order (r, lora_alpha and the scale each applies are the adapters' own).",
         "",
         "## Sources",
         "",
