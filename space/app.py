@@ -1,4 +1,4 @@
-"""The hubmerge Space: merge LoRA adapters from the Hub into the user's own LLaMA base and publish the result to a
+"""The hubmerge Space: merge LoRA adapters from the Hub into the user's own base model and publish the result to a
 private repo of theirs, signed in with Hugging Face.
 
 This file is UI only. The work is done by hubmerge's public API: :func:`hubmerge.dryrun.plan_preview` (the Check
@@ -225,7 +225,7 @@ def checked_inputs(adapters: str, base: str, settings: Settings) -> tuple[list[s
         raise PageError("no adapters given; name at least one LoRA adapter (org/name), or pick a preset")
     base = (base or "").strip()
     if not base:
-        raise PageError("no base model given; name your LLaMA base in HF format (org/name)")
+        raise PageError("no base model given; name your base model in HF format (org/name)")
     return ids, _check_spec(base, "base model", settings)
 
 
@@ -787,9 +787,10 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
     local = " or a local folder" if settings.allow_local_paths else ""
     no_login = local_login_problem(settings)
 
-    with gr.Blocks(title="hubmerge: merge LoRA adapters into LLaMA") as demo:
+    with gr.Blocks(title="hubmerge: merge LoRA adapters into your base model") as demo:
         gr.Markdown(
-            "# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own LLaMA base, checked "
+            "# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own base model (LLaMA, Mistral, "
+            "Qwen2, Gemma), checked "
             "before a byte is written, streamed tensor by tensor, and published to a **private** repository "
             "of yours with a model card that pins every source and lists every file's SHA256."
         )
@@ -816,9 +817,9 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                     elem_id="adapters",
                 )
                 base = gr.Textbox(
-                    label="Base model (your LLaMA, HF format)",
+                    label="Base model (yours, HF format: LLaMA, Mistral, Qwen2 or Gemma)",
                     elem_id="base",
-                    placeholder=f"org/llama-7b-hf or org/llama-7b-hf@revision{local}",
+                    placeholder=f"org/base-model or org/base-model@revision{local}",
                 )
             with gr.Column(scale=2, min_width=300):
                 dtype = gr.Dropdown(choices=DTYPES, value="", label="Output dtype")
