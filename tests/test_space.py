@@ -473,12 +473,12 @@ def test_gradio_client_with_oauth_token_and_a_local_base_folder(space, tmp_path)
     from gradio_client.exceptions import AppError
 
     client = Client(space.url, oauth_token=space.tokens["alice"], verbose=False)
-    plan = client.predict(f"{LLAMA}\n{ALPACA}", BASE, "", "", True, False, api_name="/check")
+    plan = client.predict(f"{LLAMA}\n{ALPACA}", BASE, "", "client-merge", True, False, api_name="/check")
     assert [(i["role"], i["source"], i["vocab"]) for i in plan["inputs"]][1:] == [
         ("adapter", LLAMA, 296),
         ("adapter", ALPACA, 297),
     ]
-    assert plan["output"]["vocab"] == 297 and plan["target"]["ok"]
+    assert plan["output"]["vocab"] == 297 and plan["target"]["ok"] and plan["target"]["repo_id"] == "alice/client-merge"
     # a local base folder (allowed off Spaces), a bare repo name (goes under alice), bfloat16, public
     done = client.predict(
         f"{LLAMA}\n{ALPACA}", str(space.local[BASE]), "bfloat16", "client-merge", False, False, api_name="/merge"
