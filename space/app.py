@@ -588,6 +588,21 @@ def run_merge(
 
 
 @contextlib.contextmanager
+def session_job(settings: Settings, request: gr.Request | None) -> Iterator[threading.Event]:
+    """A job of the browser session behind ``request``: yields its cancel flag, which ``on_unload`` sets when that
+    session ends (the tab closed) while the job runs."""
+    session = getattr(request, "session_hash", None)
+    cancelled = threading.Event()
+    if session:
+        settings.cancelled[session] = cancelled
+    try:
+        yield cancelled
+    finally:
+        if session and settings.cancelled.get(session) is cancelled:
+            del settings.cancelled[session]
+
+
+@contextlib.contextmanager
 def _removed_if_left_empty(repo_id: str, token: str, settings: Settings) -> Iterator[None]:
     """A job that stops before its commit (an error, a closed tab) must not leave an empty repository behind: when
     ``repo_id`` did not exist before the block and exists without a commit after it fails, delete it. A repository
@@ -948,35 +963,31 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             profile: gr.OAuthProfile | None,
             request: gr.Request,
         ):
-            session = getattr(request, "session_hash", None)
-            cancelled = threading.Event()
-            if session:
-                settings.cancelled[session] = cancelled  # set by on_unload while this job runs
-            progress = JobProgress("Merge and push", cancelled, settings.on_event)
             outcome: dict[str, Any] = {}
+            with session_job(settings, request) as cancelled:
+                progress = JobProgress("Merge and push", cancelled, settings.on_event)
 
-            def work() -> None:
+                def work() -> None:
+                    try:
+                        token = user_token(oauth_token)
+                        outcome["done"] = run_merge(
+                            adapters, base, dtype, target, private, overwrite, token, settings, progress
+                        )
+                    except PageError as exc:
+                        outcome["error"] = exc
+                    finally:
+                        progress.finish()
+
+                # the job runs beside this generator, which redraws the panel until it ends
+                worker = threading.Thread(target=work, name="hubmerge-job", daemon=True)
                 try:
-                    token = user_token(oauth_token)
-                    outcome["done"] = run_merge(
-                        adapters, base, dtype, target, private, overwrite, token, settings, progress
-                    )
-                except PageError as exc:
-                    outcome["error"] = exc
-                finally:
-                    progress.finish()
-
-            worker = threading.Thread(target=work, name="hubmerge-job", daemon=True)
-            try:
-                worker.start()
-                while worker.is_alive():
-                    yield cleared() | {progress_box: progress.html()}
-                    worker.join(settings.refresh_seconds)
-            finally:  # the page went away (generator closed) or the job ended: either way stop and clean up
-                cancelled.set()
-                worker.join()
-                if session and settings.cancelled.get(session) is cancelled:
-                    del settings.cancelled[session]
+                    worker.start()
+                    while worker.is_alive():
+                        yield cleared() | {progress_box: progress.html()}
+                        worker.join(settings.refresh_seconds)
+                finally:  # the page went away (generator closed) or the job ended: either way stop it first
+                    cancelled.set()
+                    worker.join()
             panel = progress.html()
             if "error" in outcome:
                 error = gr.update(visible=True, value=error_html(outcome["error"]))
@@ -1040,19 +1051,13 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             request: gr.Request,
         ) -> dict:
             """Merge and push; the published repository, its files' SHA256, card and reproduce command."""
-            session = getattr(request, "session_hash", None)
-            cancelled = threading.Event()
-            if session:
-                settings.cancelled[session] = cancelled
             try:
-                token = user_token(oauth_token)
-                progress = JobProgress("Merge and push", cancelled, settings.on_event)
-                return vars(run_merge(adapters, base, dtype, target, private, overwrite, token, settings, progress))
+                with session_job(settings, request) as cancelled:
+                    token = user_token(oauth_token)
+                    progress = JobProgress("Merge and push", cancelled, settings.on_event)
+                    return vars(run_merge(adapters, base, dtype, target, private, overwrite, token, settings, progress))
             except PageError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
-            finally:
-                if session and settings.cancelled.get(session) is cancelled:
-                    del settings.cancelled[session]
 
         gr.api(check, api_name="check", concurrency_limit=4, concurrency_id="check")
         gr.api(merge, api_name="merge", concurrency_limit=1, concurrency_id="merge")
