@@ -103,10 +103,11 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
         "",
         "## Reproduce",
         "",
-        "The same files, made locally (`pip install hubmerge`; every source pinned to the commit used here):",
+        "The same files, made on your own machine with hubmerge's command line (every source pinned to the commit "
+        "used here; the same command is `command` in hubmerge.json):",
         "",
         "```bash",
-        reproduce_command(recipe),
+        reproduce_command(recipe, wrapped=True),
         "```",
         "",
         "## Use",

@@ -265,6 +265,8 @@ def test_signed_out_page_explains_and_shows_no_empty_results(space, page):
 
 
 def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path):
+    from hubmerge.output.recipe import reproduce_command
+
     open_page(page, space, sign_in=True)
     assert "Signed in as alice" in page.locator("#account").inner_text()
 
@@ -386,11 +388,12 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
         if s.lfs:
             assert s.lfs.sha256 in readme and s.lfs.sha256 in sha
     assert "- hubmerge" in readme and f"{LLAMA}/tree/{commits[LLAMA]}" in readme
-    assert pinned in readme and "2 LoRA adapters merged" in readme and "adapter(s)" not in readme
+    assert "2 LoRA adapters merged" in readme and "adapter(s)" not in readme
     recipe = json.loads(
         download("hubmerge.json", token=space.tokens["alice"], cache_dir=tmp_path / "alice").read_text()
     )
     assert recipe["command"] == command.strip()
+    assert reproduce_command(recipe, wrapped=True) in readme  # the card's copy, one input a line
     with pytest.raises(RepositoryNotFoundError) as anon:
         download("config.json", token=False, cache_dir=tmp_path / "anonymous")
     assert not isinstance(anon.value, GatedRepoError)

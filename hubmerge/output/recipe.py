@@ -51,14 +51,15 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     return json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))
 
 
-def reproduce_command(recipe: Mapping[str, Any]) -> str:
+def reproduce_command(recipe: Mapping[str, Any], *, wrapped: bool = False) -> str:
     """The ``hubmerge`` command line that makes the same files from a recipe: every Hub source pinned to the commit
     it was read at (local folders as they were typed), the same dtype, formats and shard limits.
 
     Args:
         recipe: a ``hubmerge.json`` mapping (the keys ``base``, ``adapters``, ``merge`` and ``formats`` are used).
+        wrapped: one input per line, joined by shell line continuations (for reading in a model card).
     Returns:
-        one shell line, each argument quoted only where the shell needs it.
+        the command, each argument quoted only where the shell needs it.
     """
     import shlex
 
@@ -69,15 +70,16 @@ def reproduce_command(recipe: Mapping[str, Any]) -> str:
         return f"{source['repo_id']}@{source['commit']}" if source.get("repo_id") else str(source["source"])
 
     formats = recipe.get("formats") or {"hf": {}}
-    args = ["hubmerge", *(spec(a) for a in recipe["adapters"]), "--base", spec(recipe["base"])]
-    args += ["--dtype", str(recipe["merge"]["dtype"]), "--format", ",".join(formats)]
+    options = ["--dtype", str(recipe["merge"]["dtype"]), "--format", ",".join(formats)]
     shard = (formats.get("hf") or {}).get("max_shard_size")
     if shard and shard != parse_size(DEFAULT_MAX_SHARD_SIZE):
-        args += ["--max-shard-size", str(shard)]
+        options += ["--max-shard-size", str(shard)]
     pth_shards = (formats.get("pth") or {}).get("shards")
     if pth_shards:
-        args += ["--pth-shards", str(pth_shards)]
-    return " ".join(shlex.quote(a) for a in args)
+        options += ["--pth-shards", str(pth_shards)]
+    groups = [["hubmerge"], *([spec(a)] for a in recipe["adapters"]), ["--base", spec(recipe["base"])], options]
+    lines = [" ".join(shlex.quote(a) for a in group) for group in groups]
+    return " \\\n    ".join(lines) if wrapped else " ".join(lines)
 
 
 def source_license(folder: Path | None) -> str | None:
