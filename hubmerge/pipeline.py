@@ -25,7 +25,7 @@ from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
 from .model.adapters import Adapter, open_adapter
 from .model.base import BaseModel, open_base
 from .output.recipe import tool_versions, write_recipe
-from .output.staging import Journal, fingerprint
+from .output.staging import Journal, check_replaceable, fingerprint, move_into_place
 from .output.writers import FORMATS, Writer, make_writer
 from .plan import MergePlan, build_plan, dtype_name
 from .publish import PushResult, push, source_license
@@ -212,19 +212,7 @@ def hub_from_args(token: str | None, cache_dir: PathLike | None, endpoint: str |
 
 
 def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    for inp in inputs:
-        inp = inp.resolve()
-        if out == inp or inp in out.parents:
-            raise OutputError(
-                f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
-                "modifies; choose an --out outside them"
-            )
-        if out in inp.parents:
-            raise OutputError(
-                f"{out}: contains {inp}, an input or the download cache; choose an --out that holds neither"
-            )
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
+    check_replaceable(out, inputs, overwrite)
 
 
 def _check_disk(folder: Path, needed: int, what: str = "the output") -> None:
@@ -392,14 +380,7 @@ def write_outputs(
         pending.result()
         write_recipe(staging, _recipe(plan, inputs, format_info, files))
         journal.remove()
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.hubmerge-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            staging.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
+        move_into_place(staging, out_dir)
     except KeyboardInterrupt:
         for w in writers:
             w.abort()

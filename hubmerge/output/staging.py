@@ -1,4 +1,11 @@
-"""Resuming an interrupted write.
+"""Where outputs go: the checks on ``--out`` before anything is written, resuming an interrupted write, and moving a
+finished output into place.
+
+``--out`` is never the working folder or one of its parents, the home folder (or a parent of it), ``/``, an input or
+the download cache, nor inside or around an input or the cache. An existing ``--out`` is replaced only with
+``--overwrite``, and only when it is empty or holds nothing but what hubmerge wrote there: a finished output (its
+``hubmerge.json`` and exactly the files it lists) or hubmerge's own partial folder (``.<out>.hubmerge-partial``, which
+holds a journal). Moving a new output into place removes only those files of the old one.
 
 The staging folder of a run (``.<out>.hubmerge-partial``) holds a journal: a fingerprint of everything that decides
 the output bytes (inputs by path, size and modification time; the plan; the formats and their options; the versions
@@ -13,15 +20,164 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import OutputError
 from ..plan import MergePlan, dtype_name
 from ..verification.hashing import file_digest
-from .recipe import tool_versions
+from .recipe import RECIPE_NAME, tool_versions
 
 JOURNAL_NAME = ".hubmerge-journal.json"
+PARTIAL_SUFFIX = ".hubmerge-partial"
+
+
+def partial_folder(out: Path) -> Path:
+    """The hidden sibling folder a run writes ``out`` into before moving it into place."""
+    return out.with_name(f".{out.name}{PARTIAL_SUFFIX}")
+
+
+def _listed_files(manifest: Path) -> set[str] | None:
+    """The relative paths a hubmerge.json or a journal lists under ``files``; None when it is not one."""
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) for k in files):
+        return None
+    return set(files)
+
+
+def _entries(folder: Path) -> list[tuple[str, bool]]:
+    """Every entry under ``folder`` as (relative POSIX path, is a real folder), parents before children; symbolic
+    links are entries of their own, never followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        real_dirs = [d for d in dirs if not (Path(root) / d).is_symlink()]
+        for name in sorted(dirs):
+            found.append(((rel_root / name).as_posix(), name in real_dirs))
+        for name in sorted(files):
+            found.append(((rel_root / name).as_posix(), False))
+        dirs[:] = sorted(real_dirs)
+    return found
+
+
+def _foreign(folder: Path, hint: str) -> OutputError:
+    return OutputError(
+        f"{folder}: holds {hint}, which hubmerge did not write; --overwrite replaces only an empty folder or a "
+        "previous hubmerge output: move that away or choose another --out"
+    )
+
+
+def hubmerge_entries(folder: Path) -> list[str]:
+    """What hubmerge may remove from ``folder`` (relative POSIX paths, parents first): everything in it, provided
+    it is empty, a finished output (its hubmerge.json and only the files it lists, in real folders) or a partial
+    folder of hubmerge's (named ``.<out>.hubmerge-partial`` with a journal in it).
+
+    Raises:
+        OutputError: naming the first entry hubmerge did not write (a symbolic link always counts as one).
+    """
+    entries = _entries(folder)
+    if not entries:
+        return []
+    partial = folder.name.startswith(".") and folder.name.endswith(PARTIAL_SUFFIX)
+    if partial and (folder / JOURNAL_NAME).is_file() and not (folder / JOURNAL_NAME).is_symlink():
+        listed = None  # the journal does not know the file being written when the run stopped: the folder is ours
+    else:
+        listed = _listed_files(folder / RECIPE_NAME) if (folder / RECIPE_NAME).is_file() else None
+        if listed is None:
+            raise _foreign(folder, entries[0][0])
+        listed.add(RECIPE_NAME)
+    parents = {p.as_posix() for rel in listed or () for p in Path(rel).parents}
+    for rel, is_dir in entries:
+        if (folder / rel).is_symlink():
+            raise _foreign(folder, f"{rel} (a symbolic link)")
+        if listed is not None and rel not in (parents if is_dir else listed):
+            raise _foreign(folder, rel)
+    return [rel for rel, _ in entries]
+
+
+def check_replaceable(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output folder that hubmerge must not write to or replace (see the module docstring).
+
+    Args:
+        out: the output folder (resolved here, so ``some/dir/..`` is judged as the folder it names).
+        inputs: the input folders and the download cache.
+        overwrite: whether an existing ``out`` may be replaced.
+
+    Raises:
+        OutputError: one line naming the folder, or the file in it that hubmerge did not write, and the fix.
+    """
+    out = Path(out).expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    protected = (
+        (cwd, "the working folder or one of its parents"),
+        (home, "your home folder or one of its parents"),
+    )
+    if out.parent == out:
+        protected = ((out, "the root folder"),)
+    for folder, what in protected:
+        if out == folder or out in folder.parents:
+            raise OutputError(f"{out}: is {what}, which hubmerge never replaces; choose a new folder for --out")
+    for inp in inputs:
+        inp = Path(inp).expanduser().resolve()
+        if out == inp or inp in out.parents:
+            raise OutputError(
+                f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
+                "modifies; choose an --out outside them"
+            )
+        if out in inp.parents:
+            raise OutputError(
+                f"{out}: contains {inp}, an input or the download cache; choose an --out that holds neither"
+            )
+    staging = partial_folder(out)
+    if staging.exists() or staging.is_symlink():  # a run removes or resumes it: it must be hubmerge's own
+        if not staging.is_dir() or staging.is_symlink():
+            raise _foreign(out.parent, staging.name)
+        hubmerge_entries(staging)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
+    if not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder hubmerge wrote; choose a folder for --out")
+    hubmerge_entries(out)
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out``. An existing ``out`` is checked again, moved aside, and only
+    the entries :func:`hubmerge_entries` allowed are removed from it; anything that appeared since stays where it
+    is (in the moved-aside folder), so nothing of the user's is ever deleted.
+
+    Raises:
+        OutputError: ``out`` now holds something hubmerge did not write.
+    """
+    if not (out.exists() or out.is_symlink()):
+        staging.rename(out)
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder hubmerge wrote; choose a folder for --out")
+    allowed = hubmerge_entries(out)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.hubmerge-old-", dir=out.parent))
+    out.rename(aside)  # onto the empty folder mkdtemp made: a unique name, nothing else is touched
+    staging.rename(out)
+    for rel in reversed(allowed):  # children before their parents
+        path = aside / rel
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError:  # not empty, or gone: leave it
+            pass
+    try:
+        aside.rmdir()
+    except OSError:  # something appeared meanwhile: it stays, aside
+        pass
 
 
 def fingerprint(plan: MergePlan, input_files: Iterable[Path], options: Mapping[str, Any]) -> str:

@@ -1,0 +1,284 @@
+"""Trust on the local side (issue 10): nothing of the user's is deleted or published, whatever the flags or the files
+say. ``--overwrite`` replaces only an empty folder or what a previous hubmerge run wrote; ``hubmerge push`` uploads only
+files inside the folder it is given; the local Hub's control endpoints need the admin secret; the Space uses the
+machine's own login only when nobody else can reach it.
+
+Every refusal is the real CLI's one line, and the whole test folder (every file's SHA256, every folder, every link) is
+the same afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hubmerge.cli import main
+from hubmerge.errors import OutputError
+from hubmerge.output.staging import Journal, check_replaceable, move_into_place
+from hubmerge.verification.hashing import file_digest
+
+THESIS = "four years of work, no other copy"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Everything under ``root``: relative path -> SHA256 (files), ``dir`` (folders) or ``-> target`` (links)."""
+    found = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[rel] = f"-> {os.readlink(path)}"
+            elif path.is_dir():
+                found[rel] = "dir"
+            else:
+                found[rel] = file_digest(path)
+    return found
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of the user's: a thesis and a subfolder with notes."""
+    (path / "sub").mkdir(parents=True, exist_ok=True)
+    (path / "thesis.txt").write_text(THESIS)
+    (path / "sub" / "notes.txt").write_text("notes")
+    return path
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    capsys.readouterr()  # building the inputs may print
+    code = main([*map(str, args), "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, err: str, fragments) -> str:
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(models):
+    base = models.base()
+    return base, models.adapter(base, seed=26)
+
+
+@pytest.fixture(scope="module")
+def previous(tiny, tmp_path_factory) -> Path:
+    """A finished hubmerge output (written once; tests copy it)."""
+    base, adapter = tiny
+    out = tmp_path_factory.mktemp("previous") / "merged"
+    assert main([str(adapter), "--base", str(base), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --overwrite: each builder sets up tmp_path (and may chdir / set HOME) and returns (command args, message fragments).
+
+
+def _merge(tiny, out, *extra):
+    base, adapter = tiny
+    return [adapter, "--base", base, "--out", out, *extra]
+
+
+def out_is_the_working_folder(t):
+    t.chdir(user_folder(t.tmp / "work"))
+    return _merge(t.tiny, ".", "--overwrite"), ("work: is the working folder", "never replaces")
+
+
+def out_is_a_parent_of_the_working_folder(t):
+    t.chdir(user_folder(t.tmp / "work") / "sub")
+    return _merge(t.tiny, "..", "--overwrite"), ("work: is the working folder or one of its parents",)
+
+
+def out_dotdot_names_a_users_folder(t):
+    some = user_folder(t.tmp / "some")
+    (some / "dir").mkdir()
+    t.chdir(t.tmp)
+    return _merge(t.tiny, "some/dir/..", "--overwrite"), (f"{some}: holds ", "which hubmerge did not write")
+
+
+def out_is_the_home_folder(t):
+    t.monkeypatch.setenv("HOME", str(user_folder(t.tmp / "home")))
+    return _merge(t.tiny, "~", "--overwrite"), ("home: is your home folder", "never replaces")
+
+
+def out_is_a_parent_of_the_home_folder(t):
+    t.monkeypatch.setenv("HOME", str(user_folder(t.tmp / "users" / "me")))
+    return _merge(t.tiny, t.tmp / "users", "--overwrite"), ("users: is your home folder or one of its parents",)
+
+
+def out_is_the_root(t):
+    return _merge(t.tiny, "/", "--overwrite"), ("/: is the root folder", "never replaces")
+
+
+def out_is_an_input(t):
+    base = t.tmp / "base"
+    shutil.copytree(t.tiny[0], base)
+    return [t.tiny[1], "--base", base, "--out", base, "--overwrite"], ("base, an input", "never modifies")
+
+
+def out_is_the_cache(t):
+    cache = user_folder(t.tmp / "hf-cache")
+    return _merge(t.tiny, cache, "--overwrite", "--cache-dir", cache), ("hf-cache, an input or the download cache",)
+
+
+def previous_output_plus_a_users_file(t):
+    out = t.tmp / "merged"
+    shutil.copytree(t.previous, out)
+    (out / "thesis.txt").write_text(THESIS)
+    return _merge(t.tiny, out, "--overwrite"), ("merged: holds thesis.txt, which hubmerge did not write", "move")
+
+
+def previous_output_plus_a_users_folder(t):
+    out = t.tmp / "merged"
+    shutil.copytree(t.previous, out)
+    (out / "sub").mkdir()
+    return _merge(t.tiny, out, "--overwrite"), ("merged: holds sub, which hubmerge did not write",)
+
+
+def previous_output_with_a_listed_file_replaced_by_a_link(t):
+    out = t.tmp / "merged"
+    shutil.copytree(t.previous, out)
+    user_folder(t.tmp / "work")
+    (out / "config.json").unlink()
+    (out / "config.json").symlink_to(t.tmp / "work" / "thesis.txt")
+    return _merge(t.tiny, out, "--overwrite"), ("holds config.json (a symbolic link)",)
+
+
+def folder_without_a_recipe(t):
+    return _merge(t.tiny, user_folder(t.tmp / "merged"), "--overwrite"), ("merged: holds sub, which hubmerge did not",)
+
+
+def recipe_listing_the_users_files(t):
+    # a hubmerge.json is only a list of names: it lets --overwrite remove the files it names, never the folder around
+    out = user_folder(t.tmp / "merged")
+    (out / "hubmerge.json").write_text(json.dumps({"files": {"thesis.txt": "0" * 64}}))
+    return _merge(t.tiny, out, "--overwrite"), ("merged: holds sub, which hubmerge did not write",)
+
+
+def partial_name_taken_by_a_users_folder(t):
+    user_folder(t.tmp / ".merged.hubmerge-partial")
+    return _merge(t.tiny, t.tmp / "merged"), (".merged.hubmerge-partial: holds sub, which hubmerge did not write",)
+
+
+def out_is_a_file(t):
+    (t.tmp / "merged").write_text(THESIS)
+    return _merge(t.tiny, t.tmp / "merged", "--overwrite"), ("merged: is a file",)
+
+
+def convert_into_the_working_folder(t):
+    t.chdir(user_folder(t.tmp / "work"))
+    return ["convert", t.tiny[0], "--out", ".", "--overwrite"], ("work: is the working folder",)
+
+
+def convert_over_a_users_folder(t):
+    out = user_folder(t.tmp / "converted")
+    return ["convert", t.tiny[0], "--out", out, "--overwrite"], ("converted: holds sub, which hubmerge did not write",)
+
+
+OVERWRITE_CASES: list[Callable] = [
+    out_is_the_working_folder,
+    out_is_a_parent_of_the_working_folder,
+    out_dotdot_names_a_users_folder,
+    out_is_the_home_folder,
+    out_is_a_parent_of_the_home_folder,
+    out_is_the_root,
+    out_is_an_input,
+    out_is_the_cache,
+    previous_output_plus_a_users_file,
+    previous_output_plus_a_users_folder,
+    previous_output_with_a_listed_file_replaced_by_a_link,
+    folder_without_a_recipe,
+    recipe_listing_the_users_files,
+    partial_name_taken_by_a_users_folder,
+    out_is_a_file,
+    convert_into_the_working_folder,
+    convert_over_a_users_folder,
+]
+
+
+class Setup:
+    def __init__(self, tmp: Path, tiny, previous: Path, monkeypatch):
+        self.tmp, self.tiny, self.previous, self.monkeypatch = tmp, tiny, previous, monkeypatch
+
+    def chdir(self, path: Path) -> None:
+        self.monkeypatch.chdir(path)
+
+
+@pytest.mark.parametrize("build", OVERWRITE_CASES, ids=[c.__name__ for c in OVERWRITE_CASES])
+def test_overwrite_refuses_and_nothing_is_lost(build, tiny, previous, tmp_path, monkeypatch, capsys):
+    args, fragments = build(Setup(tmp_path, tiny, previous, monkeypatch))
+    before = snapshot(tmp_path)
+    inputs_before = snapshot(tiny[0]), snapshot(tiny[1])
+    assert_one_line(*run_cli(args, capsys), fragments)
+    assert snapshot(tmp_path) == before
+    assert (snapshot(tiny[0]), snapshot(tiny[1])) == inputs_before
+
+
+def test_overwrite_replaces_a_previous_output_and_nothing_else(tiny, previous, tmp_path, capsys):
+    user_folder(tmp_path / "work")
+    out = tmp_path / "merged"
+    shutil.copytree(previous, out)
+    around = snapshot(tmp_path / "work")
+    code, err = run_cli(_merge(tiny, out, "--overwrite", "--dtype", "bfloat16"), capsys)
+    assert code == 0, err
+    recipe = json.loads((out / "hubmerge.json").read_text())
+    assert recipe["merge"]["dtype"] == "bfloat16"  # the new output ...
+    assert set(snapshot(out)) == set(recipe["files"]) | {"hubmerge.json"}  # ... and nothing of the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "work"]  # no partial, no moved-aside folder
+    assert snapshot(tmp_path / "work") == around
+
+
+def test_overwrite_replaces_an_empty_folder(tiny, tmp_path, capsys):
+    (tmp_path / "merged").mkdir()
+    code, err = run_cli(_merge(tiny, tmp_path / "merged", "--overwrite"), capsys)
+    assert code == 0, err
+    assert (tmp_path / "merged" / "hubmerge.json").is_file()
+
+
+def test_overwrite_takes_over_hubmerges_own_partial_folder(tiny, previous, tmp_path, capsys):
+    """A stopped run's partial folder (journal, finished files, the file it was writing) is hubmerge's: a new run
+    with other options starts afresh in it, and replaces the previous output."""
+    out, staging = tmp_path / "merged", tmp_path / ".merged.hubmerge-partial"
+    shutil.copytree(previous, out)
+    journal = Journal(staging, "a stopped run of another command")
+    (staging / "model-00001-of-00002.safetensors").write_bytes(b"finished")
+    journal.record(
+        staging / "model-00001-of-00002.safetensors", file_digest(staging / "model-00001-of-00002.safetensors")
+    )
+    (staging / "model-00002-of-00002.safetensors").write_bytes(b"half writ")  # not in the journal yet
+    code, err = run_cli(_merge(tiny, out, "--overwrite", "--dtype", "float32"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "hubmerge.json").read_text())["merge"]["dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_out_that_is_a_partial_folder_may_be_replaced(tmp_path):
+    staging = tmp_path / ".merged.hubmerge-partial"
+    Journal(staging, "x")
+    (staging / "shard.bin").write_bytes(b"half")
+    check_replaceable(staging, [], overwrite=True)  # hubmerge's own folder: no error
+    (staging / "sub").mkdir()
+    (staging / "sub" / "link").symlink_to(tmp_path)
+    with pytest.raises(OutputError, match="sub/link \\(a symbolic link\\)"):
+        check_replaceable(staging, [], overwrite=True)
+
+
+def test_a_users_file_that_appears_during_the_merge_is_kept(previous, tmp_path):
+    out, staging = tmp_path / "merged", tmp_path / "new"
+    shutil.copytree(previous, out)
+    shutil.copytree(previous, staging)
+    check_replaceable(out, [], overwrite=True)
+    (out / "thesis.txt").write_text(THESIS)  # saved there while the merge ran
+    with pytest.raises(OutputError, match="thesis.txt, which hubmerge did not write"):
+        move_into_place(staging, out)
+    assert (out / "thesis.txt").read_text() == THESIS
+    assert snapshot(staging) == snapshot(previous)
