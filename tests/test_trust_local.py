@@ -49,9 +49,9 @@ def user_folder(path: Path) -> Path:
     return path
 
 
-def run_cli(args, capsys) -> tuple[int, str]:
+def run_cli(args, capsys, quiet: bool = True) -> tuple[int, str]:
     capsys.readouterr()  # building the inputs may print
-    code = main([*map(str, args), "--quiet"])
+    code = main([*map(str, args), *(["--quiet"] if quiet else [])])
     return code, capsys.readouterr().err
 
 
@@ -282,3 +282,116 @@ def test_a_users_file_that_appears_during_the_merge_is_kept(previous, tmp_path):
         move_into_place(staging, out)
     assert (out / "thesis.txt").read_text() == THESIS
     assert snapshot(staging) == snapshot(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hubmerge push: only regular files inside the folder, whatever its hubmerge.json names.
+
+CANARY = b"SECRET-CANARY-of-this-machine"
+PUSHED = "alice/trust-pushed"
+
+
+@pytest.fixture(scope="module")
+def pushed(_published_hub, previous):
+    """``PUSHED`` holds a clean push of ``previous``; the hostile pushes below must leave it as it is."""
+    from hubmerge.inputs.hub import Hub
+    from hubmerge.publish import push
+
+    hub = _published_hub
+    push(previous, PUSHED, hub=Hub(endpoint=hub.url, token=hub.tokens["alice"]))
+    return hub
+
+
+def _outside(tmp: Path) -> Path:
+    outside = tmp / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "hostname").write_bytes(CANARY)
+    return outside
+
+
+def _edit_recipe(folder: Path, **changes) -> None:
+    recipe = json.loads((folder / "hubmerge.json").read_text())
+    recipe.update(changes)
+    (folder / "hubmerge.json").write_text(json.dumps(recipe))
+
+
+def _hf_folder(rel: str) -> dict:
+    return {"hf": {"folder": rel}}
+
+
+def recipe_names_a_folder_outside(out, outside):
+    _edit_recipe(
+        out, formats=_hf_folder("../outside"), files={"../outside/hostname": file_digest(outside / "hostname")}
+    )
+    return ("hubmerge.json: names '../outside'", "only files inside")
+
+
+def recipe_names_an_absolute_path(out, outside):
+    _edit_recipe(
+        out, formats=_hf_folder(str(outside)), files={str(outside / "hostname"): file_digest(outside / "hostname")}
+    )
+    return (f"names '{outside}'", "only files inside")
+
+
+def recipe_names_a_file_outside_among_the_real_ones(out, outside):
+    recipe = json.loads((out / "hubmerge.json").read_text())
+    _edit_recipe(out, files={**recipe["files"], "../outside/hostname": file_digest(outside / "hostname")})
+    return ("names '../outside/hostname'",)
+
+
+def listed_file_is_a_link_outside(out, outside):
+    recipe = json.loads((out / "hubmerge.json").read_text())
+    (out / "config.json").unlink()
+    (out / "config.json").symlink_to(outside / "hostname")
+    _edit_recipe(out, files={**recipe["files"], "config.json": file_digest(outside / "hostname")})
+    return ("config.json: is a symbolic link", "regular files")
+
+
+def hf_folder_is_a_link_outside(out, outside):
+    (out / "hf").symlink_to(outside)
+    _edit_recipe(out, formats=_hf_folder("hf"), files={"hf/hostname": file_digest(outside / "hostname")})
+    return ("hf: is a symbolic link",)
+
+
+def recipe_is_a_link_outside(out, outside):
+    (outside / "hubmerge.json").write_bytes((out / "hubmerge.json").read_bytes())
+    (out / "hubmerge.json").unlink()
+    (out / "hubmerge.json").symlink_to(outside / "hubmerge.json")
+    return ("hubmerge.json: is a symbolic link",)
+
+
+PUSH_CASES: list[Callable] = [
+    recipe_names_a_folder_outside,
+    recipe_names_an_absolute_path,
+    recipe_names_a_file_outside_among_the_real_ones,
+    listed_file_is_a_link_outside,
+    hf_folder_is_a_link_outside,
+    recipe_is_a_link_outside,
+]
+
+
+def _hub_holds(hub, data: bytes) -> bool:
+    return any(data in p.read_bytes() for p in Path(hub.root).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.mark.parametrize("build", PUSH_CASES, ids=[c.__name__ for c in PUSH_CASES])
+def test_push_uploads_nothing_from_outside_the_folder(build, pushed, previous, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hub = pushed
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", hub.tokens["alice"])
+    api = HfApi(endpoint=hub.url, token=hub.tokens["alice"])
+    out = tmp_path / "merged"
+    shutil.copytree(previous, out)
+    fragments = build(out, _outside(tmp_path))
+    before = snapshot(tmp_path), api.model_info(PUSHED).sha, sorted(api.list_repo_files(PUSHED))
+    for target, extra in ((PUSHED, ["--overwrite"]), ("alice/trust-pushed-new", [])):
+        assert_one_line(
+            *run_cli(["push", out, target, *extra, "--cache-dir", tmp_path / "cache"], capsys, quiet=False), fragments
+        )
+    assert (snapshot(tmp_path), api.model_info(PUSHED).sha, sorted(api.list_repo_files(PUSHED))) == before
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("alice/trust-pushed-new")  # refused before the repo is created
+    assert not _hub_holds(hub, CANARY)
