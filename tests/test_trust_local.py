@@ -395,3 +395,17 @@ def test_push_uploads_nothing_from_outside_the_folder(build, pushed, previous, t
     with pytest.raises(RepositoryNotFoundError):
         api.model_info("alice/trust-pushed-new")  # refused before the repo is created
     assert not _hub_holds(hub, CANARY)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --token: the help says HF_TOKEN / `hf auth login` first, and that a command line is visible to others.
+
+
+@pytest.mark.parametrize("command", [[], ["push"], ["verify"]], ids=["merge", "push", "verify"])
+def test_help_shows_the_login_before_token_and_warns_about_ps(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    option = text[text.index("--token TOKEN ") :]  # the option's own help, after the usage line
+    assert option.index("HF_TOKEN") < option.index("visible to other users of this machine in `ps`")
+    assert "Hub login: run `hf auth login` once, or set HF_TOKEN" in text
