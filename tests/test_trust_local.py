@@ -9,13 +9,17 @@ the same afterwards.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import BASE_REPO, LLAMA_REPO
 
 from hubmerge.cli import main
 from hubmerge.errors import OutputError
@@ -409,3 +413,73 @@ def test_help_shows_the_login_before_token_and_warns_about_ps(command, capsys):
     option = text[text.index("--token TOKEN ") :]  # the option's own help, after the usage line
     assert option.index("HF_TOKEN") < option.index("visible to other users of this machine in `ps`")
     assert "Hub login: run `hf auth login` once, or set HF_TOKEN" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Space off Spaces: gradio's published mock token stands for this machine's login only on 127.0.0.1.
+
+
+@pytest.fixture(params=["127.0.0.1", "0.0.0.0"])
+def space(request, _published_hub, monkeypatch, tmp_path):
+    """space/app.py launched on ``request.param`` with gradio's mocked OAuth as it is (signed in as the machine's
+    login, alice, whose token is in HF_TOKEN; the session token is gradio's fixed placeholder)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio.oauth
+    from huggingface_hub import HfApi, constants
+
+    hub = _published_hub
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("SYSTEM", raising=False)
+    monkeypatch.setenv("HF_TOKEN", hub.tokens["alice"])  # this machine's own login
+    monkeypatch.setattr(gradio.oauth, "whoami", lambda *a, **k: HfApi(endpoint=hub.url).whoami(hub.tokens["alice"]))
+    spec = importlib.util.spec_from_file_location(
+        "hubmerge_space_app_trust", Path(__file__).parents[1] / "space/app.py"
+    )
+    app = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = app
+    spec.loader.exec_module(app)
+    demo = app.create_app(app.Settings(endpoint=hub.url, workdir=tmp_path / "jobs", allow_local_paths=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = demo.launch(
+        server_name=request.param, server_port=port, prevent_thread_lock=True, quiet=True, share=False, **app.LAUNCH
+    )
+    try:
+        yield app, demo, url.rstrip("/"), hub
+    finally:
+        demo.close()
+
+
+def test_space_lends_the_machine_login_for_the_mock_token_only_on_loopback(space, monkeypatch):
+    import gradio as gr
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    app, demo, url, hub = space
+    client = Client(url, oauth_token=app.GRADIO_MOCK_TOKEN, verbose=False)
+    # the page's account line, as the load event fills it for gradio's mocked sign-in
+    on_load = next(f.fn for f in demo.fns.values() if f.name == "on_load")
+    profile = gr.OAuthProfile({"preferred_username": "alice", "name": "alice", "picture": "", "profile": ""})
+    account, check, merge, _ = on_load(profile, gr.OAuthToken(token=app.GRADIO_MOCK_TOKEN, scope="", expires_at=0))
+    if demo.server_name == "127.0.0.1":
+        assert "Signed in as **alice**" in account and "this machine's own Hugging Face login" in account
+        assert check.interactive and merge.interactive
+        assert app.only_this_machine(demo)
+        plan = client.predict(LLAMA_REPO, BASE_REPO, "", api_name="/check")  # alice's private base, as alice
+        assert f"base: {BASE_REPO}@" in plan
+        monkeypatch.setenv("SYSTEM", "spaces")
+        assert not app.only_this_machine(demo)  # on a Space, never
+        return
+    assert "Not signed in" in account and "reachable from elsewhere" in account
+    assert not check.interactive and not merge.interactive
+    assert not app.only_this_machine(demo)
+    with pytest.raises(AppError, match="reachable from elsewhere"):
+        client.predict(LLAMA_REPO, BASE_REPO, "", api_name="/check")
+    with pytest.raises(AppError, match="reachable from elsewhere"):
+        client.predict(LLAMA_REPO, BASE_REPO, "", "leaked", False, False, api_name="/merge")  # public push
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url, token=hub.tokens["alice"]).model_info("alice/leaked")
