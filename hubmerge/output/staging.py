@@ -113,13 +113,11 @@ def check_replaceable(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
         OutputError: one line naming the folder, or the file in it that hubmerge did not write, and the fix.
     """
     out = Path(out).expanduser().resolve()
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
     protected = (
-        (cwd, "the working folder or one of its parents"),
-        (home, "your home folder or one of its parents"),
+        (Path(out.anchor), "the root folder"),
+        (Path.cwd().resolve(), "the working folder or one of its parents"),
+        (Path.home().resolve(), "your home folder or one of its parents"),
     )
-    if out.parent == out:
-        protected = ((out, "the root folder"),)
     for folder, what in protected:
         if out == folder or out in folder.parents:
             raise OutputError(f"{out}: is {what}, which hubmerge never replaces; choose a new folder for --out")
