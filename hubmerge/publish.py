@@ -11,6 +11,7 @@ from typing import Any
 from .errors import InputError, OutputError, UnsafeFileError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
+from .progress import Progress
 from .verification.hashing import file_digest
 
 TAGS = ["hubmerge", "llama", "lora", "merge"]
@@ -26,19 +27,6 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
-
-
-def source_license(folder: Path | None) -> str | None:
-    """The ``license`` a source's README.md front matter states, if any."""
-    readme = folder / "README.md" if folder else None
-    if readme is None or not readme.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return (metadata_load(readme) or {}).get("license")
-    except Exception:  # a malformed card must not stop a merge; the license is then simply not carried over
-        return None
 
 
 def _link(hub_url: str, record: dict[str, Any]) -> str:
@@ -129,7 +117,8 @@ def _inside(root: Path, rel: object) -> Path:
     if not isinstance(rel, str) or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
         raise UnsafeFileError(
             f"{recipe}: names {rel!r}, outside {root}; `hubmerge push` uploads only files inside the folder it "
-            "is given: merge again to get a clean output"
+            "is given: merge again to get a clean output",
+            path=recipe,
         )
     path = root
     for part in PurePosixPath(rel).parts:
@@ -137,7 +126,8 @@ def _inside(root: Path, rel: object) -> Path:
         if path.is_symlink():
             raise UnsafeFileError(
                 f"{path}: is a symbolic link; `hubmerge push` uploads only regular files inside {root}: "
-                "replace it by the file hubmerge wrote, or merge again"
+                "replace it by the file hubmerge wrote, or merge again",
+                path=path,
             )
     return path
 
@@ -162,7 +152,7 @@ def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str
         path = _inside(root, rel)
         if path.parent == hf_dir:
             if not path.is_file():
-                raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again")
+                raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
 
@@ -175,6 +165,7 @@ def push(
     overwrite: bool = False,
     hub: Hub | None = None,
     verify: bool = True,
+    progress: Progress | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
@@ -185,7 +176,8 @@ def push(
         a :class:`PushResult`.
     Raises:
         InputError: not a hubmerge output. UnsafeFileError: its recipe names files outside ``folder`` or through a
-        symbolic link (nothing outside the folder is ever uploaded). VerificationError: a file differs from its recipe hash.
+        symbolic link (nothing outside the folder is ever uploaded). VerificationError: a file differs from its
+        recipe hash.
         OutputError: the repo has files and ``overwrite`` is False. HubAccessError: auth / permission problems.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -216,7 +208,9 @@ def push(
     if existing and not overwrite:
         raise OutputError(
             f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-            "them, or choose another name"
+            "them, or choose another name",
+            repo_id=repo_id,
+            remedy="overwrite",
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [
@@ -225,6 +219,12 @@ def push(
         )
         for name in files
     ]
+    progress = progress or Progress()
+    for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
+        size = Path(str(op.path_or_fileobj)).stat().st_size
+        with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
+            api.preupload_lfs_files(repo_id, additions=[op])
+            update(size)
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):

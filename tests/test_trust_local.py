@@ -23,7 +23,7 @@ from support import BASE_REPO, LLAMA_REPO
 
 from hubmerge.cli import main
 from hubmerge.errors import OutputError
-from hubmerge.output.staging import Journal, check_replaceable, move_into_place
+from hubmerge.output.staging import Journal, check_output, move_into_place
 from hubmerge.verification.hashing import file_digest
 
 THESIS = "four years of work, no other copy"
@@ -269,18 +269,18 @@ def test_an_out_that_is_a_partial_folder_may_be_replaced(tmp_path):
     staging = tmp_path / ".merged.hubmerge-partial"
     Journal(staging, "x")
     (staging / "shard.bin").write_bytes(b"half")
-    check_replaceable(staging, [], overwrite=True)  # hubmerge's own folder: no error
+    check_output(staging, [], overwrite=True)  # hubmerge's own folder: no error
     (staging / "sub").mkdir()
     (staging / "sub" / "link").symlink_to(tmp_path)
     with pytest.raises(OutputError, match="sub/link \\(a symbolic link\\)"):
-        check_replaceable(staging, [], overwrite=True)
+        check_output(staging, [], overwrite=True)
 
 
 def test_a_users_file_that_appears_during_the_merge_is_kept(previous, tmp_path):
     out, staging = tmp_path / "merged", tmp_path / "new"
     shutil.copytree(previous, out)
     shutil.copytree(previous, staging)
-    check_replaceable(out, [], overwrite=True)
+    check_output(out, [], overwrite=True)
     (out / "thesis.txt").write_text(THESIS)  # saved there while the merge ran
     with pytest.raises(OutputError, match="thesis.txt, which hubmerge did not write"):
         move_into_place(staging, out)
