@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,19 +66,17 @@ def _listed_files(manifest: Path) -> set[str] | None:
     return set(files)
 
 
-def _entries(folder: Path) -> list[tuple[str, bool]]:
+def _entries(folder: Path) -> Iterator[tuple[str, bool]]:
     """Every entry under ``folder`` as (relative POSIX path, is a real folder), parents before children; symbolic
     links are entries of their own, never followed."""
-    found = []
     for root, dirs, files in os.walk(folder):
         rel_root = Path(root).relative_to(folder)
-        real_dirs = [d for d in dirs if not (Path(root) / d).is_symlink()]
+        real_dirs = sorted(d for d in dirs if not (Path(root) / d).is_symlink())
         for name in sorted(dirs):
-            found.append(((rel_root / name).as_posix(), name in real_dirs))
+            yield (rel_root / name).as_posix(), name in real_dirs
         for name in sorted(files):
-            found.append(((rel_root / name).as_posix(), False))
-        dirs[:] = sorted(real_dirs)
-    return found
+            yield (rel_root / name).as_posix(), False
+        dirs[:] = real_dirs
 
 
 def _foreign(folder: Path, rel: str, what: str = "") -> OutputError:
@@ -97,24 +95,21 @@ def hubmerge_entries(folder: Path) -> list[str]:
     Raises:
         OutputError: naming the first entry hubmerge did not write (a symbolic link always counts as one).
     """
-    entries = _entries(folder)
-    if not entries:
-        return []
     partial = folder.name.startswith(".") and folder.name.endswith(STAGING_SUFFIX)
-    if partial and (folder / JOURNAL_NAME).is_file() and not (folder / JOURNAL_NAME).is_symlink():
-        listed = None  # the journal does not know the file being written when the run stopped: the folder is ours
-    else:
+    listed: set[str] | None = None  # None: everything in the folder is hubmerge's
+    if not (partial and (folder / JOURNAL_NAME).is_file() and not (folder / JOURNAL_NAME).is_symlink()):
+        # (a partial folder's journal does not know the file being written when the run stopped: it is ours too)
         listed = _listed_files(folder / RECIPE_NAME) if (folder / RECIPE_NAME).is_file() else None
-        if listed is None:
-            raise _foreign(folder, entries[0][0])
-        listed.add(RECIPE_NAME)
+        listed = set() if listed is None else listed | {RECIPE_NAME}  # no readable recipe: only an empty folder
     parents = {p.as_posix() for rel in listed or () for p in Path(rel).parents}
-    for rel, is_dir in entries:
+    allowed = []
+    for rel, is_dir in _entries(folder):  # stops at the first foreign entry, however big the folder
         if (folder / rel).is_symlink():
             raise _foreign(folder, rel, " (a symbolic link)")
         if listed is not None and rel not in (parents if is_dir else listed):
             raise _foreign(folder, rel)
-    return [rel for rel, _ in entries]
+        allowed.append(rel)
+    return allowed
 
 
 def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
