@@ -10,8 +10,11 @@ Rules the page keeps:
 - Every Hub call carries the signed-in user's OAuth token (``gr.OAuthToken``), passed explicitly: never a token of
   the Space's own (an ``HF_TOKEN`` secret of the Space is never used). Tokens are never logged, printed or written.
   Off Spaces, gradio's mocked login hands out a fixed placeholder token and signs in as this machine's own Hugging Face
-  login; only in that case the app uses that login's token (``HF_TOKEN`` or ``hf auth login``) instead. Without such
-  a login the page starts anyway, without the sign-in button, and says how to get one.
+  login. Anyone who can reach the app can send that placeholder, so the app lends this machine's login (``HF_TOKEN``
+  or ``hf auth login``) for it only while nobody else can reach the app: listening on a loopback address alone, with
+  no share link (:func:`only_this_machine`); the page says so. Otherwise the placeholder is refused and a real token
+  is needed (Spaces' OAuth, or gradio_client's ``oauth_token``). Without a machine login the page starts anyway,
+  without the sign-in button, and says how to get one.
 - Each step clears what the previous one showed; progress, errors and results each have their own panel, which stays
   until the next step starts.
 - One merge at a time (queue with a visible position); each job works in its own temporary folder (download cache
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import ipaddress
 import logging
 import os
 import re
@@ -89,6 +93,16 @@ stands for this machine's own login. To merge, stop the app and either run `hf a
 or point it at another Hub with both `HF_ENDPOINT=<that Hub's URL>` and `HF_TOKEN=<a token of that Hub>`; then
 start `python space/app.py` again. The Hub is now `{hub}`."""
 
+MACHINE_LOGIN = (
+    "The app listens on this machine only, so the sign-in button stands for this machine's own Hugging Face login "
+    "(`HF_TOKEN` or `hf auth login`)."
+)
+MOCK_REFUSED = (
+    "gradio's local sign-in stands for this machine's own Hugging Face login, which the app lends only while it "
+    "listens on 127.0.0.1 alone (no share link); it is reachable from elsewhere now: run it on 127.0.0.1, or sign "
+    "in with a real token (gradio_client's oauth_token)"
+)
+
 # What to do on the page, by the remedy a hubmerge error names (hubmerge.errors.Remedy); shown under the message.
 DEFAULT_HINT = "Fix it above and start the step again."
 PAGE_HINTS: dict[str, str] = {
@@ -131,6 +145,24 @@ class Settings:
 
 def on_spaces() -> bool:
     return os.environ.get("SYSTEM") == "spaces"
+
+
+def only_this_machine(demo: gr.Blocks) -> bool:
+    """Whether the running app is reachable from this machine only: off Spaces, every server it listens on (gradio's,
+    and the Node front of SSR mode) bound to a loopback address, and no share link."""
+    # gradio sets these attributes in launch(): before it, nothing is known and the answer is no.
+    hosts = [getattr(demo, "server_name", None), getattr(demo, "node_server_name", None)]
+    if on_spaces() or demo.share or hosts[0] is None:
+        return False
+    return all(host is None or _is_loopback(host) for host in hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_settings() -> Settings:
@@ -179,14 +211,18 @@ class PageError(Exception):
         self.hint = hint
 
 
-def user_token(oauth_token: gr.OAuthToken | None) -> str:
-    """The signed-in user's token; a one-line error when nobody is signed in."""
+def user_token(oauth_token: gr.OAuthToken | None, machine_login: bool = False) -> str:
+    """The signed-in user's token; a one-line error when nobody is signed in. gradio's mock token stands for this
+    machine's own login only when ``machine_login`` (the app is reachable from this machine only, see
+    :func:`only_this_machine`); otherwise it is refused."""
     if oauth_token is None or not oauth_token.token:
         raise PageError(
             "Sign in with Hugging Face first (the button at the top): the Space reads and writes the Hub "
             "as you, with no token of its own."
         )
-    if oauth_token.token == GRADIO_MOCK_TOKEN and not on_spaces():
+    if oauth_token.token == GRADIO_MOCK_TOKEN:
+        if not machine_login:
+            raise PageError(MOCK_REFUSED)
         from huggingface_hub import get_token
 
         token = get_token()  # the account gradio's mocked login signed in as
@@ -887,13 +923,15 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             if user is None:
                 return recent_html(None, None)
             try:
-                return recent_html(user, recent_merges(user, user_token(oauth_token), settings))
+                return recent_html(
+                    user, recent_merges(user, user_token(oauth_token, only_this_machine(demo)), settings)
+                )
             except PageError as exc:
                 return recent_html(user, None, str(exc))
             except Exception as exc:  # the list is a convenience: say it is missing, never break the page
                 return recent_html(user, None, f"the Hub did not list your models ({type(exc).__name__}); refresh")
 
-        def on_load(profile: gr.OAuthProfile | None):
+        def on_load(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):
             signed_in = profile is not None
             if no_login is not None:
                 text = NO_LOCAL_LOGIN.format(reason=no_login, hub=settings.hub_url)
@@ -904,6 +942,9 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 )
             else:
                 text = SIGNED_OUT
+            if signed_in and oauth_token is not None and oauth_token.token == GRADIO_MOCK_TOKEN:
+                signed_in = only_this_machine(demo)
+                text = f"{text}\n\n{MACHINE_LOGIN}" if signed_in else f"**Not signed in.** {MOCK_REFUSED}."
             target_hint = f"{profile.username}/<last adapter's name>-merged" if signed_in else "<you>/..."
             return (
                 text,
@@ -935,7 +976,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             busy = _busy("Checking: resolving the inputs and reading their configs (no weights)...")
             yield cleared() | {progress_box: busy}
             try:
-                token = user_token(oauth_token)
+                token = user_token(oauth_token, only_this_machine(demo))
                 checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
             except PageError as exc:
                 yield cleared() | {error_box: gr.update(visible=True, value=error_html(exc))}
@@ -969,7 +1010,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
 
                 def work() -> None:
                     try:
-                        token = user_token(oauth_token)
+                        token = user_token(oauth_token, only_this_machine(demo))
                         outcome["done"] = run_merge(
                             adapters, base, dtype, target, private, overwrite, token, settings, progress
                         )
@@ -1028,7 +1069,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         ) -> dict:
             """Check a merge: the plan as data, and whether the target repository can take the result."""
             try:
-                token = user_token(oauth_token)
+                token = user_token(oauth_token, only_this_machine(demo))
                 checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
             except PageError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
@@ -1053,7 +1094,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             """Merge and push; the published repository, its files' SHA256, card and reproduce command."""
             try:
                 with session_job(settings, request) as cancelled:
-                    token = user_token(oauth_token)
+                    token = user_token(oauth_token, only_this_machine(demo))
                     progress = JobProgress("Merge and push", cancelled, settings.on_event)
                     return vars(run_merge(adapters, base, dtype, target, private, overwrite, token, settings, progress))
             except PageError as exc:
