@@ -407,6 +407,12 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     assert row[2].split() == [BASE, LLAMA, ALPACA] and row[3] == "private" and re.match(r"\d{4}-\d\d-\d\d", row[1])
     shot(page, "space")
 
+    # the next step starts clean: Check again, and the published result and the finished panel give way to the plan
+    button(page, "Check").click()
+    wait_shown(page, "#plan")
+    assert not visible(page, "#result") and not visible(page, "#card") and not visible(page, "#sha256")
+    assert page.locator("#progress .hm-stage").count() == 0
+
 
 def test_errors_stay_on_the_page_clear_stale_results_and_speak_the_page(space, page):
     import hubmerge
