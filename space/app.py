@@ -894,6 +894,9 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 label="Reproduce locally: the same files from the same pinned sources",
                 interactive=False,
                 wrap_lines=True,
+                lines=1,
+                max_lines=8,
+                show_line_numbers=False,
                 elem_id="reproduce",
             )
             with gr.Accordion("Model card (README.md of the new repository)", open=True):
