@@ -555,6 +555,14 @@ def test_phone_width_viewport(space, browser):
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["height"] >= 30
         assert page.evaluate("() => document.querySelector('#plan .hm-scroll').clientWidth") <= 390
         shot(page, "narrow")
+        # the whole job at that width: the panel, the result, the card's wide tables scrolling in their own box
+        page.locator("#target input, #target textarea").first.fill("phone-merge")
+        button(page, "Merge and push").click()
+        page.get_by_role("link", name="alice/phone-merge", exact=True).wait_for()
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+        assert page.locator("#progress .hm-stage.is-done").count() == 4
+        assert not broken_cells(page, "#card")
+        shot(page, "narrow-result")
     finally:
         context.close()
 
