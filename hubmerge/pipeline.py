@@ -284,7 +284,8 @@ def _recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict
             r=a.r,
             lora_alpha=a.lora_alpha,
             use_rslora=a.use_rslora,
-            scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
+            kinds=a.kinds,
+            scaling=sorted({round(scale, 8) for scale in a.scales}),
             replaces=sorted(a.replacements),
             vocab_size=a.vocab_size,
         )

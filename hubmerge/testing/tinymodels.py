@@ -211,6 +211,7 @@ def make_base(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     generation_config: bool = True,
+    attention_bias: bool = False,
 ) -> Path:
     """Write a random HF LLaMA folder into ``out_dir`` and return it.
 
@@ -218,7 +219,7 @@ def make_base(
     as model.safetensors / pytorch_model.bin, or with ``shards`` > 1 the numbered shards plus
     their index, the tokenizer files (copied from ``tokenizer_dir``, default: a "base" tokenizer)
     and generation_config.json. GQA when ``kv_heads`` < ``heads``; intermediate defaults to
-    3 * hidden. Same arguments, same tensors. Raises ValueError for an unknown dtype/weights
+    3 * hidden; ``attention_bias`` gives q/k/v/o biases. Same arguments, same tensors. Raises ValueError for an unknown dtype/weights
     format or an impossible shard count, FileNotFoundError if ``tokenizer_dir`` lacks a file.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -244,6 +245,7 @@ def make_base(
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=tie_word_embeddings,
+        attention_bias=attention_bias,
         architectures=["LlamaForCausalLM"],
         dtype=dtype,
     )
@@ -269,6 +271,8 @@ def _randomize_adapter(peft_model: torch.nn.Module, gen: torch.Generator) -> Non
             continue
         if "lora_A" in name:
             p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+        elif "lora_embedding_" in name:  # PEFT starts one of the two at zero: both random here
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "lora_embedding_B" in name else 1.0))
         elif "lora_B" in name:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         else:  # a modules_to_save copy, "trained": even the base's rows change
@@ -292,6 +296,9 @@ def make_adapter(
     vocab_from: str | Path | None = None,
     seed: int = 1,
     dtype: str = "float16",
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> Path:
     """Write a real PEFT LoRA adapter for the model in ``base_dir`` into ``out_dir`` and return it.
 
@@ -301,7 +308,9 @@ def make_adapter(
     ``vocab_from`` instead ships the tokenizer files of that folder (e.g. from make_tokenizer).
     A larger vocab resizes the embeddings (new rows random); with ``modules_to_save=("embed_tokens",
     "lm_head")`` the adapter holds those whole [V, H] matrices (all rows perturbed), like
-    Chinese-LLaMA/Alpaca.
+    Chinese-LLaMA/Alpaca. ``use_dora``, ``lora_bias`` and ``trainable_token_indices`` are PEFT's LoraConfig
+    options (current layout only; their tensors are randomized too: DoRA magnitudes, lora_B biases, the trained
+    token rows). Put "embed_tokens" in ``target_modules`` for an embedding LoRA.
 
     layout="current": get_peft_model + save_pretrained -> adapter_model.safetensors and the
     current adapter_config.json. layout="2023": adapter_model.bin (torch.save, 2023 keys, see the
@@ -314,8 +323,10 @@ def make_adapter(
 
     if layout not in ("2023", "current") or dtype not in _DTYPES:
         raise ValueError(f"unsupported layout {layout!r} or dtype {dtype!r}")
-    if layout == "2023" and (use_rslora or rank_pattern or alpha_pattern):
-        raise ValueError("use_rslora, rank_pattern and alpha_pattern did not exist in the 2023 layout")
+    if layout == "2023" and (use_rslora or rank_pattern or alpha_pattern or use_dora or lora_bias):
+        raise ValueError("use_rslora, rank/alpha patterns, DoRA and lora_bias did not exist in the 2023 layout")
+    if layout == "2023" and trainable_token_indices:
+        raise ValueError("trainable_token_indices did not exist in the 2023 layout")
     if tokenizer and vocab_from:
         raise ValueError("give tokenizer or vocab_from, not both")
     out, base = Path(out_dir), Path(base_dir)
@@ -354,10 +365,14 @@ def make_adapter(
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         modules_to_save=list(modules_to_save) or None,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
+        trainable_token_indices=trainable_token_indices,
     )
     with warnings.catch_warnings():  # both documented above, and expected here
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True")
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+        warnings.filterwarnings("ignore", message=".*LoRA tensor.s. have invalid shape")  # PEFT on lora_B biases
         peft_model = get_peft_model(model, config)
         _randomize_adapter(peft_model, gen)
         peft_model.to(_DTYPES[dtype])
@@ -396,7 +411,11 @@ def _adapter_vocab(adapter_dir: Path) -> int | None:
     else:
         state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", mmap=True, weights_only=True)
         shapes = {k: list(v.shape) for k, v in state.items()}
-    rows = [s[0] for k, s in shapes.items() if k.endswith("embed_tokens.weight")]
+    rows = [
+        s[0]
+        for k, s in shapes.items()
+        if k.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight", "token_adapter.base_layer.weight"))
+    ]
     return rows[0] if rows else None
 
 
