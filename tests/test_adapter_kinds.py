@@ -220,3 +220,13 @@ def test_dry_run_and_plan_name_the_kinds(models):
     assert adapter.kinds == ["lora", "trainable_tokens"] and adapter.scales == [4.0]
     lines = build_plan(open_base(base), [adapter]).describe()
     assert "(lora, trainable_tokens)" in lines[1] and "scale=4," in lines[1]
+
+
+def test_chinese_llama2_tokenizer_is_known_and_catches_a_first_generation_mixup():
+    from hubmerge.verification.known import check_tokenizer_matches, known_hashes, tokenizer_type
+
+    entry = tokenizer_type("a3b8844863b200dfcca971db228e96ce388290dfcf72c15d7a9d2f604bac787c")
+    assert entry is not None and entry["vocab_size"] == 55296 and "ymcui/Chinese-LLaMA-Alpaca-2" in entry["source"]
+    first_gen = next(t["sha256"] for t in known_hashes()["tokenizers"] if t["type"] == "alpaca")
+    with pytest.raises(IncompatibleError, match="needs the Chinese-LLaMA-2 / Alpaca-2 tokenizer"):
+        check_tokenizer_matches("hfl/chinese-alpaca-2-lora-7b", None, first_gen, 55296)
