@@ -10,8 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import HubmergeError, Interrupted
-from .output.writers import FORMATS
+from .errors import HubmergeError, InputError, Interrupted
+from .output.writers import parse_formats
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -27,11 +27,10 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
 
 
 def _formats(value: str) -> list[str]:
-    formats = [f.strip() for f in value.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise argparse.ArgumentTypeError(f"unknown format {','.join(bad) or value!r}; choose from {', '.join(FORMATS)}")
-    return formats
+    try:
+        return parse_formats(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -41,8 +40,9 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         dest="formats",
         type=_formats,
         default=["hf"],
-        help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
-        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
+        help="hf, pth, gguf, gguf:<type> or a list like hf,gguf:q8_0 (default: hf); with several, each goes to "
+        "OUT/<format>/; gguf writes OUT/model-<type>.gguf, its type following --dtype, or the type named as "
+        "llama.cpp's --outtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
     )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default: 5GB)")

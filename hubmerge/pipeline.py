@@ -26,7 +26,7 @@ from .model.adapters import Adapter, open_adapter
 from .model.base import BaseModel, open_base
 from .output.recipe import tool_versions, write_recipe
 from .output.staging import Journal, fingerprint
-from .output.writers import FORMATS, Writer, make_writer
+from .output.writers import Writer, format_folder, make_writer, parse_formats
 from .plan import MergePlan, build_plan, dtype_name
 from .publish import PushResult, push, source_license
 from .sizes import format_size, parse_size
@@ -308,11 +308,7 @@ def _recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict
 
 def check_formats(formats: Sequence[str]) -> list[str]:
     """The requested output formats, deduplicated in order; InputError for an unknown or empty list."""
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise InputError(f"unknown format {unknown or formats}; choose from {', '.join(FORMATS)}")
-    return formats
+    return parse_formats(formats)
 
 
 @dataclass
@@ -363,7 +359,7 @@ def write_outputs(
     background = ThreadPoolExecutor(max_workers=1)
     pending = background.submit(_hash_inputs, plan, inputs.sources)
     try:
-        folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
+        folders = {f: staging / format_folder(f) if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
             writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
         skip = set(range(len(plan.tensors)))

@@ -116,6 +116,12 @@ class MergePlan:
         copied = {p.name for p in self.base.extra_files + self.tokenizer_files()}
         return {name: doc for name, doc in self.base.generated.items() if name not in copied}
 
+    def side_files(self) -> dict[str, Path | dict[str, Any]]:
+        """The non-weight files of an HF output, by name: a copied file as its path, a generated one as its JSON.
+        What llama.cpp's converter would read beside the weights (tokenizer config, generation config)."""
+        files: dict[str, Path | dict[str, Any]] = {p.name: p for p in self.base.extra_files + self.tokenizer_files()}
+        return {**files, **self.generated_files()}
+
     def describe(self) -> list[str]:
         """Human-readable lines: base, each adapter in order, and the output."""
         b = self.base

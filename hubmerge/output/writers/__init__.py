@@ -4,14 +4,42 @@ creating any file), then receives the merge's blocks in order, and on ``close()`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from ...errors import InputError
 
 if TYPE_CHECKING:  # the registry stays importable without torch, so `hubmerge --help` starts fast
     from ...merging import Block
     from ...plan import MergePlan
 
 FORMATS = ("hf", "pth", "gguf")
+# GGUF tensor types, spelled as llama.cpp's --outtype spells them: "gguf:<type>". Plain "gguf" follows --dtype.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def parse_formats(value: str | Iterable[str]) -> list[str]:
+    """The output formats of ``--format`` text (``"hf,gguf:q8_0"``) or a list, deduplicated in order: each one of
+    ``hf``, ``pth``, ``gguf`` or ``gguf:<type>`` with a type of :data:`GGUF_TYPES`.
+
+    Raises:
+        InputError: an unknown format or type, or none at all (one line, naming the choices).
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    formats = list(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    bad = [f for f in formats if f not in FORMATS and not (f.startswith("gguf:") and f[5:] in GGUF_TYPES)]
+    if bad or not formats:
+        raise InputError(
+            f"unknown format {', '.join(bad) or repr(value)}; choose from {', '.join(FORMATS)} or "
+            f"gguf:<type> with a type of {', '.join(GGUF_TYPES)} (as llama.cpp's --outtype)"
+        )
+    return formats
+
+
+def format_folder(fmt: str) -> str:
+    """The folder a format writes into when several are written: ``hf``, ``pth`` or ``gguf`` (every GGUF type)."""
+    return fmt.partition(":")[0]
 
 
 class Writer(Protocol):
@@ -31,7 +59,7 @@ class Writer(Protocol):
 
 
 def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int, pth_shards: int | None) -> Writer:
-    """The writer of one format (``hf``, ``pth`` or ``gguf``) for ``plan`` into ``folder``."""
+    """The writer of one format (``hf``, ``pth``, ``gguf`` or ``gguf:<type>``) for ``plan`` into ``folder``."""
     if fmt == "hf":
         from .hf import HFWriter
 
@@ -40,8 +68,8 @@ def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int,
         from .meta import MetaWriter
 
         return MetaWriter(folder, plan, pth_shards)
-    if fmt == "gguf":
+    if format_folder(fmt) == "gguf":
         from .gguf import GGUFOutput
 
-        return GGUFOutput(folder, plan)
+        return GGUFOutput(folder, plan, fmt.partition(":")[2] or None)
     raise ValueError(f"unknown format {fmt!r}")
