@@ -254,7 +254,7 @@ def _input_files(plan: MergePlan) -> list[list[Path]]:
     """The files each input contributes, base first: what the recipe hashes."""
     files = [list(plan.base.files)]
     for a in plan.adapters:
-        files.append([a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else []))
+        files.append(a.files)
     return files
 
 

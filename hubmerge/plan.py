@@ -16,7 +16,7 @@ import torch
 
 from .errors import IncompatibleError, InputError
 from .model import layouts
-from .model.adapters import Adapter, LoraPair
+from .model.adapters import CONTEXT_KEYS, SHAPE_KEYS, Adapter, LoraPair
 from .model.base import BaseModel
 from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
 from .tensorio import TensorSource
@@ -133,10 +133,11 @@ class MergePlan:
             scales = sorted({round(s, 6) for s in a.scales})
             replaced = ", ".join(n.rsplit(".", 2)[-2] for n in a.replacements) or "nothing"
             vocab = f" -> vocab {a.vocab_size}" if a.vocab_size else ""
+            context = "".join(f", {k} {v}" for k, v in a.model_config.items() if k in CONTEXT_KEYS)
             lines.append(
                 f"adapter {i}: {a.label} ({a.layout} layout) r={a.r} alpha={a.lora_alpha:g}"
                 f"{' rslora' if a.use_rslora else ''} scale={'/'.join(f'{s:g}' for s in scales) or '-'}, "
-                f"{len(a.lora)} LoRA modules ({', '.join(a.kinds) or 'none'}), replaces {replaced}{vocab}"
+                f"{len(a.lora)} LoRA modules ({', '.join(a.kinds) or 'none'}), replaces {replaced}{vocab}{context}"
             )
         changed = sum(t.changed for t in self.tensors)
         lines.append(
@@ -187,6 +188,19 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
         )
 
 
+def _take_model_config(adapter: Adapter, config: dict[str, Any]) -> None:
+    """Apply an adapter's config.json long-context settings to the output ``config``, once its shape keys are checked
+    against the base's (the project's merge script copies that config.json whole)."""
+    for key in SHAPE_KEYS:
+        mine, base = adapter.model_config.get(key), config.get(key)
+        if mine is not None and base is not None and mine != base:
+            raise IncompatibleError(
+                f"adapter {adapter.label}: its config.json says {key} {mine} but the base has {base}; the adapter "
+                "was trained for another model: use the matching base"
+            )
+    config.update({k: v for k, v in adapter.model_config.items() if k in CONTEXT_KEYS})
+
+
 def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool) -> None:
     if tok.size == rows:
         return
@@ -227,6 +241,7 @@ def build_plan(
     warnings: list[str] = []
     for index, adapter in enumerate(adapters):
         warnings += adapter.warnings
+        _take_model_config(adapter, config)
         for name, ref in adapter.replacements.items():
             if name == HEAD and name not in plans and config.get("tie_word_embeddings"):
                 config["tie_word_embeddings"] = False  # the adapter trained its own head: untie

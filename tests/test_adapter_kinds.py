@@ -230,3 +230,35 @@ def test_chinese_llama2_tokenizer_is_known_and_catches_a_first_generation_mixup(
     first_gen = next(t["sha256"] for t in known_hashes()["tokenizers"] if t["type"] == "alpaca")
     with pytest.raises(IncompatibleError, match="needs the Chinese-LLaMA-2 / Alpaca-2 tokenizer"):
         check_tokenizer_matches("hfl/chinese-alpaca-2-lora-7b", None, first_gen, 55296)
+
+
+def _long_context_adapter(models, name, **config_changes):
+    """A Chinese-LLaMA-Alpaca-2 16K-style LoRA: the base's config.json beside it, with linear rope scaling 4."""
+    base = models.base()
+    folder = models.copy(models.adapter(base, seed=37), name)
+    config = json.loads((base / "config.json").read_text())
+    config.update(rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=8192, **config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return base, folder
+
+
+def test_long_context_lora_carries_its_rope_scaling_to_the_output(models, tmp_path):
+    from transformers import AutoConfig
+
+    base, adapter = _long_context_adapter(models, "lora-16k")
+    result = hubmerge.merge([adapter], base, tmp_path / "out", progress=False)
+    plain = hubmerge.merge([models.adapter(base, seed=37)], base, tmp_path / "plain", progress=False)
+    ours, theirs = hf_tensors(result.folders["hf"]), hf_tensors(plain.folders["hf"])  # the same weights
+    assert list(ours) == list(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    config = AutoConfig.from_pretrained(result.folders["hf"])
+    assert config.max_position_embeddings == 8192
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
+    assert "max_position_embeddings 8192" in result.plan.describe()[1]
+    recipe = json.loads((result.out / "hubmerge.json").read_text())
+    assert "config.json" in recipe["adapters"][0]["files"]
+
+
+def test_long_context_config_of_another_model_size_is_refused(models, tmp_path):
+    base, adapter = _long_context_adapter(models, "lora-16k-13b", hidden_size=5120)
+    with pytest.raises(IncompatibleError, match="its config.json says hidden_size 5120 but the base has 64"):
+        hubmerge.merge([adapter], base, tmp_path / "out", progress=False)

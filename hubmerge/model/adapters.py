@@ -21,6 +21,10 @@ from . import layouts
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
+# A model config.json beside the adapter (Chinese-LLaMA-Alpaca-2's 16K/64K LoRAs ship one, and the project's merge
+# script copies it): the merge takes its long-context settings, and the shape keys must match the base.
+CONTEXT_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings")
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 # Adapter tensor keys, tried in order. An adapter name may sit before ".weight".
 # - LoRA factors of a Linear, of an Embedding; DoRA's magnitude vector; the bias on lora_B (lora_bias);
@@ -93,6 +97,14 @@ class Adapter:
     replacements: dict[str, TensorRef]
     tokenizer: TokenizerInfo | None
     warnings: list[str] = field(default_factory=list)
+    # What the adapter's own config.json sets for the output (long-context LoRAs: rope scaling, context length).
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the adapter the merge reads: weights, configs, tokenizer files."""
+        configs = [self.path / "adapter_config.json"] + ([self.path / "config.json"] if self.model_config else [])
+        return [self.weights, *configs, *(self.tokenizer.files if self.tokenizer else [])]
 
     @property
     def r(self) -> int:
@@ -249,6 +261,30 @@ def _token_indices(config: dict[str, Any], module: str, config_file: Path) -> tu
     return tuple(ids)
 
 
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The :data:`CONTEXT_KEYS` and :data:`SHAPE_KEYS` of the adapter folder's config.json, if it has one.
+
+    Raises:
+        InputError: not a JSON object, or values of the wrong type.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    doc = load_json(path)
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not a JSON object; remove it or use the one published with the adapter")
+    out = {k: doc[k] for k in CONTEXT_KEYS + SHAPE_KEYS if doc.get(k) is not None}
+    for key, value in out.items():
+        ok = (
+            isinstance(value, dict)
+            if key.startswith("rope_") and key != "rope_theta"
+            else (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        )
+        if not ok:
+            raise InputError(f"{path}: {key} is {value!r}; fix it or use the config.json published with the adapter")
+    return out
+
+
 def open_adapter(folder: Path, label: str | None = None) -> Adapter:
     """Open a LoRA adapter folder: config, tensor index (nothing loaded) and tokenizer files.
 
@@ -350,5 +386,14 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
             f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does (e.g. {skipped[0]})"
         )
     return Adapter(
-        label, folder, config, config_layout(config), weights, lora, replacements, read_tokenizer(folder), warnings
+        label,
+        folder,
+        config,
+        config_layout(config),
+        weights,
+        lora,
+        replacements,
+        read_tokenizer(folder),
+        warnings,
+        read_model_config(folder),
     )
