@@ -165,6 +165,7 @@ def vocab_shrink_message(label: str, rows: int, previous: str, prev_rows: int) -
 def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) -> None:
     """The adapter's tensors for ``pair`` fit a base tensor of ``shape``; refuse with the likely cause."""
     got = [tuple(t.shape) for t in pair.tensors]
+    want: list[tuple[int, ...]]
     if pair.kind == "linear":
         want = [(pair.r, shape[1]), (shape[0], pair.r)] + ([(shape[0],)] if pair.magnitude is not None else [])
     elif pair.kind == "embedding":
