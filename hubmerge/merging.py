@@ -96,14 +96,17 @@ def block_rows(shape: tuple[int, ...], align: int, block_bytes: int) -> int:
 class _Term:
     """One adapter's change to a tensor, loaded in fp32, applied to rows a..b of the fp32 work block by
     :func:`_apply`: ``rows += scale * left[a:b] @ right``, then with ``magnitude`` (DoRA) each row scaled to
-    magnitude / its norm; without ``right``, ``rows += scale * left[a:b]`` (a bias); with ``index`` (sorted token
-    ids), the rows at those ids become the matching rows of ``left``."""
+    magnitude / its norm, or with ``columns`` (DoRA on an embedding) each column to magnitude / its norm over all
+    rows (``column_factor``, found by :func:`_column_factors` first); without ``right``, ``rows += scale *
+    left[a:b]`` (a bias); with ``index`` (sorted token ids), the rows at those ids become the rows of ``left``."""
 
     left: torch.Tensor
     right: torch.Tensor | None
     scale: float
     magnitude: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    columns: bool = False
+    column_factor: torch.Tensor | None = None
 
     @property
     def plain(self) -> bool:
@@ -115,8 +118,8 @@ def _term(pair: LoraPair, tensors: list[torch.Tensor]) -> _Term:
         a, b, *magnitude = tensors
         return _Term(b, a, pair.scale, magnitude[0] if magnitude else None)
     if pair.kind == "embedding":
-        a, b = tensors
-        return _Term(a.t(), b.t(), pair.scale)
+        a, b, *magnitude = tensors
+        return _Term(a.t(), b.t(), pair.scale, magnitude[0] if magnitude else None, columns=bool(magnitude))
     if pair.kind == "bias":
         return _Term(tensors[0], None, pair.scale)
     order = sorted(range(len(pair.indices)), key=pair.indices.__getitem__)
@@ -156,8 +159,26 @@ def _apply(term: _Term, w: torch.Tensor, a: int, b: int) -> None:
         w.add_(term.left[a:b], alpha=term.scale)
     else:
         w.addmm_(term.left[a:b], term.right, alpha=term.scale)
-        if term.magnitude is not None:  # DoRA: rows are whole, so each row's norm is complete here
+        if term.column_factor is not None:
+            w.mul_(term.column_factor)
+        elif term.magnitude is not None and not term.columns:  # rows are whole: each row's norm is complete here
             w.mul_((term.magnitude[a:b] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
+
+
+def _column_factors(source, terms: list[_Term], step: int) -> None:
+    """DoRA on an embedding scales each column by magnitude / that column's norm over every row: for each such term,
+    one pass over the tensor (with the terms before it applied) sums the squares first. Memory: one block."""
+    rows = row_count(source.shape)
+    for j, term in enumerate(terms):
+        if not term.columns or term.magnitude is None:
+            continue
+        squares = torch.zeros_like(term.magnitude)
+        for start in range(0, rows, step):
+            w = source.read(start, min(start + step, rows)).float()
+            for t in terms[: j + 1]:  # this term's factor is not set yet: W + delta
+                _apply(t, w, start, start + w.shape[0])
+            squares += w.square().sum(dim=0)
+        term.column_factor = term.magnitude / squares.sqrt()
 
 
 def _add_factors(raw: torch.Tensor, out: torch.Tensor, terms: list[_Term], start: int, work: torch.Tensor) -> None:
@@ -234,6 +255,8 @@ def merge_blocks(
         factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
         rows = row_count(tensor.shape)
         step = block_rows(tensor.shape, align, block_bytes)
+        if any(t.columns for t in factors):
+            _column_factors(source, factors, step)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()

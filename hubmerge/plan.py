@@ -169,7 +169,7 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
     if pair.kind == "linear":
         want = [(pair.r, shape[1]), (shape[0], pair.r)] + ([(shape[0],)] if pair.magnitude is not None else [])
     elif pair.kind == "embedding":
-        want = [(pair.r, shape[0]), (shape[1], pair.r)]
+        want = [(pair.r, shape[0]), (shape[1], pair.r)] + ([(shape[1],)] if pair.magnitude is not None else [])
     elif pair.kind == "bias":
         want = [tuple(shape)]
     else:

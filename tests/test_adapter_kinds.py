@@ -51,6 +51,14 @@ def _case(models, name):
             [models.adapter(base, lora_bias=True, target_modules=("q_proj", "v_proj", "o_proj"), seed=26)],
             None,
         )
+    if name == "dora-embedding":  # column norms over the whole vocabulary: a first pass over embed_tokens
+        base = models.base()
+        return base, [models.adapter(base, use_dora=True, target_modules=("embed_tokens", "v_proj"), seed=35)], None
+    if name == "plus-recipe-then-dora-embedding":
+        base = models.base()
+        # trained on the extended vocabulary: its saved embedding (base_layer) replaces the Plus one, as in PEFT
+        adapter = models.adapter(base, use_dora=True, target_modules=("embed_tokens",), tokenizer="alpaca", seed=38)
+        return base, [*models.plus_recipe(base), adapter], None
     if name == "embedding-lora":
         base = models.base()
         return base, [models.adapter(base, target_modules=("embed_tokens", "q_proj", "down_proj"), seed=28)], None
@@ -73,38 +81,32 @@ def _case(models, name):
     raise AssertionError(name)
 
 
-CASES = [
-    "dora",
-    "dora-fp32",
-    "dora-gqa-rslora-patterns",
-    "lora-then-dora-then-lora",
-    "plus-recipe-then-dora",
-    "lora-bias",
-    "embedding-lora",
-    "trainable-tokens",
-    "trainable-tokens-dict-bf16",
-    "trainable-tokens-extended-vocab",
-    "tied-trainable-tokens",
-]
+# case -> adapter kinds its recipe must list
+CASES = {
+    "dora": {"dora"},
+    "dora-fp32": {"dora"},
+    "dora-gqa-rslora-patterns": {"dora"},
+    "lora-then-dora-then-lora": {"lora", "dora"},
+    "plus-recipe-then-dora": {"lora", "dora"},
+    "lora-bias": {"lora", "lora_bias"},
+    "dora-embedding": {"dora", "embedding_dora"},
+    "plus-recipe-then-dora-embedding": {"lora", "embedding_dora"},
+    "embedding-lora": {"lora", "embedding_lora"},
+    "trainable-tokens": {"lora", "trainable_tokens"},
+    "trainable-tokens-dict-bf16": {"dora", "trainable_tokens"},
+    "trainable-tokens-extended-vocab": {"lora", "trainable_tokens"},
+    "tied-trainable-tokens": {"lora", "trainable_tokens"},
+}
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_adapter_kind_matches_peft(models, tmp_path, name):
     base, adapters, dtype = _case(models, name)
     result = hubmerge.merge(adapters, base, tmp_path / "out", dtype=dtype, progress=False)
     want = torch.float32 if dtype == "float32" else result.plan.base.dtype
     assert_matches_peft(result.folders["hf"], base, adapters, want)
     recipe = json.loads((result.out / "hubmerge.json").read_text())
-    kinds = [k for a in recipe["adapters"] for k in a["kinds"]]
-    expected = {
-        "dora": "dora",
-        "lora-bias": "lora_bias",
-        "embedding": "embedding_lora",
-        "tokens": "trainable_tokens",
-    }
-    for word, kind in expected.items():
-        if word in name:
-            assert kind in kinds, (name, kinds)
+    assert {k for a in recipe["adapters"] for k in a["kinds"]} == CASES[name]
 
 
 def test_dora_is_streamed_by_row_blocks(models):
@@ -207,11 +209,17 @@ def test_lora_bias_on_a_base_without_biases_is_refused_like_peft(models, tmp_pat
         hubmerge.merge([adapter], plain_base, tmp_path / "out", progress=False)
 
 
-def test_dora_on_the_embedding_is_refused_in_one_line(models, tmp_path):
+def test_dora_on_the_embedding_streams_in_row_blocks(models):
+    """The column norms are summed over every row block first: small blocks give the bytes one block gives."""
     base = models.base()
-    adapter = models.adapter(base, use_dora=True, target_modules=("embed_tokens", "q_proj"), seed=35)
-    with pytest.raises(InputError, match="DoRA on the embedding model.embed_tokens is not supported"):
-        hubmerge.merge([adapter], base, tmp_path / "out", progress=False)
+    adapter = open_adapter(models.adapter(base, use_dora=True, target_modules=("embed_tokens", "v_proj"), seed=35))
+    plan = build_plan(open_base(base), [adapter])
+    assert plan.tensors[0].name == "model.embed_tokens.weight"
+    assert plan.tensors[0].terms[0].pair.variant == "embedding_dora"
+    skip = set(range(1, len(plan.tensors)))
+    whole = torch.cat([b.data.clone() for b in merge_blocks(plan, skip=skip)])
+    small = [b.data.clone() for b in merge_blocks(plan, block_bytes=4 * 64 * 16, skip=skip)]
+    assert len(small) == 16 and torch.equal(torch.cat(small), whole)
 
 
 def test_dry_run_and_plan_name_the_kinds(models):

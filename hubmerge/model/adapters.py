@@ -57,7 +57,8 @@ class LoraPair:
 
     ``linear``: delta = scale * B @ A, A [r, in], B [out, r]; with a DoRA ``magnitude`` [out], each row of W + delta
     is then scaled to magnitude[row] / ||(W + delta)[row]||. ``embedding``: delta = scale * (B @ A).T, A [r, vocab],
-    B [hidden, r]. ``bias`` (lora_bias): delta = scale * B, B [out], no A. ``rows`` (trainable_token_indices): the
+    B [hidden, r]; with a DoRA ``magnitude`` [hidden], each column of E + delta is scaled to magnitude[column] / its
+    norm over the whole vocabulary (as PEFT's DoRA embedding merge). ``bias`` (lora_bias): delta = scale * B, B [out], no A. ``rows`` (trainable_token_indices): the
     rows ``indices`` become B [len(indices), hidden], no A, scale 1.
     """
 
@@ -79,9 +80,10 @@ class LoraPair:
     @property
     def variant(self) -> str:
         """The adapter kind's name, as the README and the recipe list it."""
-        if self.kind == "linear":
-            return "dora" if self.magnitude is not None else "lora"
-        return {"embedding": "embedding_lora", "bias": "lora_bias", "rows": "trainable_tokens"}[self.kind]
+        if self.kind in ("linear", "embedding"):
+            name = "dora" if self.magnitude is not None else "lora"
+            return name if self.kind == "linear" else f"embedding_{name}"
+        return {"bias": "lora_bias", "rows": "trainable_tokens"}[self.kind]
 
 
 @dataclass
@@ -223,11 +225,6 @@ def _attach_variants(
             f"{config_file}: says use_dora={bool(config.get('use_dora'))} but {module} "
             f"{'has a' if magnitude is not None else 'has no'} lora_magnitude_vector in {weights.name}; "
             "the config belongs to another adapter, use the one published with these weights"
-        )
-    if magnitude is not None and pair.kind == "embedding":
-        raise InputError(
-            f"{config_file}: DoRA on the embedding {module} is not supported: its norms run over the whole "
-            "vocabulary, which hubmerge does not stream; merge this adapter with PEFT"
         )
     pair.magnitude = magnitude
     if bias is not None:
