@@ -289,13 +289,13 @@ def test_q8_0_gguf_is_about_half_the_f16_size(models, tmp_path):
 
 
 def test_format_spelling_is_checked_in_one_line(models, tmp_path):
-    from hubmerge.output.writers import parse_formats
+    from hubmerge.output.writers import check_formats
 
-    assert parse_formats("hf, GGUF:Q8_0,gguf:q8_0,pth") == ["hf", "gguf:q8_0", "pth"]
-    assert parse_formats(["gguf"]) == ["gguf"]
+    assert check_formats("hf, GGUF:Q8_0,gguf:q8_0,pth") == ["hf", "gguf:q8_0", "pth"]
+    assert check_formats(["gguf"]) == ["gguf"]
     for bad in ("gguf:q3_k", "safetensors", " , "):
         with pytest.raises(hubmerge.InputError, match="gguf:<type> with a type of f32, f16, bf16, q8_0") as caught:
-            parse_formats(bad)
+            check_formats(bad)
         assert "\n" not in str(caught.value)
     base = models.base()
     adapter = models.adapter(base, seed=41)

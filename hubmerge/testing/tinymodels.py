@@ -298,7 +298,7 @@ def make_adapter(
     dtype: str = "float16",
     use_dora: bool = False,
     lora_bias: bool = False,
-    trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
 ) -> Path:
     """Write a real PEFT LoRA adapter for the model in ``base_dir`` into ``out_dir`` and return it.
 

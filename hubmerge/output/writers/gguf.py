@@ -29,6 +29,7 @@ from ...model import layouts
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
+from . import Writer
 
 # llama.cpp's --outtype spelling -> (GGML tensor type, llama.cpp file type), as the gguf package names them.
 TYPES = {
@@ -115,9 +116,11 @@ def sentencepiece_vocabulary(tokenizer: TokenizerInfo, configs: Mapping[str, Any
     gguf = _gguf()
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
+    if tokenizer.model_file is None:
+        raise IncompatibleError(f"{tokenizer.folder}: no tokenizer.model, which the gguf format needs; use --format hf")
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module: no stubs
     proto.ParseFromString(tokenizer.model_file.read_bytes())
-    piece_type = pb.ModelProto.SentencePiece.Type
+    piece_type = pb.ModelProto.SentencePiece.Type  # type: ignore[attr-defined]
     tokens = [p.piece.encode("utf-8") for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(gguf.TokenType[piece_type.Name(p.type)]) for p in proto.pieces]
@@ -233,7 +236,7 @@ def sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class GGUFOutput:
+class GGUFOutput(Writer):
     """Writes ``model-<type>.gguf`` into ``folder``; ``outtype`` as llama.cpp's --outtype (default: the dtype's)."""
 
     def __init__(self, folder: Path, plan: MergePlan, outtype: str | None = None):
