@@ -14,7 +14,7 @@ import hubmerge
 from hubmerge.errors import IncompatibleError, InputError
 from hubmerge.merging import merge_blocks
 from hubmerge.model.adapters import open_adapter
-from hubmerge.model.base import open_base
+from hubmerge.model.loader import open_base
 from hubmerge.plan import build_plan
 
 DORA = {"use_dora": True, "seed": 21}

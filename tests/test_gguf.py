@@ -372,3 +372,17 @@ def test_bad_generation_config_values_are_refused_in_one_line():
         chat_template({"tokenizer_config.json": {"chat_template": {"x": 1}}})
     named = [{"name": "default", "template": "{{ x }}"}, {"name": "tool_use", "template": "{{ y }}"}]
     assert chat_template({"tokenizer_config.json": {"chat_template": named}}) == named
+
+
+def test_quantized_gguf_from_the_command_line_and_a_bad_type(models, tmp_path):
+    from support import cli
+
+    base = models.base()
+    adapter = models.adapter(base, seed=54)
+    out = tmp_path / "merged"
+    done = cli(adapter, "--base", base, "--out", out, "--format", "hf,gguf:q4_1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(out / "gguf" / "model-q4_1.gguf")
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q4_1"}
+    bad = cli(adapter, "--base", base, "--out", tmp_path / "bad", "--format", "gguf:q4_k")
+    assert bad.returncode == 2 and "unknown format gguf:q4_k" in bad.stderr and not (tmp_path / "bad").exists()
