@@ -386,3 +386,20 @@ def test_quantized_gguf_from_the_command_line_and_a_bad_type(models, tmp_path):
     assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q4_1"}
     bad = cli(adapter, "--base", base, "--out", tmp_path / "bad", "--format", "gguf:q4_k")
     assert bad.returncode == 2 and "unknown format gguf:q4_k" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_q_and_k_biases_take_their_weights_rotary_order(models, tmp_path):
+    """llama.cpp's converter permutes q_proj/k_proj biases as it permutes their weights; v/o biases stay."""
+    base = models.base(attention_bias=True, heads=4, kv_heads=2)
+    adapter = models.adapter(base, lora_bias=True, target_modules=("q_proj", "k_proj", "v_proj"), seed=55)
+    result = hubmerge.merge([adapter], base, tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    _, tensors = read_gguf(result.folders["gguf"] / "model-f16.gguf")
+    hf = hf_tensors(result.folders["hf"])
+    for proj, heads in (("q", 4), ("k", 2), ("v", None), ("o", None)):
+        want = hf[f"model.layers.1.self_attn.{proj}_proj.bias"].float()
+        kind, got = tensors[f"blk.1.attn_{ {'o': 'output'}.get(proj, proj) }.bias"]
+        assert kind == "F32"
+        if heads is not None:
+            got = meta_to_hf_permute(got.unsqueeze(1), heads).squeeze(1)
+            assert not torch.equal(got, tensors[f"blk.1.attn_{proj}.bias"][1]), proj  # really permuted
+        assert torch.equal(got, want), proj

@@ -289,7 +289,9 @@ class GGUFOutput(Writer):
                 name, entry.shape, np_dtype, entry.nbytes, raw_dtype=gguf.GGMLQuantizationType[stored]
             )
             entries.append(entry)
-            heads = layouts.rotary_head_count(t.name, config)
+            # q/k biases follow their weights' rows (llama.cpp's converter permutes both)
+            weight = t.name[: -len(".bias")] + ".weight" if t.name.endswith(".bias") else t.name
+            heads = layouts.rotary_head_count(weight, config)
             self._tensors.append(_Tensor(stored, plan.base.head_dim if heads else None))
         self._metadata(writer, gguf, vocab, gguf.LlamaFileType[ftype], side)
         self.path = self.folder / file_name(self.outtype)
@@ -351,7 +353,7 @@ class GGUFOutput(Writer):
         t = self._tensors[block.index]
         data = block.data
         if t.head_dim is not None:  # llama.cpp keeps q/k in Meta's rotary order (its HF converter permutes back)
-            data = layouts.hf_to_meta_rows(data, t.head_dim)
+            data = layouts.hf_to_meta_rows(data.reshape(data.shape[0], -1), t.head_dim).reshape(data.shape)
         if t.ggml.lower() in _TORCH:
             dtype = _TORCH[t.ggml.lower()]
             self._stream.write(data if data.dtype == dtype else data.to(dtype))
