@@ -2,19 +2,22 @@
 streaming: f32, f16 or bf16 (following the output dtype, or named), or quantized in the same pass (q8_0, q5_1, q5_0,
 q4_1, q4_0: the types the package can quantize, spelled as llama.cpp's ``--outtype``).
 
-Key and tensor names come from the package's tables (``MODEL_ARCH.LLAMA``, its TensorNameMap from HF names).
+The family's table (:mod:`hubmerge.model.architectures`) gives llama.cpp's arch, tensor names and metadata keys.
 The header, metadata and tensor infos are written first through ``gguf.GGUFWriter`` (every size is known from the
 plan), then tensor data is appended block by block with the writer's own alignment, so no tensor is held whole.
-As llama.cpp's HF converter does: q/k rows go back to Meta's rotary order; 1-D tensors, norms and biases are stored
-in F32; a quantized type applies to every other tensor (embeddings and output included), except that a tensor whose
-rows are not a whole number of quantization blocks falls back to F16. The tokenizer is the full sentencepiece
-vocabulary (pieces, scores, piece types) plus the tokens defined on top of it, with the special token ids, the
-add_bos/add_eos flags, ``add_space_prefix`` and the chat template of the tokenizer config, and ``general.sampling.*``
-from generation_config.json: whatever an HF output of the same merge holds, whether the base was HF or Meta.
+As llama.cpp's HF converter does: q/k rows of the llama arch go back to Meta's rotary order, Gemma's norms are
+stored plus one, 1-D tensors, norms and biases are stored in F32, a quantized type applies to every other tensor
+(embeddings and output included) except that a tensor whose rows are not a whole number of quantization blocks falls
+back to F16, rope scaling is written as its keys (linear, YaRN) or, for Llama 3's, as the ``rope_freqs.weight``
+factors, and the tokenizer is the full sentencepiece vocabulary (pieces, scores, piece types) plus the tokens defined
+on top of it (added_tokens.json, tokenizer_config.json), with the special token ids, the add_bos/add_eos flags,
+``add_space_prefix`` and the chat template of the tokenizer config, and ``general.sampling.*`` from
+generation_config.json: whatever an HF output of the same merge holds, whether the base was HF or Meta.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 from ...errors import IncompatibleError, InputError
 from ...merging import Block
 from ...model import layouts
+from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
@@ -183,6 +187,7 @@ class _DataStream(StreamingTensorWriter):
 class _Tensor:
     ggml: str  # stored type (GGMLQuantizationType name)
     head_dim: int | None  # q/k: rows go back to Meta's rotary order
+    shift: float | None  # added to the values (Gemma's norms)
 
 
 def _side_json(name: str, source: Path | dict[str, Any] | None) -> dict[str, Any]:
@@ -236,63 +241,123 @@ def sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """``rope_freqs.weight`` of Llama 3's rope scaling, as llama.cpp's converter computes it (in float32): per
+    frequency pair, 1 for wavelengths under ``original / high_freq_factor``, ``factor`` over ``original /
+    low_freq_factor``, and between them ``1 / ((1 - s) / factor + s)`` with ``s = (original / wavelength - low) /
+    (high - low)``. The original context is the rope parameters' (llama.cpp reads a top-level key that
+    transformers never writes, so it uses 8192: the same for every released Llama 3)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings") or 8192)
+    wavelength = 2 * math.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    scaled = torch.where(wavelength > original / low, torch.tensor(factor, dtype=torch.float32), between)
+    return torch.where(wavelength < original / high, torch.tensor(1.0, dtype=torch.float32), scaled)
+
+
+def rope_metadata(rope: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The rope scaling keys llama.cpp's converter writes (``{arch}.rope.scaling.*``): ``(key, type, value)``."""
+    kind = rope["rope_type"]
+    keys: list[tuple[str, str, Any]] = []
+    if kind in ("linear", "yarn") and rope.get("factor") is not None:
+        keys += [("type", "string", kind), ("factor", "float32", float(rope["factor"]))]
+    if kind == "yarn" and rope.get("factor") is not None:
+        if rope.get("original_max_position_embeddings") is None:
+            raise IncompatibleError(
+                "YaRN rope scaling without original_max_position_embeddings cannot be written to GGUF; "
+                "add it to config.json's rope parameters or use --format hf",
+                remedy="format",
+            )
+        keys.append(("original_context_length", "uint32", int(rope["original_max_position_embeddings"])))
+        attention = rope.get("attention_factor", rope.get("attn_factor"))
+        for key, value in (
+            ("yarn_ext_factor", rope.get("extrapolation_factor")),
+            ("yarn_attn_factor", attention),
+            ("yarn_beta_fast", rope.get("beta_fast")),
+            ("yarn_beta_slow", rope.get("beta_slow")),
+        ):
+            if value is not None:
+                keys.append((key, "float32", float(value)))
+    return [(f"{{arch}}.rope.scaling.{key}", typ, value) for key, typ, value in keys]
+
+
 class GGUFOutput(Writer):
     """Writes ``model-<type>.gguf`` into ``folder``; ``outtype`` as llama.cpp's --outtype (default: the dtype's)."""
 
     def __init__(self, folder: Path, plan: MergePlan, outtype: str | None = None):
         gguf = _gguf()
         self.folder, self.plan = Path(folder), plan
+        arch = plan.base.arch
+        if arch.gguf is None:
+            raise IncompatibleError(
+                f"llama.cpp has no {arch.name} architecture hubmerge can write; use --format hf", remedy="format"
+            )
+        self.spec = arch.gguf
         self.outtype = output_type(plan, outtype)
         if plan.tokenizer.model_file is None:
             raise IncompatibleError(
-                f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece "
-                "vocabulary); this tokenizer has only tokenizer.json: use --format hf"
+                f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece vocabulary); this "
+                "tokenizer is a BPE tokenizer.json, whose pre-tokenizer hubmerge cannot identify for llama.cpp: use "
+                "--format hf, then llama.cpp's convert_hf_to_gguf.py",
+                path=plan.tokenizer.folder,
+                remedy="format",
             )
         config = plan.config
-        rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-            raise IncompatibleError(f"rope scaling {rope!r} is not written to GGUF by hubmerge; use --format hf")
+        self.rope = rope_parameters(config)
+        if self.rope["rope_type"] not in ("default", *self.spec.rope_scaling):
+            raise IncompatibleError(
+                f"rope scaling {self.rope['rope_type']!r} has no GGUF form for llama.cpp's {self.spec.arch} arch "
+                f"(it takes {', '.join(self.spec.rope_scaling) or 'none'}); use --format hf",
+                remedy="format",
+            )
         side = plan.side_files()
         configs = {
             name: _side_json(name, side.get(name)) for name in ("special_tokens_map.json", "tokenizer_config.json")
         }
         vocab = sentencepiece_vocabulary(plan.tokenizer, configs)
+        if arch.vocab_padding:  # embedding rows beyond the tokenizer: unused "[PADn]" tokens, as llama.cpp writes
+            for i in range(len(vocab.tokens), plan.vocab_size):
+                vocab.tokens.append(f"[PAD{i}]".encode())
+                vocab.scores.append(-1000.0)
+                vocab.types.append(int(gguf.TokenType.UNUSED))
         if len(vocab.tokens) != plan.vocab_size:
             raise IncompatibleError(
                 f"{plan.tokenizer.model_file}: {len(vocab.tokens)} tokens for {plan.vocab_size} "
                 "embedding rows; use the tokenizer published with the model"
             )
         qtype, ftype = TYPES[self.outtype]
-        arch = gguf.MODEL_ARCH.LLAMA
-        names = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
         self._tensors: list[_Tensor] = []
         entries: list[Entry] = []
-        writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+        writer = gguf.GGUFWriter(None, self.spec.arch)
+        extra = {}
+        if self.rope["rope_type"] == "llama3":  # llama.cpp writes the factors first
+            extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(
+                self.rope, plan.base.head_dim
+            )
+        for name, data in extra.items():
+            entries.append(self._add(writer, gguf, name, "F32", tuple(data.shape)))
         for t in plan.tensors:
-            name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+            name = arch.gguf_name(t.name)
             if name is None:
-                raise IncompatibleError(f"{t.name} has no llama.cpp name; use --format hf")
+                raise IncompatibleError(
+                    f"{t.name} has no place in llama.cpp's {self.spec.arch} arch (e.g. an untied lm_head); "
+                    "use --format hf",
+                    remedy="format",
+                )
             if not plan.out_dtype(t).is_floating_point:
                 raise IncompatibleError(
                     f"{t.name} is {dtype_name(plan.out_dtype(t))}, which GGUF output does not support"
                 )
             stored = self._stored_type(gguf, name, t.shape, qtype)
-            if stored.lower() in _TORCH:
-                dtype = _TORCH[stored.lower()]
-                entry = Entry(name, dtype, t.shape)
-                np_dtype = np.dtype(_NUMPY[dtype])
-            else:
-                raw = gguf.GGMLQuantizationType[stored]
-                entry = Entry(name, torch.uint8, tuple(gguf.quant_shape_to_byte_shape(t.shape, raw)))
-                np_dtype = np.dtype(np.uint8)
-            writer.add_tensor_info(
-                name, entry.shape, np_dtype, entry.nbytes, raw_dtype=gguf.GGMLQuantizationType[stored]
+            entries.append(self._add(writer, gguf, name, stored, t.shape))
+            heads = arch.rotary_heads(t.name, config)
+            spec = arch.spec(t.name)
+            self._tensors.append(
+                _Tensor(stored, plan.base.head_dim if heads else None, spec.gguf_shift if spec else None)
             )
-            entries.append(entry)
-            # q/k biases follow their weights' rows (llama.cpp's converter permutes both)
-            weight = t.name[: -len(".bias")] + ".weight" if t.name.endswith(".bias") else t.name
-            heads = layouts.rotary_head_count(weight, config)
-            self._tensors.append(_Tensor(stored, plan.base.head_dim if heads else None))
         self._metadata(writer, gguf, vocab, gguf.LlamaFileType[ftype], side)
         self.path = self.folder / file_name(self.outtype)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -300,6 +365,23 @@ class GGUFOutput(Writer):
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         self._stream = _DataStream(self.path, entries, writer.fout[0], writer.data_alignment)
+        for data in extra.values():
+            self._stream.write(data)
+
+    @staticmethod
+    def _add(writer, gguf, name: str, stored: str, shape: tuple[int, ...]) -> Entry:
+        """Declare a tensor stored as ``stored`` (a GGMLQuantizationType name); its entry takes the bytes the
+        writer will receive: the float dtype's, or a quantized type's blocks as uint8 rows."""
+        raw = gguf.GGMLQuantizationType[stored]
+        if stored.lower() in _TORCH:
+            dtype = _TORCH[stored.lower()]
+            entry = Entry(name, dtype, shape)
+            np_dtype = np.dtype(_NUMPY[dtype])
+        else:
+            entry = Entry(name, torch.uint8, tuple(gguf.quant_shape_to_byte_shape(shape, raw)))
+            np_dtype = np.dtype(np.uint8)
+        writer.add_tensor_info(name, entry.shape, np_dtype, entry.nbytes, raw_dtype=raw)
+        return entry
 
     @staticmethod
     def _stored_type(gguf, name: str, shape: Sequence[int], qtype: str) -> str:
@@ -310,27 +392,35 @@ class GGUFOutput(Writer):
         block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
         return qtype if shape[-1] % block == 0 else "F16"
 
+    def _values(self) -> list[tuple[str, str, Any]]:
+        """The family's metadata keys (its table's ``gguf.metadata``), then the rope scaling keys."""
+        c, arch = self.plan.config, self.plan.base.arch
+        dims = {**arch.dims(c), "vocab": self.plan.vocab_size}
+        out = []
+        for item in self.spec.metadata:
+            value = item["value"]
+            if isinstance(value, str):
+                source, _, key = value.partition(":")
+                if source == "dim":
+                    value = dims[key]
+                elif source == "rope":
+                    value = self.rope[key]
+                else:
+                    value = c.get(key, item.get("default"))
+            if value is not None:
+                out.append((item["key"], item["type"], value))
+        return out + rope_metadata(self.rope)
+
     def _metadata(self, writer, gguf, vocab: Vocabulary, ftype, side: Mapping[str, Path | dict[str, Any]]) -> None:
-        """llama.cpp's llama hyperparameters and tokenizer keys, through the writer's own setters."""
-        c, base = self.plan.config, self.plan.base
+        """llama.cpp's hyperparameters of the family and the tokenizer keys, through the writer's own setters."""
+        base = self.plan.base
         writer.add_type(gguf.GGUFType.MODEL)
         label = self.plan.adapters[-1].label if self.plan.adapters else str(base.path)
         writer.add_name(Path(label.rstrip("/")).name or label)
         for name, value in sampling(_side_json("generation_config.json", side.get("generation_config.json"))).items():
             getattr(writer, f"add_sampling_{name}")(value)
-        writer.add_context_length(int(c.get("max_position_embeddings") or 2048))
-        writer.add_embedding_length(base.hidden_size)
-        writer.add_block_count(int(c["num_hidden_layers"]))
-        writer.add_feed_forward_length(int(c["intermediate_size"]))
-        writer.add_head_count(base.num_heads)
-        writer.add_head_count_kv(base.num_kv_heads)
-        writer.add_rope_dimension_count(base.head_dim)
-        if c.get("head_dim"):
-            writer.add_key_length(base.head_dim)
-            writer.add_value_length(base.head_dim)
-        writer.add_rope_freq_base(layouts.rope_theta(c))
-        writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(self.plan.vocab_size)
+        for key, typ, value in self._values():
+            getattr(writer, f"add_{typ}")(key.format(arch=self.spec.arch), value)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("llama")
@@ -353,7 +443,9 @@ class GGUFOutput(Writer):
         t = self._tensors[block.index]
         data = block.data
         if t.head_dim is not None:  # llama.cpp keeps q/k in Meta's rotary order (its HF converter permutes back)
-            data = layouts.hf_to_meta_rows(data.reshape(data.shape[0], -1), t.head_dim).reshape(data.shape)
+            data = layouts.hf_to_meta_rows(data, t.head_dim)
+        if t.shift is not None:  # in the output dtype, as the converter adds it to the HF output's values
+            data = data + t.shift
         if t.ggml.lower() in _TORCH:
             dtype = _TORCH[t.ggml.lower()]
             self._stream.write(data if data.dtype == dtype else data.to(dtype))
