@@ -91,8 +91,19 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary, only errors")
 
 
+LOGIN = (
+    "Hub login: run `hf auth login` once, or set HF_TOKEN; hubmerge uses them by itself. --token works too, but\n"
+    "other users of this machine can read a command line (ps): pass it only where nobody else logs in."
+)
+
+
 def _hub_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN, then the token saved by `hf auth login`)")
+    p.add_argument(
+        "--token",
+        help="prefer HF_TOKEN or `hf auth login` (used by default, in that order): a token given here is visible "
+        "to other users of this machine in `ps`",
+    )
+    p.epilog = f"{p.epilog}\n\n{LOGIN}" if p.epilog else LOGIN
     p.add_argument("--cache-dir", help="download cache (default: the standard Hugging Face cache)")
 
 
