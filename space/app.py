@@ -378,8 +378,9 @@ class _Stage:
 
     @property
     def total(self) -> int | None:
-        totals = [t.total for t in self.tasks.values()]
-        known = sum(totals) if totals and None not in totals else None  # type: ignore[arg-type]
+        """Bytes of the tasks begun so far (None while one of them has no size), or the expected bytes if more."""
+        totals = [t.total for t in self.tasks.values() if t.total is not None]
+        known = sum(totals) if self.tasks and len(totals) == len(self.tasks) else None
         return max(self.expected, known or 0) if self.expected is not None else known
 
     @property
@@ -433,7 +434,8 @@ class JobProgress:
         self.ended = self.clock()
 
     def state(self, name: str) -> str:
-        """``waiting``, ``running`` or ``done``: a stage is done once its tasks finished and a later one began."""
+        """``waiting``, ``running`` or ``done``: a stage is done once its tasks (and the bytes it expected) finished
+        and a later stage began, or the job ended."""
         stage = self.stages[name]
         if not stage.tasks:
             return "waiting"
