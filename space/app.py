@@ -498,11 +498,9 @@ def _plural(n: int, word: str) -> str:
 
 def _clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -689,9 +687,10 @@ def plan_html(check: CheckResult, hub_url: str) -> str:
     rows = []
     for i, row in enumerate(p.inputs):
         source = html.escape(row.source)
-        if row.commit:
-            source = f'<a href="{html.escape(hub_url)}/{source}/tree/{row.commit}" target="_blank">{source}</a>'
-        commit = f'<code title="{row.commit}">{row.commit[:12]}</code>' if row.commit else "local folder"
+        commit = html.escape(row.commit or "")  # a value the Hub sent: shown as text only
+        if commit:
+            source = f'<a href="{html.escape(hub_url)}/{source}/tree/{commit}" target="_blank">{source}</a>'
+        commit = f'<code title="{commit}">{commit[:12]}</code>' if commit else "local folder"
         download = (
             "local" if row.download is None else f"{format_size(row.download)} ({_plural(row.files or 0, 'file')})"
         )
