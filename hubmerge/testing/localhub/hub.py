@@ -32,7 +32,8 @@ class LocalHub:
 
     Use as a context manager (``with LocalHub(root) as hub: ...``) or call :meth:`start`/:meth:`stop`. State lives on
     disk, so a new ``LocalHub`` on the same ``root`` serves the same users, repos and files. Faults for tests are set
-    through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`).
+    through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`). ``bandwidth`` (bytes/s)
+    throttles it like a network link: that rate in each direction, shared by all transfers at once.
     """
 
     def __init__(
@@ -43,12 +44,15 @@ class LocalHub:
         port: int = 0,
         verbose: bool = False,
         tree_page_size: int = 1000,
+        bandwidth: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.storage = HubStorage(self.root)
         self.faults = FaultInjector()
         self._host, self._port = host, port
-        self._state = State(self.storage, self.faults, verbose=verbose, tree_page_size=max(1, tree_page_size))
+        self._state = State(
+            self.storage, self.faults, verbose=verbose, tree_page_size=max(1, tree_page_size), bandwidth=bandwidth
+        )
         self._server: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 

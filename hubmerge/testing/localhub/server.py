@@ -49,6 +49,7 @@ from .storage import (
     git_blob_sha1,
     now_iso,
 )
+from .throttle import Link, ThrottledReader, ThrottledWriter
 
 __all__ = ["HubHTTPServer", "RequestRecord", "State", "URL_PREFIX"]
 
@@ -85,8 +86,18 @@ class _Ticket:
 class State:
     """Everything the request handlers share; owned by :class:`~hubmerge.testing.localhub.hub.LocalHub`."""
 
-    def __init__(self, storage: HubStorage, faults: FaultInjector, *, verbose: bool, tree_page_size: int) -> None:
+    def __init__(
+        self,
+        storage: HubStorage,
+        faults: FaultInjector,
+        *,
+        verbose: bool,
+        tree_page_size: int,
+        bandwidth: int | None = None,
+    ) -> None:
         self.storage = storage
+        # (client -> server, server -> client), each shared by all connections; None: unthrottled
+        self.links = (Link(bandwidth), Link(bandwidth)) if bandwidth else None
         self.faults = faults
         self.verbose = verbose
         self.tree_page_size = tree_page_size
@@ -230,6 +241,12 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def st(self) -> State:
         return self.server.state
+
+    def setup(self) -> None:
+        super().setup()
+        if self.st.links is not None:
+            self.rfile = ThrottledReader(self.rfile, self.st.links[0])  # type: ignore[assignment]
+            self.wfile = ThrottledWriter(self.wfile, self.st.links[1])  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
         # The default logger prints the raw request line (which can hold an upload ticket): only masked, only verbose.
