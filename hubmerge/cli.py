@@ -45,7 +45,10 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
     )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default: 5GB)")
+    p.add_argument(
+        "--max-shard-size",
+        help="largest HF safetensors shard (default: 5GB; with --push-to, a sixteenth of the model within 200MB..2GB)",
+    )
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
     p.add_argument(
         "--no-verify",
@@ -77,6 +80,13 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to", metavar="ORG/NAME", help="publish the HF output to this Hub repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to: create the repo public")
     p.add_argument(
+        "--no-keep-downloads",
+        dest="keep_downloads",
+        action="store_false",
+        help="with --push-to: remove each base shard this run downloads once it is merged (by default they stay "
+        "in the cache when the disk holds them; files cached before are never touched)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="resolve everything and print the plan; download no weights, write nothing",
@@ -105,6 +115,9 @@ def _run_merge(args: argparse.Namespace) -> int:
             token=args.token,
             cache_dir=args.cache_dir,
             progress=not args.quiet,
+            push_to=args.push_to,
+            max_shard_size=args.max_shard_size,
+            keep_downloads=args.keep_downloads,
         ):
             print(line)
         return 0
@@ -128,6 +141,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         verify=args.verify,
         progress=not args.quiet,
+        keep_downloads=args.keep_downloads,
     )
     for w in result.plan.warnings:
         say(f"warning: {w}")
@@ -219,7 +233,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.out,
         formats=args.formats,
         dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size or "5GB",
         pth_shards=args.pth_shards,
         verify=args.verify,
         overwrite=args.overwrite,

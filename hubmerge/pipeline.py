@@ -11,7 +11,7 @@ import math
 import resource
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +23,12 @@ from .inputs.hub import Hub
 from .inputs.sources import Source, fetch, not_cached, resolve
 from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
 from .model.adapters import Adapter, open_adapter
-from .model.base import BaseModel, open_base
+from .model.base import ArrivingWeights, BaseModel, open_base
 from .output.recipe import tool_versions, write_recipe
 from .output.staging import Journal, fingerprint
 from .output.writers import FORMATS, Writer, make_writer
 from .plan import MergePlan, build_plan, dtype_name
-from .publish import PushResult, push, source_license
+from .publish import PushResult, source_license
 from .sizes import format_size, parse_size
 from .verification.hashing import file_digest
 from .verification.known import check_tokenizer_matches
@@ -70,6 +70,7 @@ class MergeResult:
     push: PushResult | None = None
     sources: list[Source] = field(default_factory=list)
     kept: int = 0  # files kept from an interrupted run
+    notes: list[str] = field(default_factory=list)  # extra summary lines (a streamed push says what it did)
 
     @classmethod
     def finish(
@@ -125,6 +126,7 @@ class MergeResult:
             )
         if self.kept:
             lines.append(f"resumed: kept {self.kept} files an interrupted run had finished")
+        lines += self.notes
         lines.append(f"time: {self.seconds:.1f} s; peak memory: {format_size(self.peak_rss)}")
         return lines
 
@@ -163,23 +165,30 @@ def resolve_inputs(adapters: Sequence[PathLike], base: PathLike, hub: Hub) -> tu
 
 
 def open_inputs(
-    base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, progress: bool = True, verify: bool = True
+    base_src: Source,
+    adapter_srcs: Sequence[Source],
+    hub: Hub,
+    *,
+    progress: bool = True,
+    verify: bool = True,
+    arriving: ArrivingWeights | None = None,
 ) -> Inputs:
     """Download and verify what comes from the Hub (adapters first: they are small and fail fast), check tokenizers
     by hash, and open everything lazily. A Meta checkpoint base is verified by its checklists and the known-hash
-    table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe.
+    table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe. With ``arriving``
+    (a streamed push), the base's weights are not downloaded here: they arrive while the merge runs.
 
     Raises:
         HubmergeError subclasses with a one-line message.
     """
-    _check_download_space([*adapter_srcs, base_src], hub)
+    _check_download_space([*adapter_srcs, base_src] if arriving is None else adapter_srcs, hub)
     for src in [*adapter_srcs, base_src]:
-        fetch(src, hub, progress=progress)
+        fetch(src, hub, progress=progress, weights=arriving is None or src is not base_src)
     opened = [open_adapter(s.path, s.label) for s in adapter_srcs]
     for src, adapter in zip(adapter_srcs, opened):
         sha = adapter.tokenizer.sha256() if adapter.tokenizer else None
         check_tokenizer_matches(adapter.label, src.repo_id, sha, adapter.vocab_size)
-    base_model = open_base(base_src.path, verify=verify)
+    base_model = open_base(base_src.path, verify=verify, arriving=arriving)
     for name, digest in base_model.hashes.items():
         base_src.hashes.setdefault(name, digest)
     return Inputs(base_src, base_model, list(adapter_srcs), opened)
@@ -338,6 +347,8 @@ def write_outputs(
     progress: bool,
     block_bytes: int,
     desc: str = "merge",
+    disk_needed: int | None = None,
+    on_file_done: Callable[[Path, str], None] | None = None,
 ) -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
@@ -346,14 +357,15 @@ def write_outputs(
     on the other core meanwhile.
 
     The sibling folder carries a journal of finished files (:mod:`hubmerge.output.staging`): after a kill or Ctrl-C, the
-    same command on the same inputs keeps them and writes only the rest.
+    same command on the same inputs keeps them and writes only the rest. ``on_file_done(path, sha256)`` is also
+    called as each HF shard is finished (a streamed push uploads it); ``disk_needed`` replaces the room checked for.
 
     Raises:
         OutputError: no room (before writing, or the disk filled up meanwhile); any writer's IncompatibleError:
         the sibling folder is removed. Interrupted (Ctrl-C): the finished files are kept for a rerun.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20)
+    _check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20 if disk_needed is None else disk_needed)
     _check_memory(estimate_memory(plan, block_bytes))
     staging = out_dir.with_name(f".{out_dir.name}.hubmerge-partial")
     options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
@@ -369,7 +381,7 @@ def write_outputs(
         for w in writers:  # a tensor is skipped only when no writer needs it any more
             skip &= w.resume(journal.done) if hasattr(w, "resume") else set()
             if hasattr(w, "on_file_done"):
-                w.on_file_done = journal.record
+                w.on_file_done = journal.record if on_file_done is None else _both(journal.record, on_file_done)
         done_bytes = sum(math.prod(plan.tensors[i].shape) * plan.out_dtype(plan.tensors[i]).itemsize for i in skip)
         with tqdm(
             total=plan.nbytes,
@@ -424,6 +436,14 @@ def write_outputs(
     return Written({f: out_dir / folders[f].relative_to(staging) for f in formats}, files, journal.kept)
 
 
+def _both(first: Callable[[Path, str], None], then: Callable[[Path, str], None]) -> Callable[[Path, str], None]:
+    def call(path: Path, digest: str) -> None:
+        first(path, digest)
+        then(path, digest)
+
+    return call
+
+
 def merge(
     adapters: Sequence[PathLike],
     base: PathLike,
@@ -431,7 +451,7 @@ def merge(
     *,
     formats: Sequence[str] = ("hf",),
     dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     pth_shards: int | None = None,
     overwrite: bool = False,
     push_to: str | None = None,
@@ -442,6 +462,7 @@ def merge(
     verify: bool = True,
     progress: bool = True,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    keep_downloads: bool = True,
 ) -> MergeResult:
     """Merge LoRA ``adapters`` (applied in order) into ``base`` and write the result under ``out``.
 
@@ -455,10 +476,14 @@ def merge(
         formats: any of ``"hf"`` (sharded safetensors + config + tokenizer), ``"pth"`` (Meta/llama.cpp layout) and
             ``"gguf"`` (one llama.cpp file, ``model-<f16|bf16|f32>.gguf``).
         dtype: output dtype (``float16``, ``bfloat16``, ``float32``); default: the base's.
-        max_shard_size: HF shard size limit, e.g. ``"5GB"``. pth_shards: pth model-parallel shards (default by size).
+        max_shard_size: HF shard size limit, e.g. ``"5GB"`` (the default; a push: a sixteenth of the model within
+            200 MB..2 GB). pth_shards: pth model-parallel shards (default by size).
         overwrite: replace an existing ``out``, and allow pushing into a repo that already has files.
         verify: check a Meta checkpoint base against its checklists and the known hashes first.
-        push_to: publish the HF output to this Hub repo, private unless ``public``.
+        push_to: publish the HF output to this Hub repo, private unless ``public``. Download, merge and upload then
+            overlap (:mod:`hubmerge.stream`); without ``out``, only the shards in flight are ever on disk.
+        keep_downloads: with ``push_to``, keep the base shards downloaded into the cache when the disk can hold
+            them (false: remove each once merged; files cached before the run are never touched).
         token, cache_dir, endpoint: Hub access (default: HF_TOKEN or the saved login, the HF cache, HF_ENDPOINT).
         progress: show progress bars.
 
@@ -472,8 +497,28 @@ def merge(
     formats = check_formats(formats)
     if push_to and "hf" not in formats:
         raise InputError("--push-to publishes the HF format: add hf to --format")
-    shard_limit = parse_size(max_shard_size)
     hub = hub_from_args(token, cache_dir, endpoint)
+    if push_to:
+        from .stream import merge_push
+
+        return merge_push(
+            adapters,
+            base,
+            out,
+            push_to=push_to,
+            hub=hub,
+            formats=formats,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            pth_shards=pth_shards,
+            overwrite=overwrite,
+            public=public,
+            verify=verify,
+            progress=progress,
+            block_bytes=block_bytes,
+            keep_downloads=keep_downloads,
+        )
+    shard_limit = parse_size(max_shard_size if max_shard_size is not None else "5GB")
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
     check_output(out_dir, [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root], overwrite)
@@ -490,5 +535,4 @@ def merge(
         progress=progress,
         block_bytes=block_bytes,
     )
-    pushed = push(out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False) if push_to else None
-    return MergeResult.finish(out_dir, written, plan, started, pushed, inputs.sources)
+    return MergeResult.finish(out_dir, written, plan, started, None, inputs.sources)

@@ -4,6 +4,7 @@ its ``hubmerge.json`` recipe: sources pinned to commits, the merge recipe, and t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,14 @@ def push(
     overwrite: bool = False,
     hub: Hub | None = None,
     verify: bool = True,
+    uploaded: Mapping[str, Any] | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
     The repo is created private unless ``private=False``. Pushing into a repo that already has files needs
     ``overwrite=True``; the files it holds that the merge did not write are then deleted in the same commit.
+    ``uploaded`` maps file names to ``CommitOperationAdd`` operations already pre-uploaded (a streamed push): they
+    join the commit as they are (their local files may be gone), checked against the recipe's SHA256.
 
     Returns:
         a :class:`PushResult`.
@@ -164,9 +168,13 @@ def push(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
     hf_dir, files = _hf_files(folder, recipe)
+    uploaded = dict(uploaded or {})
+    for name, op in uploaded.items():
+        if files.get(name) != op.upload_info.sha256.hex():
+            raise VerificationError(f"{name}: the uploaded file's SHA256 differs from {RECIPE_NAME}; merge again")
     if verify:
         for name, digest in files.items():
-            if file_digest(hf_dir / name) != digest:
+            if name not in uploaded and file_digest(hf_dir / name) != digest:
                 raise VerificationError(
                     f"{hf_dir / name}: SHA256 differs from {RECIPE_NAME}; the file changed since the merge, merge again"
                 )
@@ -183,7 +191,8 @@ def push(
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [
-        CommitOperationAdd(
+        uploaded.get(name)
+        or CommitOperationAdd(
             path_in_repo=name, path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)
         )
         for name in files

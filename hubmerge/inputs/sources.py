@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -146,15 +146,16 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     return chosen
 
 
-def not_cached(source: Source, hub: Hub) -> list[str]:
-    """The needed files of a Hub source that are not in the cache yet at its commit (nothing for local sources)."""
+def not_cached(source: Source, hub: Hub, names: Iterable[str] | None = None) -> list[str]:
+    """The needed files (or ``names``) of a Hub source that are not in the cache yet at its commit (nothing for
+    local sources)."""
     if source.repo_id is None:
         return []
     from huggingface_hub import try_to_load_from_cache
 
     return [
         n
-        for n in needed_files(source)
+        for n in (needed_files(source) if names is None else names)
         if not isinstance(
             try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str
         )
@@ -179,6 +180,17 @@ def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = Tr
                 _download_verified(source, shard, hub, progress)
 
 
+def streamable_shards(source: Source) -> list[str]:
+    """The safetensors weight files of a Hub base fetched without weights (its index is local), sorted by name;
+    [] when its weights are in another format."""
+    weights = _first_layout(set(source.remote), BASE_WEIGHTS)
+    if weights == ["model.safetensors"]:
+        return weights
+    if weights == ["model.safetensors.index.json"] and source.path is not None:
+        return _index_shards(source, source.path / weights[0])
+    return []
+
+
 def _index_shards(source: Source, index: Path) -> list[str]:
     try:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -191,9 +203,28 @@ def _index_shards(source: Source, index: Path) -> list[str]:
     return [s for s in shards if s not in source.hashes]
 
 
-def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> Path:
+def fetch_file(source: Source, name: str, hub: Hub, *, on_bytes: Callable[[int], object] | None = None) -> Path:
+    """Download one file of a Hub source into the cache and verify it as :func:`fetch` does (quietly, reporting
+    the bytes received to ``on_bytes``); returns its local path.
+
+    Raises:
+        HubAccessError, VerificationError.
+    """
+    return _download_verified(source, name, hub, False, on_bytes)
+
+
+def _download_verified(
+    source: Source, name: str, hub: Hub, progress: bool, on_bytes: Callable[[int], object] | None = None
+) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils.tqdm import silent_tqdm
+
+    bar: type = silent_tqdm
+    if on_bytes is not None:
+
+        class bar(silent_tqdm):  # the client's progress bar interface, forwarding to on_bytes
+            def update(self, n: int | float | None = 1) -> None:
+                on_bytes(int(n or 0))
 
     for attempt in (1, 2):
         with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
@@ -206,7 +237,7 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
                     token=hub.token,
                     endpoint=hub.url,
                     force_download=attempt == 2,
-                    tqdm_class=None if progress else silent_tqdm,
+                    tqdm_class=None if progress else bar,
                 )
             )
         problem = _mismatch(source, name, local, progress)

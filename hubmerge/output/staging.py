@@ -28,6 +28,8 @@ def fingerprint(plan: MergePlan, input_files: Iterable[Path], options: Mapping[s
     """SHA256 of what decides the output bytes: the inputs' identity, the plan, the output options, the versions."""
 
     def stat(path: Path) -> list:
+        if not path.exists():  # a Hub file still to download: its cache path names the commit, verified on arrival
+            return [str(path)]
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
