@@ -11,6 +11,7 @@ generation is redone, a complete one reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import zlib
@@ -190,8 +191,12 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.gen", description="generate (or reuse) the benchmark's inputs")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
+    p.add_argument("--shard-bytes", type=int, help="base shard size (default: the shape's)")
     args = p.parse_args()
-    base, adapters = generate(args.work, SHAPES[args.shape])
+    shape = SHAPES[args.shape]
+    if args.shard_bytes:
+        shape = dataclasses.replace(shape, shard_bytes=args.shard_bytes)
+    base, adapters = generate(args.work, shape)
     print(base, *adapters)
 
 
