@@ -12,6 +12,7 @@ from typing import Any
 from .errors import InputError, OutputError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
+from .progress import Progress
 from .verification.hashing import file_digest
 
 TAGS = ["hubmerge", "llama", "lora", "merge"]
@@ -27,19 +28,6 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
-
-
-def source_license(folder: Path | None) -> str | None:
-    """The ``license`` a source's README.md front matter states, if any."""
-    readme = folder / "README.md" if folder else None
-    if readme is None or not readme.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return (metadata_load(readme) or {}).get("license")
-    except Exception:  # a malformed card must not stop a merge; the license is then simply not carried over
-        return None
 
 
 def _link(hub_url: str, record: dict[str, Any]) -> str:
@@ -142,6 +130,7 @@ def push(
     overwrite: bool = False,
     hub: Hub | None = None,
     verify: bool = True,
+    progress: Progress | None = None,
     uploaded: Mapping[str, Any] | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
@@ -191,12 +180,19 @@ def push(
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [
-        uploaded.get(name)
-        or CommitOperationAdd(
+        CommitOperationAdd(
             path_in_repo=name, path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)
         )
         for name in files
+        if name not in uploaded
     ]
+    progress = progress or Progress()
+    for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
+        size = Path(str(op.path_or_fileobj)).stat().st_size
+        with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
+            api.preupload_lfs_files(repo_id, additions=[op])
+            update(size)
+    ops += uploaded.values()
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):

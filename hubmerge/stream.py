@@ -30,10 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .constants import default_out_name
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .inputs.hub import Hub, hub_errors
+from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
-from .plan import MergePlan
+from .output.staging import Written, check_output, write_outputs
+from .pipeline import MergeResult
+from .plan import MergePlan, build_plan
+from .progress import Progress
+from .publish import push
 from .sizes import format_size, parse_size
 from .tensorio.safetensors import parse_header, read_safetensors
 from .tensorio.source import TensorRef
@@ -51,38 +57,6 @@ _MARGIN = 64 * 2**20  # small files (config, tokenizer, recipe) and filesystem s
 def stream_shard_size(nbytes: int) -> int:
     """The default output shard size of a streamed push for a model of ``nbytes``."""
     return min(STREAM_SHARD_MAX, max(STREAM_SHARD_MIN, nbytes // STREAM_SHARD_PARTS))
-
-
-# -- progress (one place: the lead's hubmerge.progress events replace these bars once they land) ---------------------
-class StreamProgress:
-    """Byte counters of the streams (``download``, ``upload``; the merge has its own bar in write_outputs), shown as
-    progress bars with rate and ETA when ``enabled``."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.done: dict[str, int] = {}
-        self._bars: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def start(self, stage: str, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        self.done[stage] = 0
-        self._bars[stage] = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=stage, disable=not self.enabled
-        )
-
-    def add(self, stage: str, nbytes: int) -> None:
-        with self._lock:
-            self.done[stage] = self.done.get(stage, 0) + nbytes
-            bar = self._bars.get(stage)
-            if bar is not None:
-                bar.update(nbytes)
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
 
 
 # -- download ahead ---------------------------------------------------------------------------------------------------
@@ -134,7 +108,7 @@ class ShardFeed:
     arriving=feed)``, :meth:`start` with the plan, then :meth:`close` once the merge is done (or failed).
     """
 
-    def __init__(self, source: Source, hub: Hub, shards: list[_Shard], progress: StreamProgress) -> None:
+    def __init__(self, source: Source, hub: Hub, shards: list[_Shard], progress: Progress) -> None:
         self.source, self.hub, self.shards, self.progress = source, hub, shards, progress
         self._by_path = {s.path: s for s in shards}
         self._positions: dict[int, list[int]] = {}  # id(arriving tensor) -> its plan positions, ascending
@@ -148,7 +122,7 @@ class ShardFeed:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def open(cls, source: Source, hub: Hub, progress: StreamProgress) -> ShardFeed | None:
+    def open(cls, source: Source, hub: Hub, progress: Progress) -> ShardFeed | None:
         """Read the headers of a Hub base's safetensors shards from the Hub (``source`` fetched without weights).
 
         Returns:
@@ -208,7 +182,6 @@ class ShardFeed:
         """Start downloading; ``remove``: delete each shard this run downloaded once it is merged."""
         self.remove = remove
         order = sorted((s for s in self.shards if s.first >= 0), key=lambda s: s.first)
-        self.progress.start("download", sum(s.size for s in order if s.fresh))
         self._thread = threading.Thread(target=self._run, args=(order,), name="hubmerge-download", daemon=True)
         self._thread.start()
 
@@ -230,10 +203,7 @@ class ShardFeed:
             shard.ready.set()
 
     def _download(self, shard: _Shard) -> None:
-        counted = shard.fresh
-        local = fetch_file(
-            self.source, shard.name, self.hub, on_bytes=lambda n: counted and self.progress.add("download", n)
-        )
+        local = fetch_file(self.source, shard.name, self.hub, self.progress)
         if read_safetensors(local) != shard.refs:
             raise VerificationError(
                 f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "
@@ -341,7 +311,7 @@ class ShardUploader:
     :meth:`finish` returns the uploaded operations for the final commit.
     """
 
-    def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: StreamProgress) -> None:
+    def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: Progress) -> None:
         self.hub, self.repo_id, self.remove, self.progress = hub, repo_id, remove, progress
         self.ops: dict[str, Any] = {}
         self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
@@ -370,23 +340,23 @@ class ShardUploader:
             raw = io.FileIO(path, "r")
             if self.remove:  # the name goes now (the output folder may be renamed meanwhile); the bytes, on close
                 path.unlink()
-            with _CountedFile(raw) as f:
+            sent = 0
+            with _CountedFile(raw) as f, self.progress.task("upload", path.name, size) as update:
                 op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=f)
-                sent = 0
 
                 def count(n: int) -> None:
                     nonlocal sent
                     sent += n
-                    self.progress.add("upload", n)
+                    update(n)
 
                 f.on_read = count
                 with hub_errors(self.hub, self.repo_id, action="write to"):
                     self.hub.api().preupload_lfs_files(self.repo_id, additions=[op], free_memory=True)
+                if sent < size:  # the Hub had it (a rerun): done all the same
+                    self.skipped += 1
+                    update(size - sent)
             self.ops[path.name] = op
             self.sent += sent
-            if sent < size:  # the Hub had it: count it as done
-                self.skipped += 1
-                self.progress.add("upload", size - sent)
         except BaseException as exc:  # raised on the writer thread at the next shard, or by finish()
             self._failure = exc
 
@@ -538,10 +508,10 @@ def merge_push(
     overwrite: bool,
     public: bool,
     verify: bool,
-    progress: bool,
+    progress: Progress,
     block_bytes: int,
     keep_downloads: bool,
-):
+) -> MergeResult:
     """``hubmerge.merge(..., push_to=...)``: merge and publish as one stream (see the module docstring). Without
     ``out`` (and with only the HF format) nothing of the output stays on disk; with it, the output is kept.
 
@@ -550,27 +520,22 @@ def merge_push(
     Raises:
         HubmergeError subclasses, as :func:`hubmerge.merge`; Interrupted on Ctrl-C (a rerun resumes).
     """
-    from . import pipeline as p
-    from .plan import build_plan
-    from .publish import push
-
     started = time.monotonic()
-    base_src, adapter_srcs = p.resolve_inputs(adapters, base, hub)
+    base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     keep_output = out is not None or list(formats) != ["hf"]
     if keep_output:
-        out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+        out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     else:  # only the files in flight and the small ones, removed after the commit
         out_dir = Path(f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
     inputs_paths = [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root]
-    p.check_output(out_dir, inputs_paths, overwrite or not keep_output)
+    check_output(out_dir, inputs_paths, overwrite or not keep_output)
     target = PushTarget(hub, push_to, private=not public, overwrite=overwrite)
-    bars = StreamProgress(progress)
     feed: ShardFeed | None = None
     uploader: ShardUploader | None = None
     try:
-        fetch(base_src, hub, weights=False, progress=False)
-        feed = ShardFeed.open(base_src, hub, bars)
-        inputs = p.open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify, arriving=feed)
+        fetch(base_src, hub, weights=False, progress=progress)
+        feed = ShardFeed.open(base_src, hub, progress)
+        inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify, arriving=feed)
         plan = build_plan(inputs.base, inputs.adapters, dtype)
         shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
         largest = max(plan.out_dtype(t).itemsize * _numel(t.shape) for t in plan.tensors)
@@ -586,11 +551,10 @@ def merge_push(
             hub.cache_root,
             out_dir.parent,
         )
-        uploader = ShardUploader(hub, push_to, remove=not keep_output, progress=bars)
-        bars.start("upload", plan.nbytes)
+        uploader = ShardUploader(hub, push_to, remove=not keep_output, progress=progress)
         if feed is not None:
             feed.start(remove=not disk.keep)
-        written = p.write_outputs(
+        written = write_outputs(
             plan,
             inputs,
             out_dir,
@@ -606,7 +570,14 @@ def merge_push(
             feed.close(merged=True)
         uploaded = uploader.finish()
         pushed = push(
-            out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False, uploaded=uploaded
+            out_dir,
+            push_to,
+            private=not public,
+            overwrite=overwrite,
+            hub=hub,
+            verify=False,
+            progress=progress,
+            uploaded=uploaded,
         )
     except BaseException as exc:
         if feed is not None:
@@ -619,7 +590,6 @@ def merge_push(
             f"interrupted: {kept}; the shards already uploaded to {push_to} are not sent again by a rerun"
         ) from None
     finally:
-        bars.close()
         if not keep_output:
             shutil.rmtree(out_dir, ignore_errors=True)
     notes = disk.lines(shard_limit, feed is not None or not base_src.repo_id)
@@ -630,8 +600,8 @@ def merge_push(
         + (f"; {uploader.skipped} shards were on the Hub already (not sent again)" if uploader.skipped else "")
     )
     folders = written.folders if keep_output else {}
-    result = p.MergeResult.finish(
-        out_dir, p.Written(folders, written.files, written.kept), plan, started, pushed, inputs.sources
+    result = MergeResult.finish(
+        out_dir, Written(folders, written.files, written.kept), plan, started, pushed, inputs.sources
     )
     result.notes = notes
     return result

@@ -98,7 +98,7 @@ def read_pth_like_llamacpp(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def meta_to_hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """formats.md's Meta->HF rotary permute, written out here independently of hubmerge.model.layouts."""
+    """docs/formats.md's Meta->HF rotary permute, written out here independently of hubmerge.model.layouts."""
     rows, cols = w.shape
     head_dim = rows // n_heads
     return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

@@ -1,6 +1,6 @@
 """The Meta checkpoint as an input: ``hubmerge convert`` and a Meta-format ``--base``.
 
-Meta checkpoints are built here by hand from the facts in formats.md (split rules, params.json, checklists), not
+Meta checkpoints are built here by hand from the facts in docs/formats.md (split rules, params.json, checklists), not
 with hubmerge's writer, and the converted model is checked against a reference forward pass of Meta's LLaMA written
 in this file (RMSNorm, rotary embeddings in Meta's complex-pair convention, attention with GQA repeat, SwiGLU).
 """

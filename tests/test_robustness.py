@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import hubmerge
 from hubmerge.verification.hashing import file_digest
 
 SHARD = "24MB"
@@ -224,11 +225,11 @@ def test_preflight_refuses_a_disk_too_small_before_writing(medium, small_disk, t
 def test_preflight_refuses_when_memory_is_short(models, tmp_path, monkeypatch):
     # The kernel's MemAvailable is the one input faked here: making this machine short of memory for real would
     # disturb everything else running on it.
-    import hubmerge.pipeline as pipeline
+    import hubmerge.resources as resources
 
     base = models.base()
     adapter = models.adapter(base, seed=62)
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 64 * 2**20)
-    with pytest.raises(pipeline.OutputError, match=r"needs about \d+\.\d MB of memory but 67\.1 MB is available"):
-        pipeline.merge([adapter], base, tmp_path / "out", progress=False)
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
+    with pytest.raises(hubmerge.OutputError, match=r"needs about \d+\.\d MB of memory but 67\.1 MB is available"):
+        hubmerge.merge([adapter], base, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -153,24 +153,16 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
             raise InputError(message.format(name=found[0], count=len(found)))
 
 
-def open_base(folder: Path, *, verify: bool = True, arriving: ArrivingWeights | None = None) -> BaseModel:
+def open_hf(folder: Path, arriving: ArrivingWeights | None = None) -> BaseModel:
     """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies (some of its
-    safetensors files may be ``arriving``). A Meta checkpoint folder (``consolidated.*.pth``, no config.json) is
-    opened by :func:`hubmerge.model.meta.open_meta`, verified first unless ``verify`` is false.
+    safetensors files may be ``arriving``).
 
     Returns:
         a :class:`BaseModel`.
     Raises:
         InputError / CorruptFileError: see :func:`read_config` and :func:`open_checkpoint`; tensors missing or foreign
-        to a LLaMA model of this config. VerificationError: a Meta checkpoint failing its checksums.
+        to a LLaMA model of this config.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
-    from . import meta
-
-    if meta.is_meta_folder(folder):
-        return meta.open_meta(folder, verify=verify)
     config = read_config(folder)
     tensors, files = open_checkpoint(folder, arriving)
     expected = layouts.hf_tensor_names(config)

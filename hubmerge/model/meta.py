@@ -326,7 +326,7 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
 def hf_config(
     params: Mapping[str, Any], vocab_size: int, context: int, tokens: Mapping[str, int | None], dtype: torch.dtype
 ) -> dict[str, Any]:
-    """config.json of the HF conversion (formats.md: the intermediate size formula, GQA, eps, rope theta)."""
+    """config.json of the HF conversion (docs/formats.md: the intermediate size formula, GQA, eps, rope theta)."""
     dim, heads = params["dim"], params["n_heads"]
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],

@@ -21,8 +21,9 @@ from ...model import layouts
 from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
+from . import Writer
 
-# Model-parallel shard count of the original release, by hidden size (formats.md).
+# Model-parallel shard count of the original release, by hidden size (docs/formats.md).
 DEFAULT_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 
 
@@ -80,7 +81,7 @@ class _Route:
     bounds: list[int]  # dim-0 splits: row where each shard starts (+ total)
 
 
-class MetaWriter:
+class MetaWriter(Writer):
     """Writes the consolidated layout in ``shards`` model-parallel files (see :func:`default_shards`)."""
 
     def __init__(self, folder: Path, plan: MergePlan, shards: int | None = None):

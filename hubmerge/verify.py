@@ -7,11 +7,11 @@ from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 
-from ..errors import InputError
-from ..inputs.hub import Hub, hub_errors
-from ..inputs.sources import resolve
-from ..output.recipe import RECIPE_NAME
-from .checklists import CheckRow, check_files, read_checklist
+from .errors import InputError
+from .inputs.hub import Hub, hub_errors
+from .inputs.sources import resolve
+from .output.recipe import RECIPE_NAME
+from .verification.checklists import CheckRow, check_files, read_checklist
 
 
 def _cache_expectations(folder: Path) -> tuple[dict[str, str], set[str]] | None:
