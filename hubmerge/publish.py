@@ -176,7 +176,9 @@ def push(
     if existing and not overwrite:
         raise OutputError(
             f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-            "them, or choose another name"
+            "them, or choose another name",
+            repo_id=repo_id,
+            remedy="overwrite",
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CorruptFileError, IncompatibleError, InputError, VerificationError
 from ..tensorio import TensorRef, read_torch_zip
+from ..tensorio.source import read_rows_into
 from ..verification.checklists import CheckRow, read_checklist
 from ..verification.hashing import file_digests
 from ..verification.known import known_hashes
@@ -215,6 +216,13 @@ class JoinedTensor:
         lo, hi = start // hd * hd, min(rows, -(-stop // hd) * hd)
         block = layouts.meta_to_hf_rows(self._read(lo, hi), hd)
         return block if (lo, hi) == (start, stop) else block[start - lo : stop - lo].clone()
+
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return read_rows_into(self, buffer, start, stop)  # joining and permuting copy anyway
+
+    def prefetch(self) -> None:
+        for part in self.parts:
+            part.prefetch()
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if self.split is None:

@@ -142,7 +142,11 @@ def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
                 f"{out}: contains {inp}, an input or the download cache; choose an --out that holds neither"
             )
     if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
+        raise OutputError(
+            f"{out}: already exists; pass --overwrite to replace it, or choose another --out",
+            path=out,
+            remedy="overwrite",
+        )
 
 
 @dataclass
