@@ -160,7 +160,9 @@ def push(
     uploaded = dict(uploaded or {})
     for name, op in uploaded.items():
         if files.get(name) != op.upload_info.sha256.hex():
-            raise VerificationError(f"{name}: the uploaded file's SHA256 differs from {RECIPE_NAME}; merge again")
+            raise VerificationError(
+                f"{name}: the uploaded file's SHA256 differs from {RECIPE_NAME}; merge again", repo_id=repo_id
+            )
     if verify:
         for name, digest in files.items():
             if name not in uploaded and file_digest(hf_dir / name) != digest:

@@ -207,7 +207,8 @@ class ShardFeed:
         if read_safetensors(local) != shard.refs:
             raise VerificationError(
                 f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "
-                "download; the repository changed or the Hub is inconsistent: run again"
+                "download; the repository changed or the Hub is inconsistent: run again",
+                repo_id=self.source.repo_id,
             )
 
     def reached(self, tensor: _Arriving) -> None:
@@ -248,10 +249,14 @@ def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
     first = _get_range(source, name, hub, 0, min(size, _HEADER_PROBE))
     fix = "the file on the Hub is not a valid safetensors file: report it to the repository owner"
     if len(first) < 8:
-        raise CorruptFileError(f"{source.label}/{name}: too short to be a safetensors file; {fix}")
+        raise CorruptFileError(
+            f"{source.label}/{name}: too short to be a safetensors file; {fix}", repo_id=source.repo_id
+        )
     (hlen,) = struct.unpack("<Q", first[:8])
     if hlen > _MAX_REMOTE_HEADER or 8 + hlen > size:
-        raise CorruptFileError(f"{source.label}/{name}: safetensors header length {hlen} does not fit; {fix}")
+        raise CorruptFileError(
+            f"{source.label}/{name}: safetensors header length {hlen} does not fit; {fix}", repo_id=source.repo_id
+        )
     if len(first) >= 8 + hlen:
         return first[8 : 8 + hlen]
     return first[8:] + _get_range(source, name, hub, len(first), 8 + hlen)
@@ -387,7 +392,9 @@ class PushTarget:
         if existing and not overwrite:
             raise OutputError(
                 f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-                "them, or choose another name"
+                "them, or choose another name",
+                repo_id=repo_id,
+                remedy="overwrite",
             )
 
     def discard(self) -> None:
@@ -451,14 +458,16 @@ def disk_plan(
     if cache_free < need:
         raise OutputError(
             f"{_existing(cache)}: {format_size(cache_free)} free but streaming the merge needs "
-            f"{format_size(need)}; free some space or choose another --cache-dir"
+            f"{format_size(need)}; free some space or choose another --cache-dir",
+            path=_existing(cache),
         )
     if not same_disk:
         out_free = shutil.disk_usage(_existing(out)).free
         if out_free < output + _MARGIN:
             raise OutputError(
                 f"{_existing(out)}: {format_size(out_free)} free but the output needs {format_size(output + _MARGIN)}; "
-                "free some space or choose another folder"
+                "free some space or choose another folder",
+                path=_existing(out),
             )
     return plan
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,8 +111,9 @@ def open_checkpoint(
     def present(path: Path) -> bool:
         return path.is_file() or (arriving is not None and arriving.has(path))
 
-    for index_name, single_name, reader in _WEIGHT_LAYOUTS:
-        if arriving is not None and reader is read_safetensors:
+    for index_name, single_name, layout_reader in _WEIGHT_LAYOUTS:
+        reader: Callable[[Path], Mapping[str, TensorSource]] = layout_reader
+        if arriving is not None and layout_reader is read_safetensors:
             reader = arriving.read
         index_path, single_path = folder / index_name, folder / single_name
         if index_path.is_file():
