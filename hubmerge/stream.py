@@ -326,7 +326,9 @@ class ShardUploader:
 
     def __call__(self, path: Path, digest: str) -> None:
         self._wait()
-        self._pending = threading.Thread(target=self._upload, args=(Path(path),), name="hubmerge-upload", daemon=True)
+        self._pending = threading.Thread(
+            target=self._upload, args=(Path(path), digest), name="hubmerge-upload", daemon=True
+        )
         self._pending.start()
 
     def _wait(self) -> None:
@@ -337,17 +339,20 @@ class ShardUploader:
         if self._failure is not None:
             raise self._failure
 
-    def _upload(self, path: Path) -> None:
+    def _upload(self, path: Path, digest: str) -> None:
         from huggingface_hub import CommitOperationAdd
 
         try:
             size = path.stat().st_size
+            op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
+            # The SHA256 the writer computed while writing: no second read of the shard (the Hub checks it anyway).
+            op.upload_info.sha256 = bytes.fromhex(digest)
             raw = io.FileIO(path, "r")
             if self.remove:  # the name goes now (the output folder may be renamed meanwhile); the bytes, on close
                 path.unlink()
             sent = 0
             with _CountedFile(raw) as f, self.progress.task("upload", path.name, size) as update:
-                op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=f)
+                op.path_or_fileobj = f  # the upload reads through it (progress), not by the name
 
                 def count(n: int) -> None:
                     nonlocal sent
