@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,24 +187,38 @@ class ShardFeed:
         self._thread.start()
 
     def _run(self, order: list[_Shard]) -> None:
+        # Shards are verified (SHA256: a second read, CPU-bound) on another thread while the next one downloads.
+        verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-verify")
         failure: BaseException | None = None
-        for shard in order:
-            with self._cond:
-                while self._live >= self.window and not self._stop:
-                    self._cond.wait()
-                if self._stop:
-                    return
-                self._live += 1
-            if failure is None:
-                try:
-                    self._download(shard)
-                except BaseException as exc:  # handed to the merge, which raises it where it reads the shard
-                    failure = exc
-            shard.error = failure
+        try:
+            for shard in order:
+                with self._cond:
+                    while self._live >= self.window and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._live += 1
+                if failure is None:
+                    try:
+                        fetch_file(self.source, shard.name, self.hub, self.progress, verify=False)
+                    except BaseException as exc:  # handed to the merge, which raises it where it reads the shard
+                        failure = exc
+                verifier.submit(self._verify, shard, failure)
+        finally:
+            verifier.shutdown(wait=False)
+
+    def _verify(self, shard: _Shard, failure: BaseException | None) -> None:
+        try:
+            if failure is not None:
+                raise failure
+            self._check(shard)
+        except BaseException as exc:
+            shard.error = exc
+        finally:
             shard.ready.set()
 
-    def _download(self, shard: _Shard) -> None:
-        local = fetch_file(self.source, shard.name, self.hub, self.progress)
+    def _check(self, shard: _Shard) -> None:
+        local = fetch_file(self.source, shard.name, self.hub, self.progress)  # in the cache now: verifies it
         if read_safetensors(local) != shard.refs:
             raise VerificationError(
                 f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "

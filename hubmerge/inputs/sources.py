@@ -215,32 +215,38 @@ def _index_shards(source: Source, index: Path) -> list[str]:
     return [s for s in shards if s not in source.hashes]
 
 
-def fetch_file(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
+def fetch_file(source: Source, name: str, hub: Hub, progress: Progress, *, verify: bool = True) -> Path:
     """Download one file of a Hub source into the cache and verify it as :func:`fetch` does; returns its path.
+    With ``verify=False`` it is only downloaded (a later call verifies it, e.g. on another thread, while the next
+    file downloads): nothing may read it before then.
 
     Raises:
         HubAccessError, VerificationError.
     """
-    return _download_verified(source, name, hub, progress)
+    return _download_verified(source, name, hub, progress) if verify else _download(source, name, hub, progress)
+
+
+def _download(source: Source, name: str, hub: Hub, progress: Progress, force: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
+        return Path(
+            hf_hub_download(
+                source.repo_id or "",
+                name,
+                revision=source.commit,
+                cache_dir=hub.cache_dir,
+                token=hub.token,
+                endpoint=hub.url,
+                force_download=force,
+                tqdm_class=progress.tqdm_class("download", name),
+            )
+        )
 
 
 def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
-    from huggingface_hub import hf_hub_download
-
     for attempt in (1, 2):
-        with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
-            local = Path(
-                hf_hub_download(
-                    source.repo_id,
-                    name,
-                    revision=source.commit,
-                    cache_dir=hub.cache_dir,
-                    token=hub.token,
-                    endpoint=hub.url,
-                    force_download=attempt == 2,
-                    tqdm_class=progress.tqdm_class("download", name),
-                )
-            )
+        local = _download(source, name, hub, progress, force=attempt == 2)
         problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local
