@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .constants import default_out_name
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .inputs.hub import Hub, hub_errors
@@ -43,7 +45,7 @@ from .progress import Progress
 from .publish import push
 from .sizes import format_size, parse_size
 from .tensorio.safetensors import parse_header, read_safetensors
-from .tensorio.source import TensorRef
+from .tensorio.source import TensorRef, TensorSource
 
 # Output shards of a streamed push: about a sixteenth of the model, so the first upload starts early and the last
 # one is a short tail, but never smaller than 200 MB (no flood of small files) nor larger than 2 GB (disk).
@@ -80,7 +82,18 @@ class _Arriving:
 
     def __init__(self, feed: ShardFeed, shard: _Shard, ref: TensorRef) -> None:
         self._feed, self._shard, self._ref = feed, shard, ref
-        self.shape, self.dtype, self.label = ref.shape, ref.dtype, shard.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._ref.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref.dtype
+
+    @property
+    def label(self) -> str:
+        return self._shard.name
 
     def _ready(self) -> TensorRef:
         self._feed.reached(self)
@@ -90,11 +103,11 @@ class _Arriving:
             raise self._shard.error
         return self._ref
 
-    def read(self, start: int = 0, stop: int | None = None):
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._ready().read(start, stop)
 
-    def read_into(self, buf, start: int, stop: int):
-        return self._ready().read_into(buf, start, stop)
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._ready().read_into(buffer, start, stop)
 
     def prefetch(self) -> None:
         if self._shard.ready.is_set() and self._shard.error is None:
@@ -136,14 +149,14 @@ class ShardFeed:
         names = streamable_shards(source)
         if not names:
             return None
-        todo = set(not_cached(source, hub, names))
         shards = []
         for name in names:
             record = source.remote[name]
             path = source.path / name
             head = _remote_header(source, name, hub)
+            fresh = _fresh(source, name, hub)
             shards.append(
-                _Shard(name, path, record.size, name in todo, parse_header(path, head, record.size), threading.Event())
+                _Shard(name, path, record.size, fresh, parse_header(path, head, record.size), threading.Event())
             )
             if record.sha256:  # what verification will confirm before any of its bytes is used
                 source.hashes.setdefault(name, record.sha256)
@@ -153,7 +166,7 @@ class ShardFeed:
     def has(self, path: Path) -> bool:
         return path in self._by_path
 
-    def read(self, path: Path) -> dict[str, Any]:
+    def read(self, path: Path) -> dict[str, TensorSource]:
         shard = self._by_path[path]
         return {name: _Arriving(self, shard, ref) for name, ref in shard.refs.items()}
 
@@ -256,6 +269,19 @@ class ShardFeed:
             if self._thread is not None:
                 self._thread.join()
             self._release(lambda s: True)
+
+
+def _fresh(source: Source, name: str, hub: Hub) -> bool:
+    """Whether this run is the one that downloads ``name``: its content (blob) is not in the cache yet. A blob the
+    cache already holds, even for another commit, predates the run and is never removed."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    sha256 = source.remote[name].sha256
+    if sha256 is None or source.repo_id is None:
+        return False
+    return not (
+        hub.cache_root / repo_folder_name(repo_id=source.repo_id, repo_type="model") / "blobs" / sha256
+    ).exists()
 
 
 def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
@@ -444,15 +470,16 @@ class DiskPlan:
     def peak(self) -> int:
         return (self.base_fresh if self.keep else self.base_in_flight) + self.adapters + self.output + _MARGIN
 
-    def lines(self, shard_limit: int, streamed: bool) -> list[str]:
-        """What the plan (dry run, summary) says about the stream."""
-        base = (
-            f"base shards downloaded ahead of the merge and verified before use; {format_size(self.base_fresh)} to "
-            f"download, {'kept in the cache' if self.keep else 'each removed from the cache once merged'} "
-            f"({self.reason})"
-            if streamed
-            else "base downloaded whole before the merge (its weights are not safetensors)"
-        )
+    def lines(self, shard_limit: int, base_from: str) -> list[str]:
+        """What the plan (dry run, summary) says about the stream; ``base_from``: ``stream`` (safetensors shards
+        from the Hub), ``whole`` (other weights from the Hub) or ``local``."""
+        base = {
+            "stream": f"base shards downloaded ahead of the merge and verified before use; "
+            f"{format_size(self.base_fresh)} to download, "
+            f"{'kept in the cache' if self.keep else 'each removed from the cache once merged'} ({self.reason})",
+            "whole": "base downloaded whole before the merge (its weights are not safetensors)",
+            "local": "base read from its local folder",
+        }[base_from]
         return [
             f"stream: {base}",
             f"stream: output shards of up to {format_size(shard_limit)} uploaded as they are written; "
@@ -511,15 +538,14 @@ def preview_lines(
     downloaded base shards stay in the cache."""
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(out_nbytes)
     names = streamable_shards(base_src) if base_src.repo_id else []
-    todo = set(not_cached(base_src, hub, names or None)) if base_src.repo_id else set()
-    fresh = sorted((base_src.remote[n].size for n in names if n in todo), reverse=True)
-    whole = 0 if names else sum(base_src.remote[n].size for n in todo)
+    fresh = sorted((base_src.remote[n].size for n in names if _fresh(base_src, n, hub)), reverse=True)
+    whole = 0 if names else sum(base_src.remote[n].size for n in not_cached(base_src, hub))
     adapters = sum(s.remote[n].size for s in adapter_srcs for n in not_cached(s, hub))
     output = out_nbytes if keep_output else OUTPUT_IN_FLIGHT * shard_limit
     plan = disk_plan(
         sum(fresh) + whole, sum(fresh[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
     )
-    return plan.lines(shard_limit, bool(names) or not base_src.repo_id)
+    return plan.lines(shard_limit, _base_from(base_src, bool(names)))
 
 
 # -- the whole run -----------------------------------------------------------------------------------------------------
@@ -621,7 +647,7 @@ def merge_push(
     finally:
         if not keep_output:
             shutil.rmtree(out_dir, ignore_errors=True)
-    notes = disk.lines(shard_limit, feed is not None or not base_src.repo_id)
+    notes = disk.lines(shard_limit, _base_from(base_src, feed is not None))
     if feed is not None and feed.removed:
         notes.append(f"stream: removed {feed.removed} base shards this run downloaded from the cache once merged")
     notes.append(
@@ -634,6 +660,10 @@ def merge_push(
     )
     result.notes = notes
     return result
+
+
+def _base_from(base_src: Source, streamed: bool) -> str:
+    return "local" if base_src.repo_id is None else ("stream" if streamed else "whole")
 
 
 def _numel(shape: Sequence[int]) -> int:

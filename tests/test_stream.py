@@ -241,16 +241,23 @@ def test_failure_before_the_commit_leaves_no_repo(shared, tmp_path):
     assert list((tmp_path / "work").iterdir()) == []  # nothing of the output left
 
 
-def test_only_this_runs_downloads_are_removed(shared, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
+def test_only_this_runs_downloads_are_removed(shared, tmp_path, models, monkeypatch):
+    # a base with two commits: shard 1 cached at the old one (same content, so the same blob), shard 2 at the new one
+    repo, cache = "alice/llama-tiny-two-commits", tmp_path / "cache"
+    folder = models.base(shards=4)
+    shared.create_repo(repo, private=True)
+    old = shared.commit_files(repo, {p.name: p for p in sorted(folder.iterdir()) if p.is_file()})
+    shared.commit_files(repo, {"NOTES.md": "a second commit\n"})
     before = {}
-    for name in SHARDS[:2]:  # in the cache before the run
-        path = Path(hf_hub_download(SHARDED, name, endpoint=shared.url, token=shared.tokens["alice"], cache_dir=cache))
-        blob = path.resolve()
-        before[name] = (blob, blob.stat().st_ino, blob.stat().st_mtime_ns)
+    for name, revision in ((SHARDS[0], old), (SHARDS[1], None)):
+        path = hf_hub_download(
+            repo, name, revision=revision, endpoint=shared.url, token=shared.tokens["alice"], cache_dir=cache
+        )
+        blob = Path(path).resolve()
+        before[name] = (Path(path), blob, blob.stat().st_ino, blob.stat().st_mtime_ns)
 
     dry = hubmerge(
-        shared, tmp_path, LLAMA, ALPACA, "--base", SHARDED, "--push-to", "alice/x", "--no-keep-downloads", "--dry-run"
+        shared, tmp_path, LLAMA, ALPACA, "--base", repo, "--push-to", "alice/x", "--no-keep-downloads", "--dry-run"
     )
     assert dry.returncode == 0, dry.stderr
     assert "each removed from the cache once merged (--no-keep-downloads)" in dry.stdout
@@ -259,14 +266,25 @@ def test_only_this_runs_downloads_are_removed(shared, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    _stream(shared, tmp_path, "alice/cache-respected", keep_downloads=False)
-    snapshot = _snapshot(cache, SHARDED)
-    for name, (blob, ino, mtime) in before.items():
-        assert (snapshot / name).is_file() and blob.stat().st_ino == ino and blob.stat().st_mtime_ns == mtime
+    result = merge(
+        [LLAMA, ALPACA],
+        repo,
+        push_to="alice/cache-respected",
+        max_shard_size=OUT_SHARD,
+        token=shared.tokens["alice"],
+        endpoint=shared.url,
+        cache_dir=cache,
+        progress=False,
+        keep_downloads=False,
+    )
+    assert any("removed 2 base shards" in line for line in result.summary())
+    for name, (link, blob, ino, mtime) in before.items():  # untouched, link and content
+        assert link.is_file() and blob.stat().st_ino == ino and blob.stat().st_mtime_ns == mtime, name
+    head = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / shared.resolve(repo)
     for name in SHARDS[2:]:
-        assert not (snapshot / name).exists() and not (snapshot / name).is_symlink()
-    blobs = {p.name for p in (snapshot.parents[1] / "blobs").iterdir()}
-    assert {shared.file_entry(SHARDED, n).sha256 for n in SHARDS[2:]}.isdisjoint(blobs)
+        assert not (head / name).exists() and not (head / name).is_symlink()
+    blobs = {p.name for p in (head.parents[1] / "blobs").iterdir()}
+    assert {shared.file_entry(repo, n).sha256 for n in SHARDS[2:]}.isdisjoint(blobs)
 
 
 def test_local_hub_bandwidth_is_shared_by_concurrent_transfers(tmp_path, monkeypatch):
