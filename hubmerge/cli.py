@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
@@ -126,6 +127,12 @@ def _run_merge(args: argparse.Namespace) -> int:
     from .verification.hashing import prehash
 
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
+    if args.push_to:  # a streamed push: the first base shard downloads meanwhile too
+        from .inputs.headstart import head_start
+        from .inputs.hub import Hub
+
+        hub = Hub(token=args.token, cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)
+        head_start(args.base, hub, args.push_to, overwrite=args.overwrite)
     from .pipeline import merge
 
     result = merge(

@@ -35,6 +35,7 @@ import torch
 
 from .constants import default_out_name
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
+from .inputs.headstart import fresh
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
@@ -154,9 +155,9 @@ class ShardFeed:
             record = source.remote[name]
             path = source.path / name
             head = _remote_header(source, name, hub)
-            fresh = _fresh(source, name, hub)
+            new = fresh(source, name, hub)
             shards.append(
-                _Shard(name, path, record.size, fresh, parse_header(path, head, record.size), threading.Event())
+                _Shard(name, path, record.size, new, parse_header(path, head, record.size), threading.Event())
             )
             if record.sha256:  # what verification will confirm before any of its bytes is used
                 source.hashes.setdefault(name, record.sha256)
@@ -269,19 +270,6 @@ class ShardFeed:
             if self._thread is not None:
                 self._thread.join()
             self._release(lambda s: True)
-
-
-def _fresh(source: Source, name: str, hub: Hub) -> bool:
-    """Whether this run is the one that downloads ``name``: its content (blob) is not in the cache yet. A blob the
-    cache already holds, even for another commit, predates the run and is never removed."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    sha256 = source.remote[name].sha256
-    if sha256 is None or source.repo_id is None:
-        return False
-    return not (
-        hub.cache_root / repo_folder_name(repo_id=source.repo_id, repo_type="model") / "blobs" / sha256
-    ).exists()
 
 
 def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
@@ -538,12 +526,12 @@ def preview_lines(
     downloaded base shards stay in the cache."""
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(out_nbytes)
     names = streamable_shards(base_src) if base_src.repo_id else []
-    fresh = sorted((base_src.remote[n].size for n in names if _fresh(base_src, n, hub)), reverse=True)
+    sizes = sorted((base_src.remote[n].size for n in names if fresh(base_src, n, hub)), reverse=True)
     whole = 0 if names else sum(base_src.remote[n].size for n in not_cached(base_src, hub))
     adapters = sum(s.remote[n].size for s in adapter_srcs for n in not_cached(s, hub))
     output = out_nbytes if keep_output else OUTPUT_IN_FLIGHT * shard_limit
     plan = disk_plan(
-        sum(fresh) + whole, sum(fresh[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
+        sum(sizes) + whole, sum(sizes[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
     )
     return plan.lines(shard_limit, _base_from(base_src, bool(names)))
 

@@ -320,3 +320,16 @@ def test_push_into_a_repo_with_files_needs_overwrite_before_any_download(shared,
     assert "--overwrite" in one_line_error(done)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.safetensors"))
     assert api.repo_exists("alice/occupied")
+
+
+def test_cli_push_without_out_leaves_neither_output_nor_downloads(shared, tmp_path):
+    # the CLI starts the first shard's download while torch imports: it is still this run's download, removed too
+    run = _cli(shared, tmp_path, "--push-to", "alice/cli-streamed", "--no-keep-downloads")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert list((tmp_path / "work").iterdir()) == []
+    base_cache = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
+    assert base_cache.is_dir() and not list(base_cache.rglob("*.safetensors")), "base shards left in the cache"
+    assert not [p for p in (base_cache / "blobs").iterdir() if p.stat().st_size > 10_000]
+    files = _repo_files(shared, "alice/cli-streamed")
+    assert len([n for n in files if n.endswith(".safetensors")]) >= 6 and "hubmerge.json" in files
