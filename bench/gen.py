@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hubmerge.model.layouts import hf_tensor_names
+from hubmerge.model.architectures import for_config
 from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter
 from hubmerge.tensorio.source import Entry
 from hubmerge.testing.tinymodels import LLAMA_LINEAR, make_tokenizer
@@ -42,7 +42,8 @@ def base_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         "down_proj": (h, shape.intermediate),
     }
     shapes = {}
-    for name in hf_tensor_names(shape.config()):
+    config = shape.config()
+    for name in for_config(config, "bench").tensor_names(config):
         module = name.rsplit(".", 2)[-2]
         if module in by_module:
             shapes[name] = by_module[module]
