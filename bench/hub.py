@@ -104,6 +104,7 @@ def timed(cmd: list[str], env: dict, cwd: Path, log: Path, watch: list[Path] | N
             peak[0] = max(peak[0], disk_bytes(watch or []))
 
     watcher = threading.Thread(target=poll, daemon=True)
+    load = os.getloadavg()[0]
     with open(log, "wb") as f:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -114,7 +115,7 @@ def timed(cmd: list[str], env: dict, cwd: Path, log: Path, watch: list[Path] | N
     done.set()
     if watch:
         watcher.join()
-    result = {"wall_s": round(wall, 2), "exit": code, "log": str(log)}
+    result = {"wall_s": round(wall, 2), "exit": code, "log": str(log), "loadavg_before": round(load, 2)}
     if watch:
         result["peak_disk_gb"] = round(peak[0] / 1e9, 3)
     return result
@@ -255,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
             "base_shards": len(list(base.glob("*.safetensors"))),
             "adapter_gb": round(folder_bytes(adapter) / 1e9, 2),
         },
-        "load_before": round(os.getloadavg()[0], 2),
         "rates": results,
         "targets_met": targets,
     }
