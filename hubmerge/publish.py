@@ -4,7 +4,7 @@ its ``hubmerge.json`` recipe: sources pinned to commits, the merge recipe, and t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -134,9 +134,9 @@ def _inside(root: Path, rel: object) -> Path:
     return path
 
 
-def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+def _hf_files(folder: Path, recipe: dict[str, Any], uploaded: Collection[str] = ()) -> tuple[Path, dict[str, str]]:
     """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe:
-    only regular files inside ``folder``, whatever the recipe names.
+    only regular files inside ``folder``, whatever the recipe names (the ``uploaded`` ones may be gone already).
 
     Raises:
         InputError: no HF format, or a listed file is missing. UnsafeFileError: the recipe names a path outside
@@ -153,7 +153,7 @@ def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str
     for rel, digest in listed.items():
         path = _inside(root, rel)
         if path.parent == hf_dir:
-            if not path.is_file():
+            if not path.is_file() and path.name not in uploaded:
                 raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
@@ -197,8 +197,8 @@ def push(
         raise InputError(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
-    hf_dir, files = _hf_files(folder, recipe)
     uploaded = dict(uploaded or {})
+    hf_dir, files = _hf_files(folder, recipe, uploaded)
     for name, op in uploaded.items():
         if files.get(name) != op.upload_info.sha256.hex():
             raise VerificationError(
