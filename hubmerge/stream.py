@@ -410,7 +410,7 @@ class ShardUploader:
 
 
 # -- the push target ---------------------------------------------------------------------------------------------------
-class PushTarget:
+class TargetRepo:
     """The repo a streamed push goes to, opened before anything is downloaded: created private unless ``public``;
     one that already has files needs ``overwrite``. :meth:`discard` deletes it if this run created it."""
 
@@ -572,7 +572,7 @@ def merge_push(
         out_dir = Path(f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
     inputs_paths = [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root]
     check_output(out_dir, inputs_paths, overwrite or not keep_output)
-    target = PushTarget(hub, push_to, private=not public, overwrite=overwrite)
+    target = TargetRepo(hub, push_to, private=not public, overwrite=overwrite)
     feed: ShardFeed | None = None
     uploader: ShardUploader | None = None
     try:
