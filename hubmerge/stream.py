@@ -39,7 +39,7 @@ from .inputs.headstart import fresh
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
-from .output.staging import Written, check_output, write_outputs
+from .output.staging import Written, check_output, partial_folder, write_outputs
 from .pipeline import MergeResult
 from .plan import MergePlan, build_plan
 from .progress import Progress
@@ -628,9 +628,15 @@ def merge_push(
         if not isinstance(exc, (KeyboardInterrupt, Interrupted)):
             target.discard()
             raise
-        kept = str(exc).removeprefix("interrupted: ") if isinstance(exc, Interrupted) else "nothing was committed"
+        if keep_output and isinstance(exc, Interrupted):
+            local = str(exc).removeprefix("interrupted: ") + "; "
+        elif partial_folder(out_dir).exists():
+            local = f"{partial_folder(out_dir)} keeps the shards written but not yet uploaded; "
+        else:
+            local = ""
         raise Interrupted(
-            f"interrupted: {kept}; the shards already uploaded to {push_to} are not sent again by a rerun"
+            f"interrupted: {local}nothing is committed to {push_to} yet; run the same command again to resume: "
+            "the shards already uploaded are not sent again"
         ) from None
     finally:
         if not keep_output:
