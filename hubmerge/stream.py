@@ -21,6 +21,7 @@ them; only where they go afterwards differs.
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import struct
 import threading
@@ -581,7 +582,7 @@ def merge_push(
         inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify, arriving=feed)
         plan = build_plan(inputs.base, inputs.adapters, dtype)
         shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
-        largest = max(plan.out_dtype(t).itemsize * _numel(t.shape) for t in plan.tensors)
+        largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
         output = plan.nbytes * len(formats) if keep_output else OUTPUT_IN_FLIGHT * max(shard_limit, largest)
         if feed is not None:
             feed.schedule(plan)
@@ -658,10 +659,3 @@ def merge_push(
 
 def _base_from(base_src: Source, streamed: bool) -> str:
     return "local" if base_src.repo_id is None else ("stream" if streamed else "whole")
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
