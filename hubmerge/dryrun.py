@@ -52,8 +52,12 @@ def preview(
     endpoint: str | None = None,
     progress: bool = False,
     progress_callback: ProgressCallback | None = None,
+    push_to: str | None = None,
+    max_shard_size: str | int | None = None,
+    keep_downloads: bool = True,
 ) -> list[str]:
-    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
+    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights. With
+    ``push_to``: how the push streams (peak disk, whether downloaded base shards stay in the cache).
 
     Returns:
         human-readable lines (the same the CLI's ``--dry-run`` and the Space's Check step show).
@@ -74,6 +78,20 @@ def preview(
         for src in (base_src, *adapter_srcs):
             fetch(src, hub, weights=False, progress=reporter)
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
+    if push_to:
+        from .stream import preview_lines
+
+        keep_output = out is not None or list(formats) != ["hf"]
+        return lines + preview_lines(
+            base_src,
+            adapter_srcs,
+            hub,
+            nbytes,
+            max_shard_size=max_shard_size,
+            keep_downloads=keep_downloads,
+            out=out_dir,
+            keep_output=keep_output,
+        )
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
     lines.append(
