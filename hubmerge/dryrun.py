@@ -95,8 +95,12 @@ def preview(
     endpoint: str | None = None,
     progress: bool = False,
     progress_callback: ProgressCallback | None = None,
+    push_to: str | None = None,
+    max_shard_size: str | int | None = None,
+    keep_downloads: bool = True,
 ) -> list[str]:
-    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
+    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights. With
+    ``push_to``: how the push streams (peak disk, whether downloaded base shards stay in the cache).
 
     Returns:
         human-readable lines (the same the CLI's ``--dry-run`` prints); :func:`plan_preview` gives them as data.
@@ -114,6 +118,9 @@ def preview(
         endpoint=endpoint,
         progress=progress,
         progress_callback=progress_callback,
+        push_to=push_to,
+        max_shard_size=max_shard_size,
+        keep_downloads=keep_downloads,
     ).lines
 
 
@@ -124,19 +131,21 @@ def plan_preview(
     out: PathLike | None = None,
     formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     token: str | None = None,
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
     progress_callback: ProgressCallback | None = None,
+    push_to: str | None = None,
+    max_shard_size: str | int | None = None,
+    keep_downloads: bool = True,
 ) -> Preview:
     """The dry run as data: every input in order (pinned commit, r, alpha, scale, vocabulary, download size) and the
     output (dtype, vocabulary, shards, disk), with the warnings and the text lines of :func:`preview`.
 
     Args:
-        adapters, base, out, formats, dtype, token, cache_dir, endpoint: as for :func:`hubmerge.merge`.
-        max_shard_size: the HF shard size limit the shard count is estimated with.
+        adapters, base, out, formats, dtype, token, cache_dir, endpoint, push_to, max_shard_size, keep_downloads:
+            as for :func:`hubmerge.merge` (with ``push_to``, the disk figure is the streamed push's peak).
         progress, progress_callback: download bars of configs and tokenizers; their progress events.
     Returns:
         a :class:`Preview`.
@@ -156,17 +165,42 @@ def plan_preview(
             fetch(src, hub, weights=False, progress=reporter)
         result = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     nbytes = result.disk
+    result.formats, result.out = list(formats), out_dir
+    if push_to:  # a streamed push: its own disk plan (peak disk) and shard size
+        from .stream import preview_disk
+
+        keep_output = out is not None or list(formats) != ["hf"]
+        disk, shard_limit, lines = preview_disk(
+            base_src,
+            adapter_srcs,
+            hub,
+            nbytes,
+            max_shard_size=max_shard_size,
+            keep_downloads=keep_downloads,
+            out=out_dir,
+            keep_output=keep_output,
+        )
+        result.lines += lines
+        result.disk, result.free = disk.peak, shutil.disk_usage(_existing(hub.cache_root)).free
+        result.shards = max(1, math.ceil(nbytes / shard_limit))
+        return result
     need = nbytes * len(formats)
-    free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
+    free = shutil.disk_usage(_existing(out_dir)).free
     result.lines.append(
         f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
         f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
     )
     if free < need:
         result.warnings.append(f"{format_size(need)} of disk needed where the output goes, {format_size(free)} free")
-    result.formats, result.disk, result.free, result.out = list(formats), need, free, out_dir
-    result.shards = max(1, math.ceil(nbytes / parse_size(max_shard_size)))
+    result.disk, result.free = need, free
+    shard_limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
+    result.shards = max(1, math.ceil(nbytes / shard_limit))
     return result
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where a folder not yet made will be)."""
+    return next(p for p in [path, *path.parents] if p.exists())
 
 
 def _full_preview(plan: MergePlan, base_src: Source, adapter_srcs: Sequence[Source]) -> Preview:

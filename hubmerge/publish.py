@@ -4,6 +4,7 @@ its ``hubmerge.json`` recipe: sources pinned to commits, the merge recipe, and t
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -150,9 +151,9 @@ def _inside(root: Path, rel: object) -> Path:
     return path
 
 
-def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+def _hf_files(folder: Path, recipe: dict[str, Any], uploaded: Collection[str] = ()) -> tuple[Path, dict[str, str]]:
     """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe:
-    only regular files inside ``folder``, whatever the recipe names.
+    only regular files inside ``folder``, whatever the recipe names (the ``uploaded`` ones may be gone already).
 
     Raises:
         InputError: no HF format, or a listed file is missing. UnsafeFileError: the recipe names a path outside
@@ -169,7 +170,7 @@ def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str
     for rel, digest in listed.items():
         path = _inside(root, rel)
         if path.parent == hf_dir:
-            if not path.is_file():
+            if not path.is_file() and path.name not in uploaded:
                 raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
@@ -184,11 +185,14 @@ def push(
     hub: Hub | None = None,
     verify: bool = True,
     progress: Progress | None = None,
+    uploaded: Mapping[str, Any] | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
     The repo is created private unless ``private=False``. Pushing into a repo that already has files needs
     ``overwrite=True``; the files it holds that the merge did not write are then deleted in the same commit.
+    ``uploaded`` maps file names to ``CommitOperationAdd`` operations already pre-uploaded (a streamed push): they
+    join the commit as they are (their local files may be gone), checked against the recipe's SHA256.
 
     Returns:
         a :class:`PushResult`.
@@ -210,10 +214,16 @@ def push(
         raise InputError(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
-    hf_dir, files = _hf_files(folder, recipe)
+    uploaded = dict(uploaded or {})
+    hf_dir, files = _hf_files(folder, recipe, uploaded)
+    for name, op in uploaded.items():
+        if files.get(name) != op.upload_info.sha256.hex():
+            raise VerificationError(
+                f"{name}: the uploaded file's SHA256 differs from {RECIPE_NAME}; merge again", repo_id=repo_id
+            )
     if verify:
         for name, digest in files.items():
-            if file_digest(hf_dir / name) != digest:
+            if name not in uploaded and file_digest(hf_dir / name) != digest:
                 raise VerificationError(
                     f"{hf_dir / name}: SHA256 differs from {RECIPE_NAME}; the file changed since the merge, merge again"
                 )
@@ -236,6 +246,7 @@ def push(
             path_in_repo=name, path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)
         )
         for name in files
+        if name not in uploaded
     ]
     progress = progress or Progress()
     for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
@@ -243,6 +254,7 @@ def push(
         with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
             api.preupload_lfs_files(repo_id, additions=[op])
             update(size)
+    ops += uploaded.values()
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):

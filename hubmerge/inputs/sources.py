@@ -154,15 +154,16 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     return chosen
 
 
-def not_cached(source: Source, hub: Hub) -> list[str]:
-    """The needed files of a Hub source that are not in the cache yet at its commit (nothing for local sources)."""
+def not_cached(source: Source, hub: Hub, names: Iterable[str] | None = None) -> list[str]:
+    """The needed files (or ``names``) of a Hub source that are not in the cache yet at its commit (nothing for
+    local sources)."""
     if source.repo_id is None:
         return []
     from huggingface_hub import try_to_load_from_cache
 
     return [
         n
-        for n in needed_files(source)
+        for n in (needed_files(source) if names is None else names)
         if not isinstance(
             try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str
         )
@@ -191,6 +192,17 @@ def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: Progress 
     return source.local
 
 
+def streamable_shards(source: Source) -> list[str]:
+    """The safetensors weight files of a Hub base fetched without weights (its index is local), sorted by name;
+    [] when its weights are in another format."""
+    weights = _first_layout(set(source.remote), BASE_WEIGHTS)
+    if weights == ["model.safetensors"]:
+        return weights
+    if weights == ["model.safetensors.index.json"] and source.path is not None:
+        return _index_shards(source, source.path / weights[0])
+    return []
+
+
 def _index_shards(source: Source, index: Path) -> list[str]:
     try:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -203,23 +215,38 @@ def _index_shards(source: Source, index: Path) -> list[str]:
     return [s for s in shards if s not in source.hashes]
 
 
-def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
+def fetch_file(source: Source, name: str, hub: Hub, progress: Progress, *, verify: bool = True) -> Path:
+    """Download one file of a Hub source into the cache and verify it as :func:`fetch` does; returns its path.
+    With ``verify=False`` it is only downloaded (a later call verifies it, e.g. on another thread, while the next
+    file downloads): nothing may read it before then.
+
+    Raises:
+        HubAccessError, VerificationError.
+    """
+    return _download_verified(source, name, hub, progress) if verify else _download(source, name, hub, progress)
+
+
+def _download(source: Source, name: str, hub: Hub, progress: Progress, force: bool = False) -> Path:
     from huggingface_hub import hf_hub_download
 
-    for attempt in (1, 2):
-        with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
-            local = Path(
-                hf_hub_download(
-                    source.repo_id,
-                    name,
-                    revision=source.commit,
-                    cache_dir=hub.cache_dir,
-                    token=hub.token,
-                    endpoint=hub.url,
-                    force_download=attempt == 2,
-                    tqdm_class=progress.tqdm_class("download", name),
-                )
+    with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
+        return Path(
+            hf_hub_download(
+                source.repo_id or "",
+                name,
+                revision=source.commit,
+                cache_dir=hub.cache_dir,
+                token=hub.token,
+                endpoint=hub.url,
+                force_download=force,
+                tqdm_class=progress.tqdm_class("download", name),
             )
+        )
+
+
+def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
+    for attempt in (1, 2):
+        local = _download(source, name, hub, progress, force=attempt == 2)
         problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local

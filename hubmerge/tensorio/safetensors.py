@@ -62,13 +62,24 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             raw = f.read(hlen)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> dict[str, TensorRef]:
+    """The ``{name: TensorRef}`` of the JSON header ``raw`` of a safetensors file of ``size`` bytes at ``path``
+    (which need not exist yet: the header can come from elsewhere, e.g. the first bytes of a file on the Hub).
+
+    Raises:
+        CorruptFileError: see :func:`read_safetensors`.
+    """
+    fix = "download or copy it again"
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({exc}); {fix}") from None
-    data_start = 8 + hlen
+    data_start = 8 + len(raw)
     refs: dict[str, TensorRef] = {}
     for name, info in header.items():
         if name == "__metadata__":
