@@ -554,6 +554,7 @@ def run_check(
                 token=token,
                 cache_dir=job / "cache",
                 endpoint=settings.endpoint,
+                push_to=repo,
             )
         return CheckResult(preview, check_target(repo, bool(private), bool(overwrite), token, settings))
 
@@ -582,18 +583,19 @@ def run_merge(
     settings: Settings,
     progress: JobProgress | None = None,
 ) -> Published:
-    """Merge and push. A job that fails or is cancelled before its commit removes the repository it created."""
+    """Merge and push, streamed (download, merge and upload overlap). A job that fails or is cancelled before its
+    commit leaves no repository behind (hubmerge deletes the one it created)."""
     from hubmerge.output.recipe import read_recipe, reproduce_command
     from hubmerge.plan import dtype_name
 
     ids, base = checked_inputs(adapters, base, settings)
     with shown_errors(token):
         repo = target_repo(target, ids, lambda: whoami(token, settings))
-        with job_folder(settings) as job, _removed_if_left_empty(repo, token, settings):
+        with job_folder(settings) as job:
             if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
                 ahead = plan_preview(
                     ids, base, out=job / "out", dtype=dtype or None, token=token, cache_dir=job / "cache",
-                    endpoint=settings.endpoint,
+                    endpoint=settings.endpoint, push_to=repo,
                 )  # fmt: skip
                 progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
             result = hubmerge.merge(
@@ -636,33 +638,6 @@ def session_job(settings: Settings, request: gr.Request | None) -> Iterator[thre
     finally:
         if session and settings.cancelled.get(session) is cancelled:
             del settings.cancelled[session]
-
-
-@contextlib.contextmanager
-def _removed_if_left_empty(repo_id: str, token: str, settings: Settings) -> Iterator[None]:
-    """A job that stops before its commit (an error, a closed tab) must not leave an empty repository behind: when
-    ``repo_id`` did not exist before the block and exists without a commit after it fails, delete it. A repository
-    that existed before, or that holds a commit, is never touched."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    api = HfApi(endpoint=settings.endpoint, token=token)
-    try:
-        api.model_info(repo_id)
-        existed = True
-    except RepositoryNotFoundError:
-        existed = False
-    except Exception:  # unknown: treat as existing, so nothing is ever deleted on a guess
-        existed = True
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            with contextlib.suppress(Exception):
-                files = [s.rfilename for s in api.model_info(repo_id).siblings or []]
-                if not [f for f in files if f != ".gitattributes"]:
-                    api.delete_repo(repo_id)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

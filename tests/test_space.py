@@ -72,6 +72,8 @@ def space(tmp_path_factory, _published_hub):
     import gradio.oauth
     from huggingface_hub import constants
 
+    from hubmerge.testing.localhub import LocalHub
+
     root = tmp_path_factory.mktemp("space")
     hub = _published_hub
     with pytest.MonkeyPatch.context() as mp:
@@ -93,15 +95,12 @@ def space(tmp_path_factory, _published_hub):
 
         app = load_app()
         events: list = []
-        slow = threading.Event()
         hold: dict[str, tuple[threading.Event, threading.Event, int]] = {}
 
         def on_event(event) -> None:
-            """Record the progress events; when asked, slow each one down, or stop at a stage until released (at its
-            first event, or once ``n`` of its tasks have finished)."""
+            """Record the progress events; when asked, stop at a stage until released (at its first event, or once
+            ``n`` of its tasks have finished)."""
             events.append(event)
-            if slow.is_set():
-                time.sleep(0.25)
             if event.stage in hold:
                 reached, release, n = hold[event.stage]
                 if sum(e.finished for e in events if e.stage == event.stage) >= n:
@@ -109,33 +108,43 @@ def space(tmp_path_factory, _published_hub):
                     reached.set()
                     release.wait(60)
 
-        settings = app.Settings(
-            endpoint=hub.url, workdir=root / "jobs", allow_local_paths=True, on_event=on_event, refresh_seconds=0.2
-        )
-        demo = app.create_app(settings)
-        _, url, _ = demo.launch(
-            server_name="127.0.0.1",
-            server_port=free_port(),
-            prevent_thread_lock=True,
-            quiet=True,
-            share=False,
-            **app.LAUNCH,
-        )
+        def launch(endpoint: str):
+            settings = app.Settings(
+                endpoint=endpoint, workdir=root / "jobs", allow_local_paths=True, on_event=on_event, refresh_seconds=0.2
+            )
+            demo = app.create_app(settings)
+            _, url, _ = demo.launch(
+                server_name="127.0.0.1",
+                server_port=free_port(),
+                prevent_thread_lock=True,
+                quiet=True,
+                share=False,
+                **app.LAUNCH,
+            )
+            return demo, url.rstrip("/"), settings
+
+        # the same Hub (same storage) behind a link of 150 kB/s each way: a merge takes seconds, as a real one does
+        throttled = LocalHub(hub.root, bandwidth=150_000).start()
+        demo, url, settings = launch(hub.url)
+        slow_demo, slow_url, _ = launch(throttled.url)
         try:
             yield SimpleNamespace(
                 hub=hub,
-                url=url.rstrip("/"),
+                url=url,
+                slow_url=slow_url,
+                slow_hub=throttled,
                 app=app,
                 settings=settings,
                 tokens=tokens,
                 local=local,
                 events=events,
-                slow=slow,
                 hold=hold,
                 root=root,
             )
         finally:
             demo.close()
+            slow_demo.close()
+            throttled.stop()
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +181,10 @@ def shot(page, name: str, locator=None) -> Path:
     return path
 
 
-def open_page(page, space, *, sign_in: bool | None):
-    """Open the app and wait for its load event; sign in first if asked (None: the browser is signed in already)."""
-    page.goto(space.url)
+def open_page(page, space, *, sign_in: bool | None, url: str | None = None):
+    """Open the app (at ``url``, default the unthrottled one) and wait for its load event; sign in first if asked
+    (None: the browser is signed in already)."""
+    page.goto(url or space.url)
     if sign_in:
         page.get_by_role("button", name="Sign in with Hugging Face").click()  # the name also holds the logo's alt
     if sign_in is False:  # the load event has run once the target's placeholder names no user
@@ -267,7 +277,7 @@ def test_signed_out_page_explains_and_shows_no_empty_results(space, page):
 def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path):
     from hubmerge.output.recipe import reproduce_command
 
-    open_page(page, space, sign_in=True)
+    open_page(page, space, sign_in=True, url=space.slow_url)  # the Space of the throttled Hub
     assert "Signed in as alice" in page.locator("#account").inner_text()
 
     # the preset fills the Plus order: LLaMA-Plus, then Alpaca-Plus
@@ -303,7 +313,7 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     assert not broken_cells(page, "#plan")
     shot(page, "check-plan")
 
-    # Merge and push, slowed: the progress panel stays on screen, its text changing, from start to finish
+    # Merge and push over the throttled link: the progress panel stays on screen, its text changing, start to finish
     page.evaluate("""() => {
         window.__samples = [];
         window.__sampler = setInterval(() => {
@@ -314,7 +324,6 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
         }, 100);
     }""")
     space.events.clear()
-    space.slow.set()
     downloading, go_on = threading.Event(), threading.Event()
     space.hold["download"] = (downloading, go_on, 1)  # mid-download: the first adapter done, the rest to come
     reached, release = threading.Event(), threading.Event()
@@ -341,7 +350,6 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     finally:
         go_on.set()
         release.set()
-        space.slow.clear()
         space.hold.clear()
     samples = page.evaluate("() => { clearInterval(window.__sampler); return window.__samples; }")
     shown = [s for s in samples if s["t"].strip()]
@@ -357,7 +365,7 @@ def test_plus_recipe_check_table_progress_panel_and_result(space, page, tmp_path
     assert downloaded <= {e.name for e in space.events if e.stage == "verify" and e.finished}  # each one checked
     # the finished panel: every stage done, with its total
     assert page.locator("#progress .hm-stage.is-done").count() == 4
-    assert result.get_attribute("href") == f"{space.hub.url}/alice/alpaca-plus-tiny-merged"
+    assert result.get_attribute("href") == f"{space.slow_hub.url}/alice/alpaca-plus-tiny-merged"
 
     assert "(private)" in page.locator("#result-link").inner_text()
     assert "vocabulary: 297 tokens" in page.locator("#summary").inner_text()
