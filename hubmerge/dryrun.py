@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IncompatibleError
-from .inputs.sources import Source, fetch, needed_files, not_cached
+from .inputs.sources import Source, download_files, fetch, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
@@ -35,7 +35,7 @@ def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
 
 
 def _download_line(src: Source, hub) -> str:
-    names = needed_files(src)
+    names = download_files(src, hub)
     todo = not_cached(src, hub)
     size = sum(src.remote[n].size for n in todo)
     return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"

@@ -71,7 +71,9 @@ def _verify_repo(target: str, hub) -> list[CheckRow]:
     source = resolve(target, "base", hub)
     rows = []
     for name, record in sorted(source.remote.items()):
-        with hub_errors(hub, source.repo_id or target, revision=source.revision, filename=name):
+        with hub_errors(
+            hub, source.repo_id or target, revision=source.revision, filename=name, expected=record.expected
+        ):
             local = Path(
                 hf_hub_download(
                     source.repo_id,
