@@ -144,13 +144,14 @@ def _trusted_origin(url: str) -> bool:
 
 
 def _allowed_redirect(source: str, target: str) -> bool:
-    """A redirect may stay on the origin that answered, or go to the endpoint's host or a subdomain of it (the
-    official Hub's CDN hosts for the official Hub)."""
-    origin, host = _origin(source), _origin(target)[1]
-    if _origin(target) == origin:
+    """A redirect may stay on the origin that answered or go to a subdomain of its host (and, from the official
+    Hub, to its CDN hosts under hf.co)."""
+    origin, to = _origin(source), _origin(target)
+    if to == origin:
         return True
-    domains = [origin[1]] + (list(_OFFICIAL_HOSTS) if origin[1] in _OFFICIAL_HOSTS else [])
-    return any(host == d or host.endswith("." + d) for d in domains)
+    domains = _OFFICIAL_HOSTS if origin[1] in _OFFICIAL_HOSTS else (origin[1],)
+    # Another port of the same host is another service; a subdomain (a CDN host) belongs to the same operator.
+    return to[0] in ("https", origin[0]) and any(to[1].endswith("." + d) or to[1] == d != origin[1] for d in domains)
 
 
 def _key(request) -> tuple[str, str]:
