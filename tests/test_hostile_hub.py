@@ -38,7 +38,8 @@ class Scene:
         self.pth_code = f"import os; open({str(self.marker)!r}, 'w').close()"
         self.cache = tmp_path / "cache"
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self, **extra: str | None) -> dict[str, str]:
+        """The run's environment; ``extra`` values of None remove a variable."""
         env = {
             **os.environ,
             "HF_ENDPOINT": self.proxy.url,
@@ -54,9 +55,9 @@ class Scene:
             "HF_HUB_DOWNLOAD_TIMEOUT": "2",
         }
         env.update(extra)
-        return env
+        return {k: v for k, v in env.items() if v is not None}
 
-    def run(self, *args: object, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    def run(self, *args: object, timeout: float = 120, **env: str | None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "hubmerge.cli", *map(str, args)]
         if args[0] != "push":
             cmd += ["--cache-dir", str(self.cache)]
@@ -261,7 +262,7 @@ def test_lfs_batch_naming_another_host_never_gets_the_token(scene, hub, tmp_path
             x.body = json.dumps(data).encode()
 
     scene.proxy.rewrite = verify_elsewhere
-    done = scene.run("push", tmp_path / "out", "alice/pushed-through-mirror", "-q" if False else "--public")
+    done = scene.run("push", tmp_path / "out", "alice/pushed-through-mirror")
     assert done.returncode == 0, done.stderr
     assert [s.path for s in scene.foreign.seen if s.path.startswith("/verify")], "the verify step never ran"
     assert all(s.authorization is None for s in scene.foreign.seen)
@@ -287,7 +288,7 @@ def test_endpoint_that_accepts_connections_and_never_answers_fails_within_a_minu
         scene = Scene(tmp_path, silent, foreign, hub.tokens["alice"])
         started = time.monotonic()
         # the client's default timeouts (10 s), as a user has them
-        env = {"HF_HUB_ETAG_TIMEOUT": "", "HF_HUB_DOWNLOAD_TIMEOUT": "", "HUBMERGE_HUB_RETRIES": ""}
+        env = {"HF_HUB_ETAG_TIMEOUT": None, "HF_HUB_DOWNLOAD_TIMEOUT": None, "HUBMERGE_HUB_RETRIES": None}
         done = scene.run(LLAMA, "--base", hub.local["base"], "--out", tmp_path / "out", **env)
         elapsed = time.monotonic() - started
     line = _one_line(done, allow_retries=True)
