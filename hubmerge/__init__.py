@@ -33,6 +33,8 @@ _LAZY = {
     "preview": "dryrun",
     "push": "publish",
     "PushResult": "publish",
+    "check_push_target": "publish",
+    "PushTarget": "publish",
     "verify_target": "verification.command",
     "Hub": "inputs.hub",
 }
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from .inputs.hub import Hub
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
-    from .publish import PushResult, push
+    from .publish import PushResult, PushTarget, check_push_target, push
     from .verification.command import verify_target
 
 
@@ -62,6 +64,8 @@ __all__ = [
     "convert",
     "push",
     "PushResult",
+    "check_push_target",
+    "PushTarget",
     "verify_target",
     "Hub",
     "HubmergeError",

@@ -105,6 +105,9 @@ def _run_merge(args: argparse.Namespace) -> int:
             token=args.token,
             cache_dir=args.cache_dir,
             progress=not args.quiet,
+            push_to=args.push_to,
+            overwrite=args.overwrite,
+            public=args.public,
         ):
             print(line)
         return 0

@@ -20,6 +20,7 @@ from .model.base import read_config
 from .model.tokenizer import read_tokenizer
 from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
 from .plan import dtype_name, parse_dtype, vocab_shrink_message
+from .publish import check_push_target
 from .sizes import format_size
 from .verification.known import check_tokenizer_matches
 
@@ -52,8 +53,12 @@ def preview(
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    push_to: str | None = None,
+    overwrite: bool = False,
+    public: bool = False,
 ) -> list[str]:
-    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
+    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights; with
+    ``push_to``, also what the push will do to that repo (checked first, as the merge does).
 
     Returns:
         human-readable lines (the same the CLI's ``--dry-run`` and the Space's Check step show).
@@ -61,6 +66,7 @@ def preview(
         HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
     """
     hub = hub_from_args(token, cache_dir, endpoint)
+    target = check_push_target(push_to, hub, overwrite=overwrite, private=not public).require() if push_to else None
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
     out_dtype = parse_dtype(dtype)
@@ -78,6 +84,8 @@ def preview(
         f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
         f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
     )
+    if target is not None:
+        lines.append(f"push: {target.message}")
     return lines
 
 

@@ -28,7 +28,7 @@ from .output.recipe import tool_versions, write_recipe
 from .output.staging import Journal, fingerprint
 from .output.writers import FORMATS, Writer, make_writer
 from .plan import MergePlan, build_plan, dtype_name
-from .publish import PushResult, push, source_license
+from .publish import PushResult, check_push_target, push, source_license
 from .sizes import format_size, parse_size
 from .verification.hashing import file_digest
 from .verification.known import check_tokenizer_matches
@@ -474,6 +474,8 @@ def merge(
         raise InputError("--push-to publishes the HF format: add hf to --format")
     shard_limit = parse_size(max_shard_size)
     hub = hub_from_args(token, cache_dir, endpoint)
+    if push_to:  # before any download: a push that cannot succeed fails now, not after the whole merge
+        check_push_target(push_to, hub, overwrite=overwrite, private=not public).require()
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
     check_output(out_dir, [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root], overwrite)
