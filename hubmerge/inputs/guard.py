@@ -27,6 +27,7 @@ import contextvars
 import logging
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +103,10 @@ def install(endpoint: str) -> None:
         _installed = True
     import huggingface_hub
 
+    # The client's own multi-line chatter about what hubmerge reports on one line: retries, and a disk too small.
     for name in ("huggingface_hub.utils._http", "huggingface_hub.file_download"):
         logging.getLogger(name).addFilter(_retry_chatter)
+    warnings.filterwarnings("ignore", "Not enough free disk space", UserWarning, "huggingface_hub.file_download")
     huggingface_hub.set_client_factory(_client)
 
 

@@ -150,7 +150,7 @@ def _resolve_cached(spec: str, role: Role, repo_id: str, revision: str | None, h
     if COMMIT_ID.fullmatch(rev):
         commit = rev
     else:
-        if ".." in rev.split("/") or rev.startswith("/"):
+        if not _safe_revision(rev):
             raise InputError(f"{spec}: {rev!r} is not a branch, tag or commit name")
         ref = folder / "refs" / rev
         commit = ref.read_text(encoding="ascii", errors="replace")[:64].strip() if ref.is_file() else ""
@@ -267,6 +267,23 @@ def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = Tr
         if name.endswith(".index.json") and weights:
             for shard in [s for s in _index_shards(source, path) if s not in source.hashes]:
                 _download_verified(source, shard, hub, progress)
+    _remember_revision(source, hub)
+
+
+def _remember_revision(source: Source, hub: Hub) -> None:
+    """Record in the cache's ``refs`` which commit the branch or tag asked for resolved to (downloads pinned to the
+    commit do not), so that an offline run resolves ``org/name[@revision]`` the same way."""
+    rev = source.revision or "main"
+    if COMMIT_ID.fullmatch(rev) or not _safe_revision(rev) or source.commit is None:
+        return
+    ref = _repo_cache(hub, source.repo_id or "") / "refs" / rev
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(source.commit, encoding="ascii")
+
+
+def _safe_revision(rev: str) -> bool:
+    """A branch or tag name that stays inside the cache's ``refs`` folder as a path."""
+    return not rev.startswith("/") and ".." not in rev.split("/") and "\\" not in rev
 
 
 def _index_shards(source: Source, index: Path) -> list[str]:
