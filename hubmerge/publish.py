@@ -75,7 +75,7 @@ def _namespace_problem(whoami: dict[str, Any], namespace: str) -> str | None:
         ):
             return f"your fine-grained token has no write permission on {namespace}; add it, or use a write token"
     elif role != "write":
-        return f"your token may only read (role {role!r}); use a token with write access to {namespace}"
+        return f"your token may not write (role {role!r}); use a token with write access to {namespace}"
     if namespace == user:
         return None
     org = next((o for o in whoami.get("orgs") or [] if o.get("name") == namespace), None)

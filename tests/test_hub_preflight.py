@@ -53,7 +53,7 @@ def downloaded(folder: Path) -> list[str]:
     "case,repo,token,fragments",
     [
         ("foreign-namespace", "hfl/not-mine", "alice", ("may not write to hfl", "alice")),
-        ("read-token", "alice/new-model", "alice-read", ("may only read",)),
+        ("read-token", "alice/new-model", "alice-read", ("may not write (role 'read')",)),
         ("no-token", "alice/new-model", None, ("needs a token", "hf auth login")),
         ("exists-with-files", "alice/has-files", "alice", ("already has 1 files", "--overwrite")),
     ],

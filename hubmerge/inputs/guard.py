@@ -6,7 +6,8 @@ hostile until checked.
 stops. :func:`install` replaces the client's HTTP client (``huggingface_hub.set_client_factory``) by one whose
 event hooks, on every hop of every call:
 
-- send the token only to the endpoint's own origin (an LFS batch answer may name another host for upload/verify);
+- send the token only to the endpoint's own origin (an LFS batch answer may name another host for upload/verify),
+  whenever a hubmerge call is under way;
 - ask for uncompressed bodies and refuse compressed ones, so a byte count on the wire is a byte count on disk;
 - put connect and read timeouts on every request (the client leaves ``HfApi`` calls without any), honouring
   ``HF_HUB_ETAG_TIMEOUT`` (connect) and ``HF_HUB_DOWNLOAD_TIMEOUT`` (read, write);
@@ -71,6 +72,7 @@ _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("hubmerg
 _trusted: set[tuple[str, str, int]] = set()
 _lock = threading.Lock()
 _installed = False
+_active = 0  # hubmerge calls under way, in any thread (the client uploads from a thread pool)
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -114,11 +116,16 @@ def install(endpoint: str) -> None:
 def watch(endpoint: str, retries: int, expected: Expected | None = None) -> Iterator[None]:
     """One hubmerge call to the Hub: requests made inside share a budget of ``retries`` retries without progress,
     and a file downloaded inside must match ``expected``."""
+    global _active
     install(endpoint)
     token = _current.set(_Call(retries, expected or Expected()))
+    with _lock:
+        _active += 1
     try:
         yield
     finally:
+        with _lock:
+            _active -= 1
         _current.reset(token)
 
 
@@ -163,8 +170,10 @@ def _key(request) -> tuple[str, str]:
 
 def _on_request(request) -> None:
     url = str(request.url)
-    if not _trusted_origin(url):
-        request.headers.pop("authorization", None)  # the token goes to the endpoint and nowhere else
+    if _active and not _trusted_origin(url):
+        # While hubmerge talks to the Hub, the token goes to the endpoint and nowhere else (other callers of the
+        # client in this process, outside hubmerge's calls, keep the client's own rules).
+        request.headers.pop("authorization", None)
     request.headers["accept-encoding"] = "identity"
     request.extensions = {**request.extensions, "timeout": _timeouts(dict(request.extensions.get("timeout") or {}))}
     call = _current.get()
@@ -235,18 +244,20 @@ def _size(value: str | None, where: str, header: str) -> int | None:
 
 
 def _body_limit(response, declared: int | None, expected: Expected, where: str) -> int:
-    """The most body bytes this answer may carry: what it declared, and for a file download what is left of the
-    listed size."""
-    limit = declared if declared is not None else API_BODY_LIMIT
-    if expected.size is None or response.request.method != "GET" or response.status_code not in (200, 206):
-        return limit
-    start = 0
-    if response.status_code == 206:
-        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("content-range", ""))
-        if m is None or int(m[1]) > expected.size:
-            raise refuse(where, "an invalid Content-Range")
-        start = int(m[1])
-    return min(limit, expected.size - start)
+    """The most body bytes this answer may carry: what it declared; for a file download, no more than what is left
+    of the listed size; for an API answer (or any answer that declares no size), no more than API_BODY_LIMIT."""
+    request = response.request
+    if expected.size is not None and request.method == "GET" and response.status_code in (200, 206):
+        start = 0
+        if response.status_code == 206:
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("content-range", ""))
+            if m is None or int(m[1]) > expected.size:
+                raise refuse(where, "an invalid Content-Range")
+            start = int(m[1])
+        return min(declared if declared is not None else expected.size, expected.size - start)
+    if declared is None or (_trusted_origin(str(request.url)) and "/resolve/" not in request.url.path):
+        return min(declared if declared is not None else API_BODY_LIMIT, API_BODY_LIMIT)
+    return declared
 
 
 class _Capped(httpx2.SyncByteStream):
