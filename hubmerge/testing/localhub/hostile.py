@@ -97,7 +97,7 @@ class HostileProxy:
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
+                    chunks: list[bytes] = []
                     while True:
                         size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                         if size == 0:
@@ -118,7 +118,7 @@ class HostileProxy:
                 if proxy.upstream is None:
                     x.headers, x.body = [("Content-Type", "application/json")], b"{}"
                 else:
-                    conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                    conn = http.client.HTTPConnection(proxy.upstream.hostname or "", proxy.upstream.port, timeout=60)
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                     conn.request(self.command, self.path, body=body or None, headers=headers)
                     answer = conn.getresponse()
