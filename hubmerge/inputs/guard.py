@@ -44,7 +44,8 @@ _RESOLVE = re.compile(r"/resolve/([^/]+)/")
 # Answers that declare no size (JSON listings) are cut here: the largest model_info of a real repo is a few MB.
 API_BODY_LIMIT = 64 * 2**20
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
-# The official Hub serves files from its CDN hosts (hf.co, xethub.hf.co): redirects there are expected.
+# The official Hub serves files from its CDN hosts (cdn-lfs.hf.co, cas-bridge.xethub.hf.co): redirects there are
+# expected, from the Hub and from mirrors.
 _OFFICIAL_HOSTS = ("huggingface.co", "hf.co")
 log = logging.getLogger("hubmerge.hub")
 
@@ -154,14 +155,14 @@ def _trusted_origin(url: str) -> bool:
 
 
 def _allowed_redirect(source: str, target: str) -> bool:
-    """A redirect may stay on the origin that answered or go to a subdomain of its host (and, from the official
-    Hub, to its CDN hosts under hf.co)."""
+    """A redirect may stay on the origin that answered, go to a subdomain of its host (a mirror's CDN), or go over
+    https to the official Hub's own hosts (huggingface.co, hf.co and their CDN subdomains, where the official Hub and
+    mirrors send file downloads). Another port of the same host is another service: refused."""
     origin, to = _origin(source), _origin(target)
     if to == origin:
         return True
-    domains = _OFFICIAL_HOSTS if origin[1] in _OFFICIAL_HOSTS else (origin[1],)
-    # Another port of the same host is another service; a subdomain (a CDN host) belongs to the same operator.
-    return to[0] in ("https", origin[0]) and any(to[1].endswith("." + d) or to[1] == d != origin[1] for d in domains)
+    official = to[0] == "https" and any(to[1] == d or to[1].endswith("." + d) for d in _OFFICIAL_HOSTS)
+    return official or (to[0] == origin[0] and to[1].endswith("." + origin[1]))
 
 
 def _key(request) -> tuple[str, str]:
