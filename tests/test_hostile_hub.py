@@ -300,3 +300,18 @@ def test_endpoint_that_accepts_connections_and_never_answers_fails_within_a_minu
     line = _one_line(done, allow_retries=True)
     assert silent.url.split("//")[1] in line, line
     assert elapsed < 60, elapsed
+
+
+def test_failed_verification_never_deletes_a_file_outside_the_cache(scene, hub):
+    # A cache entry left pointing outside the cache (by an older client, or by hand): it fails verification, and
+    # the clean-up removes the link only, never the file it resolves to.
+    thesis = scene.tmp / "documents" / "thesis.txt"
+    thesis.parent.mkdir()
+    thesis.write_text("years of work\n")
+    snapshot = scene.cache / f"models--{LLAMA.replace('/', '--')}" / "snapshots" / hub.resolve(LLAMA)
+    snapshot.mkdir(parents=True)
+    (snapshot / "adapter_config.json").symlink_to(thesis)
+    done = scene.run(LLAMA, "--base", hub.local["base"], "--out", scene.tmp / "out", "-q")
+    assert done.returncode == 0, done.stderr  # downloaded again, verified, merged
+    assert thesis.read_text() == "years of work\n"
+    assert not (snapshot / "adapter_config.json").resolve().is_relative_to(thesis.parent)
