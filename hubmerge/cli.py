@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
 from .errors import HubmergeError, Interrupted
-from .output.writers import check_formats
+from .output.formats import check_formats
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -133,6 +133,8 @@ def _run_merge(args: argparse.Namespace) -> int:
             push_to=args.push_to,
             max_shard_size=args.max_shard_size,
             keep_downloads=args.keep_downloads,
+            overwrite=args.overwrite,
+            public=args.public,
         ):
             print(line)
         return 0

@@ -18,13 +18,14 @@ from typing import Any
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import IncompatibleError
 from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
-from .inputs.sources import Source, fetch, needed_files, not_cached
+from .inputs.sources import Source, download_files, fetch, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.architectures import Architecture
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
 from .plan import MergePlan, build_plan, dtype_name, parse_dtype, vocab_shrink_message
 from .progress import Progress, ProgressCallback
+from .publish import PushTarget, check_push_target
 from .sizes import format_size, parse_size
 from .verification.known import check_tokenizer_matches
 
@@ -65,6 +66,7 @@ class Preview:
     out: Path
     warnings: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    target: PushTarget | None = None  # with push_to: what the push will do to that repo, or why it cannot
 
 
 def _plural(n: int, word: str) -> str:
@@ -73,7 +75,7 @@ def _plural(n: int, word: str) -> str:
 
 def _download(src: Source, hub) -> tuple[str, int, int]:
     """The plan's words for what a Hub input still needs, the bytes to download and the files it uses."""
-    names = needed_files(src)
+    names = download_files(src, hub)
     todo = not_cached(src, hub)
     size = sum(src.remote[n].size for n in todo)
     return (
@@ -98,16 +100,20 @@ def preview(
     push_to: str | None = None,
     max_shard_size: str | int | None = None,
     keep_downloads: bool = True,
+    overwrite: bool = False,
+    public: bool = False,
 ) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights. With
-    ``push_to``: how the push streams (peak disk, whether downloaded base shards stay in the cache).
+    ``push_to``: what the push will do to that repo (checked first, as the merge does) and how it streams (peak
+    disk, whether downloaded base shards stay in the cache).
 
     Returns:
         human-readable lines (the same the CLI's ``--dry-run`` prints); :func:`plan_preview` gives them as data.
     Raises:
-        HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
+        HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order, a push
+        target that would refuse the push...).
     """
-    return plan_preview(
+    result = plan_preview(
         adapters,
         base,
         out=out,
@@ -121,7 +127,12 @@ def preview(
         push_to=push_to,
         max_shard_size=max_shard_size,
         keep_downloads=keep_downloads,
-    ).lines
+        overwrite=overwrite,
+        public=public,
+    )
+    if result.target is not None:
+        result.target.require()
+    return result.lines
 
 
 def plan_preview(
@@ -139,13 +150,16 @@ def plan_preview(
     push_to: str | None = None,
     max_shard_size: str | int | None = None,
     keep_downloads: bool = True,
+    overwrite: bool = False,
+    public: bool = False,
 ) -> Preview:
     """The dry run as data: every input in order (pinned commit, r, alpha, scale, vocabulary, download size) and the
     output (dtype, vocabulary, shards, disk), with the warnings and the text lines of :func:`preview`.
 
     Args:
-        adapters, base, out, formats, dtype, token, cache_dir, endpoint, push_to, max_shard_size, keep_downloads:
-            as for :func:`hubmerge.merge` (with ``push_to``, the disk figure is the streamed push's peak).
+        adapters, base, out, formats, dtype, token, cache_dir, endpoint, push_to, max_shard_size, keep_downloads,
+            overwrite, public: as for :func:`hubmerge.merge` (with ``push_to``, the disk figure is the streamed
+            push's peak, and ``target`` says what the push would do to that repo: a refusal is reported, not raised).
         progress, progress_callback: download bars of configs and tokenizers; their progress events.
     Returns:
         a :class:`Preview`.
@@ -153,6 +167,7 @@ def plan_preview(
         HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
     """
     hub = hub_from_args(token, cache_dir, endpoint)
+    target = check_push_target(push_to, hub, overwrite=overwrite, private=not public) if push_to else None
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     reporter = Progress(progress_callback, bars=progress)
@@ -165,10 +180,11 @@ def plan_preview(
             fetch(src, hub, weights=False, progress=reporter)
         result = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     nbytes = result.disk
-    result.formats, result.out = list(formats), out_dir
-    if push_to:  # a streamed push: its own disk plan (peak disk) and shard size
+    result.formats, result.out, result.target = list(formats), out_dir, target
+    if target is not None:  # a streamed push: what it does to the repo, its own disk plan (peak) and shard size
         from .stream import preview_disk
 
+        result.lines.append(f"push: {target.message}")
         keep_output = out is not None or list(formats) != ["hf"]
         disk, shard_limit, lines = preview_disk(
             base_src,

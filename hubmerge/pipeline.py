@@ -5,95 +5,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import InputError
 from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
-from .inputs.sources import Source
 from .merging import DEFAULT_BLOCK_BYTES
-from .output.staging import Written, check_output, write_outputs
-from .output.writers import check_formats
-from .plan import MergePlan, build_plan, dtype_name
+from .output.formats import check_formats
+from .output.staging import check_output, write_outputs
+from .plan import MergePlan, build_plan
 from .progress import Progress, ProgressCallback
-from .publish import PushResult
-from .resources import peak_rss
-from .sizes import format_size, parse_size
-
-
-@dataclass
-class MergeResult:
-    """What :func:`merge` produced. ``files`` maps each written file (relative to ``out``) to its SHA256."""
-
-    out: Path
-    folders: dict[str, Path]
-    files: dict[str, str]
-    plan: MergePlan
-    seconds: float
-    peak_rss: int  # bytes, whole process
-    push: PushResult | None = None
-    sources: list[Source] = field(default_factory=list)
-    kept: int = 0  # files kept from an interrupted run
-    notes: list[str] = field(default_factory=list)  # extra summary lines (a streamed push says what it did)
-
-    @classmethod
-    def finish(
-        cls,
-        out: Path,
-        written: Written,
-        plan: MergePlan,
-        started: float,
-        push: PushResult | None = None,
-        sources: Sequence[Source] = (),
-    ) -> MergeResult:
-        """The result of a run that began at ``started`` (time.monotonic()) and wrote ``written``."""
-        return cls(
-            out,
-            written.folders,
-            written.files,
-            plan,
-            time.monotonic() - started,
-            peak_rss(),
-            push,
-            list(sources),
-            written.kept,
-        )
-
-    def summary(self) -> list[str]:
-        """Lines for the end-of-run summary."""
-        p = self.plan
-        lines = [
-            f"adapters applied: {', '.join(a.label for a in p.adapters)}"
-            if p.adapters
-            else f"converted: {p.base.path} (no adapters)"
-        ]
-        hub_sources = [s for s in self.sources if s.repo_id]
-        if hub_sources:
-            lines.append(
-                f"from the Hub: {', '.join(s.label for s in hub_sources)}; "
-                f"{sum(len(s.hashes) for s in hub_sources)} downloaded files verified against its SHA256"
-            )
-        lines.append(
-            f"vocabulary: {p.vocab_size} tokens; tensors changed: {sum(t.changed for t in p.tensors)} "
-            f"of {len(p.tensors)}; dtype {dtype_name(p.dtype)}"
-        )
-        for fmt, folder in self.folders.items():
-            names = sorted(f for f in self.files if (self.out / f).parent == folder)
-            lines.append(
-                f"{fmt}: {folder} ({len(names)} files: {', '.join(Path(n).name for n in names[:4])}"
-                f"{', ...' if len(names) > 4 else ''})"
-            )
-        if self.push:
-            lines.append(
-                f"published: {self.push.url} ({'private' if self.push.private else 'public'}, "
-                f"{len(self.push.files)} files + model card)"
-            )
-        if self.kept:
-            lines.append(f"resumed: kept {self.kept} files an interrupted run had finished")
-        lines += self.notes
-        lines.append(f"time: {self.seconds:.1f} s; peak memory: {format_size(self.peak_rss)}")
-        return lines
+from .result import MergeResult
+from .sizes import parse_size
+from .stream import merge_push
 
 
 def plan_merge(
@@ -179,9 +103,7 @@ def merge(
         raise InputError("--push-to publishes the HF format: add hf to --format")
     hub = hub_from_args(token, cache_dir, endpoint)
     reporter = Progress(progress_callback, bars=progress)
-    if push_to:
-        from .stream import merge_push
-
+    if push_to:  # the target is checked before any download: a push that cannot succeed fails now
         return merge_push(
             adapters,
             base,

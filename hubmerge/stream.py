@@ -41,10 +41,10 @@ from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
 from .output.staging import Written, check_output, partial_folder, write_outputs
-from .pipeline import MergeResult
 from .plan import MergePlan, build_plan
 from .progress import Progress
-from .publish import push
+from .publish import check_push_target, push
+from .result import MergeResult
 from .sizes import format_size, parse_size
 from .tensorio.safetensors import parse_header, read_safetensors
 from .tensorio.source import TensorRef, TensorSource
@@ -417,20 +417,11 @@ class TargetRepo:
 
     def __init__(self, hub: Hub, repo_id: str, *, private: bool, overwrite: bool) -> None:
         self.hub, self.repo_id = hub, repo_id
-        api = hub.api()
+        # whoami, the token's role for the namespace and the repo's state, before anything is downloaded
+        target = check_push_target(repo_id, hub, overwrite=overwrite, private=private).require()
         with hub_errors(hub, repo_id, action="create or write to"):
-            existed = api.repo_exists(repo_id)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.model_info(repo_id)
-        self.created = not existed
-        existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
-        if existing and not overwrite:
-            raise OutputError(
-                f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-                "them, or choose another name",
-                repo_id=repo_id,
-                remedy="overwrite",
-            )
+            hub.api().create_repo(repo_id, private=private, exist_ok=not target.will_create)
+        self.created = target.will_create
 
     def discard(self) -> None:
         """Delete the repo if this run created it (a failure before the commit: leave no empty repo behind)."""

@@ -516,15 +516,6 @@ class TargetStatus:
     message: str
 
 
-def check_target(repo_id: str, private: bool, overwrite: bool, token: str, settings: Settings) -> TargetStatus:
-    """Whether Merge and push could publish to ``repo_id`` (hubmerge's push preflight; creates nothing)."""
-    from hubmerge.publish import check_push_target
-
-    hub = hubmerge.Hub(endpoint=settings.endpoint, token=token)
-    target = check_push_target(repo_id, hub, overwrite=overwrite, private=private)
-    return TargetStatus(repo_id, target.can_write, page_wording(target.message))
-
-
 @dataclass
 class CheckResult:
     preview: Preview
@@ -555,8 +546,13 @@ def run_check(
                 cache_dir=job / "cache",
                 endpoint=settings.endpoint,
                 push_to=repo,
+                overwrite=bool(overwrite),
+                public=not private,
             )
-        return CheckResult(preview, check_target(repo, bool(private), bool(overwrite), token, settings))
+    # hubmerge's push preflight (creates nothing, always made with push_to): what Merge and push would do, or why not
+    push = preview.target
+    assert push is not None
+    return CheckResult(preview, TargetStatus(repo, push.can_write, page_wording(push.message)))
 
 
 @dataclass
@@ -595,7 +591,7 @@ def run_merge(
             if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
                 ahead = plan_preview(
                     ids, base, out=job / "out", dtype=dtype or None, token=token, cache_dir=job / "cache",
-                    endpoint=settings.endpoint, push_to=repo,
+                    endpoint=settings.endpoint, push_to=repo, overwrite=bool(overwrite), public=not private,
                 )  # fmt: skip
                 progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
             result = hubmerge.merge(

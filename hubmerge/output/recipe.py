@@ -14,12 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..plan import MergePlan, dtype_name
 from ..verification.hashing import file_digest
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
     from ..inputs.sources import Source
-    from ..plan import MergePlan
 
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
@@ -113,7 +113,6 @@ def hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
 
 def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict[str, Any]:
     """The recipe of a finished write: every input pinned and hashed, the scaling, the formats, each file's SHA256."""
-    from ..plan import dtype_name
 
     def source_record(src: Source, files_in: Sequence[Path]) -> dict:
         record: dict[str, Any] = {"source": src.spec}

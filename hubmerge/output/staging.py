@@ -40,8 +40,9 @@ from ..progress import Progress
 from ..resources import check_disk, check_memory
 from ..sizes import format_size
 from ..verification.hashing import file_digest
+from .formats import format_folder
 from .recipe import RECIPE_NAME, build_recipe, hash_inputs, input_files, tool_versions, write_recipe
-from .writers import Writer, format_folder, make_writer
+from .writers import Writer, make_writer
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
