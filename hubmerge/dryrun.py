@@ -17,6 +17,7 @@ from typing import Any
 
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import IncompatibleError
+from .inputs.hub import Hub
 from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
 from .inputs.sources import Source, download_files, fetch, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
@@ -113,26 +114,21 @@ def preview(
         HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order, a push
         target that would refuse the push...).
     """
-    result = plan_preview(
+    hub = hub_from_args(token, cache_dir, endpoint)
+    target = check_push_target(push_to, hub, overwrite=overwrite, private=not public).require() if push_to else None
+    return _preview(
+        hub,
         adapters,
         base,
+        target,
         out=out,
         formats=formats,
         dtype=dtype,
-        token=token,
-        cache_dir=cache_dir,
-        endpoint=endpoint,
         progress=progress,
         progress_callback=progress_callback,
-        push_to=push_to,
         max_shard_size=max_shard_size,
         keep_downloads=keep_downloads,
-        overwrite=overwrite,
-        public=public,
-    )
-    if result.target is not None:
-        result.target.require()
-    return result.lines
+    ).lines
 
 
 def plan_preview(
@@ -168,6 +164,36 @@ def plan_preview(
     """
     hub = hub_from_args(token, cache_dir, endpoint)
     target = check_push_target(push_to, hub, overwrite=overwrite, private=not public) if push_to else None
+    return _preview(
+        hub,
+        adapters,
+        base,
+        target,
+        out=out,
+        formats=formats,
+        dtype=dtype,
+        progress=progress,
+        progress_callback=progress_callback,
+        max_shard_size=max_shard_size,
+        keep_downloads=keep_downloads,
+    )
+
+
+def _preview(
+    hub: Hub,
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    target: PushTarget | None,
+    *,
+    out: PathLike | None,
+    formats: Sequence[str],
+    dtype: str | None,
+    progress: bool,
+    progress_callback: ProgressCallback | None,
+    max_shard_size: str | int | None,
+    keep_downloads: bool,
+) -> Preview:
+    """The dry run for :func:`preview` and :func:`plan_preview`; ``target``: the push target's check (a push)."""
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     reporter = Progress(progress_callback, bars=progress)
