@@ -104,8 +104,6 @@ def preview(
         f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
         f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
     )
-    if target is not None:
-        lines.append(f"push: {target.message}")
     return lines
 
 
