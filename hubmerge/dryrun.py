@@ -210,7 +210,6 @@ def _preview(
     if target is not None:  # a streamed push: what it does to the repo, its own disk plan (peak) and shard size
         from .stream import preview_disk
 
-        result.lines.append(f"push: {target.message}")
         keep_output = out is not None or list(formats) != ["hf"]
         disk, shard_limit, lines = preview_disk(
             base_src,
@@ -222,7 +221,7 @@ def _preview(
             out=out_dir,
             keep_output=keep_output,
         )
-        result.lines += lines
+        result.lines += [*lines, f"push: {target.message}"]
         result.disk, result.free = disk.peak, shutil.disk_usage(_existing(hub.cache_root)).free
         result.shards = max(1, math.ceil(nbytes / shard_limit))
         return result
