@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +10,11 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, InputError
+from ..jsonio import index_weight_map, load_json
 from ..tensorio import TensorSource, read_safetensors, read_torch_zip
 from ..verification.checklists import CheckRow
 from . import layouts
-from .tokenizer import TokenizerInfo, load_json, read_tokenizer
+from .tokenizer import TokenizerInfo, read_tokenizer
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
 _WEIGHT_LAYOUTS = (
@@ -97,10 +97,7 @@ def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
     for index_name, single_name, reader in _WEIGHT_LAYOUTS:
         index_path, single_path = folder / index_name, folder / single_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise CorruptFileError(f"{index_path}: not a valid weight index; restore the original file") from None
+            weight_map = index_weight_map(index_path)
             files = list(dict.fromkeys(folder / f for f in weight_map.values()))
             for f in files:
                 if f.parent != folder or not f.is_file():

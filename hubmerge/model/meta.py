@@ -139,7 +139,7 @@ def verify_checklists(folder: Path, tokenizer_folder: Path, cache: dict[Path, di
     for checklist, where in lists:
         if not checklist.is_file():
             continue
-        for name, want in read_checklist(checklist).items():
+        for name, want in read_checklist(checklist, plain=True).items():
             path = where / name
             if not path.is_file():
                 raise VerificationError(
