@@ -129,8 +129,6 @@ def _run_merge(args: argparse.Namespace) -> int:
         verify=args.verify,
         progress=not args.quiet,
     )
-    for w in result.plan.warnings:
-        say(f"warning: {w}")
     for line in result.summary():
         say(line)
     return 0

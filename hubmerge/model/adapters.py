@@ -43,6 +43,8 @@ _KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("whole", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>weight|bias)$")),
 )
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d{1,6})\.")
+
 
 @dataclass
 class LoraPair:
@@ -74,6 +76,7 @@ class Adapter:
     replacements: dict[str, TensorRef]
     tokenizer: TokenizerInfo | None
     warnings: list[str] = field(default_factory=list)
+    layers: int = 0  # 1 + the highest layer index any of its tensors names (0: none names a layer)
 
     @property
     def r(self) -> int:
@@ -258,6 +261,8 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         elif kind != "original":
             factors.setdefault((m["module"], kind), {})[m["part"]] = ref
     replacements = {**wrapped, **replacements}
+    found = (_LAYER.search(m) for m in [*(m for m, _ in factors), *replacements])
+    layers = 1 + max((int(x[1]) for x in found if x), default=-1)
     if not factors and not replacements:
         raise InputError(
             f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
@@ -293,5 +298,14 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
             f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does (e.g. {skipped[0]})"
         )
     return Adapter(
-        label, folder, config, config_layout(config), weights, lora, replacements, read_tokenizer(folder), warnings
+        label,
+        folder,
+        config,
+        config_layout(config),
+        weights,
+        lora,
+        replacements,
+        read_tokenizer(folder),
+        warnings,
+        layers,
     )

@@ -81,8 +81,16 @@ def read_config(folder: Path) -> dict[str, Any]:
     if model_type != "llama":
         raise InputError(f"{path}: model_type {model_type!r} is not supported; hubmerge merges {SUPPORTED}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if not isinstance(config.get(key), int) or config[key] <= 0:
+        if type(config.get(key)) is not int or config[key] <= 0:
             raise InputError(f"{path}: missing or invalid {key!r}; restore the original config.json")
+    for key in ("num_key_value_heads", "head_dim", "vocab_size"):
+        if config.get(key) is not None and (type(config[key]) is not int or config[key] <= 0):
+            raise InputError(f"{path}: {key!r} is not a positive integer; restore the original config.json")
+    if config["num_hidden_layers"] > layouts.MAX_LAYERS:
+        raise InputError(
+            f"{path}: num_hidden_layers {config['num_hidden_layers']} is far beyond any LLaMA model "
+            f"(at most {layouts.MAX_LAYERS}); restore the original config.json"
+        )
     return config
 
 
@@ -164,5 +172,13 @@ def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
         "incomplete or config.json belongs to another model",
     )
     ordered = {n: tensors[n] for n in expected}
+    embed = ordered["model.embed_tokens.weight"].shape
+    vocab = config.get("vocab_size") or (embed[0] if embed else 0)
+    for name, shape in layouts.hf_shapes(config, vocab).items():  # tensors no adapter touches are copied as they are
+        if tuple(ordered[name].shape) != shape:
+            raise InputError(
+                f"{folder}: {name} is {list(ordered[name].shape)} but config.json implies {list(shape)}; "
+                "config.json belongs to another model or the weights are damaged: restore both from one release"
+            )
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
     return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra)

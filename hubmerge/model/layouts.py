@@ -100,6 +100,38 @@ def hf_tensor_names(config: Mapping[str, Any]) -> list[str]:
     return names
 
 
+MAX_LAYERS = 1024  # the deepest released LLaMA-family models have ~130 layers
+
+
+def hf_shapes(config: Mapping[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF weight a LLaMA model of this config has (names as :func:`hf_tensor_names`), as
+    transformers' LlamaForCausalLM creates them: ``head_dim`` defaults to hidden / heads, k and v have the kv heads."""
+    dim, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or dim // heads)
+    q, kv = heads * head_dim, int(config.get("num_key_value_heads") or heads) * head_dim
+    per_module = {
+        "q_proj": ((q, dim), (q,)),
+        "k_proj": ((kv, dim), (kv,)),
+        "v_proj": ((kv, dim), (kv,)),
+        "o_proj": ((dim, q), (dim,)),
+        "gate_proj": ((inter, dim), (inter,)),
+        "up_proj": ((inter, dim), (inter,)),
+        "down_proj": ((dim, inter), (dim,)),
+        "input_layernorm": ((dim,), (dim,)),
+        "post_attention_layernorm": ((dim,), (dim,)),
+    }
+    whole = {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,)}
+    shapes = {}
+    for name in hf_tensor_names(config):
+        if name in whole:
+            shapes[name] = whole[name]
+        else:
+            module, kind = name.rsplit(".", 2)[-2:]
+            shapes[name] = per_module[module][kind == "bias"]
+    return shapes
+
+
 def rotary_head_count(name: str, config: Mapping[str, Any]) -> int | None:
     """Head count whose rotary layout ``name``'s rows follow, or None when the tensor is not permuted."""
     found = match(name, ROTARY_HEADS)

@@ -64,7 +64,11 @@ def read_params(folder: Path) -> dict[str, Any]:
         )
     params = load_json(path)
     for key in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if not isinstance(params.get(key), int) or params[key] <= 0:
+        if (
+            type(params.get(key)) is not int
+            or params[key] <= 0
+            or (key == "n_layers" and params[key] > layouts.MAX_LAYERS)
+        ):
             raise InputError(f"{path}: missing or invalid {key!r}; restore the original params.json")
     kv = params.get("n_kv_heads")
     if kv is not None and (not isinstance(kv, int) or kv <= 0 or params["n_heads"] % kv):
@@ -253,26 +257,6 @@ def _joined_shape(name: str, parts: Sequence[TensorRef], split: int | None, file
     return tuple(joined)
 
 
-def _expected_shapes(config: Mapping[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
-    dim, inter = int(config["hidden_size"]), int(config["intermediate_size"])
-    head_dim = dim // int(config["num_attention_heads"])
-    kv = int(config["num_key_value_heads"]) * head_dim
-    return {
-        "model.embed_tokens.weight": (vocab, dim),
-        "lm_head.weight": (vocab, dim),
-        "model.norm.weight": (dim,),
-        "q_proj": (dim, dim),
-        "k_proj": (kv, dim),
-        "v_proj": (kv, dim),
-        "o_proj": (dim, dim),
-        "gate_proj": (inter, dim),
-        "up_proj": (inter, dim),
-        "down_proj": (dim, inter),
-        "input_layernorm": (dim,),
-        "post_attention_layernorm": (dim,),
-    }
-
-
 def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any]) -> dict[str, JoinedTensor]:
     """Index every shard and join each tensor's slices under its HF name, checking names and joined shapes against
     ``config``. Raises InputError / CorruptFileError naming the shard or tensor at fault."""
@@ -296,16 +280,15 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
             "params.json belongs to another model",
         )
     vocab = _joined_shape("tok_embeddings.weight", [s["tok_embeddings.weight"] for s in shards], 1, files)[0]
-    expected = _expected_shapes(config, vocab)
+    expected = layouts.hf_shapes(config, vocab)
     tensors: dict[str, JoinedTensor] = {}
     for meta_name, (hf_name, split) in wanted.items():
         parts = [s[meta_name] for s in shards]
         shape = _joined_shape(meta_name, parts, split, files)
-        key = hf_name if hf_name in expected else hf_name.rsplit(".", 2)[-2]
-        if shape != expected[key]:
+        if shape != expected[hf_name]:
             raise InputError(
                 f"{folder}: {meta_name} joins to {list(shape)} but params.json implies "
-                f"{list(expected[key])}; params.json and the shards belong to different models"
+                f"{list(expected[hf_name])}; params.json and the shards belong to different models"
             )
         rotary = layouts.rotary_head_count(hf_name, config) is not None
         span = f"{files[0].name}" if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
