@@ -43,10 +43,10 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "UntypedStorage": torch.uint8,
 }
 _STORAGE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items() if k != "UntypedStorage"}
-# Real data.pkl files take ~150 bytes and ~15 objects per tensor: these allow ~100k tensors per file and bound what
-# a hostile pickle can make the reader hold (about 100 bytes per object) or do (one step per byte).
-_MAX_PICKLE = 16 * 1024 * 1024
-_MAX_OBJECTS = 2_000_000
+# Real data.pkl files take ~150 bytes and ~15 values per tensor: these allow ~30k tensors per file (LLaMA shards hold
+# under 1000) and bound what a hostile pickle can make the reader hold (~100 bytes per value) or do (a step per byte).
+_MAX_PICKLE = 4 * 1024 * 1024
+_MAX_OBJECTS = 500_000
 _MAX_DIMS = 64  # torch's own limit on tensor dimensions
 _MAX_DIM = 1 << 48
 _ALIGN = 64  # torch.save aligns record data so that mmap loading works
@@ -145,8 +145,12 @@ class _PickleReader:
         self.made = 0
 
     def load(self) -> Any:
+        data = self.data
         while True:
-            code = self._take(1)[0]
+            if self.pos >= len(data):
+                raise _Damaged("truncated")
+            code = data[self.pos]
+            self.pos += 1
             op = _OPS.get(code)
             if op is None:
                 raise _Damaged(f"opcode {code:#04x} at byte {self.pos - 1}, which torch.save never writes")
