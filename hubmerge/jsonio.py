@@ -10,6 +10,7 @@ the file.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,10 @@ def load_json(path: Path) -> dict[str, Any]:
     limit = JSON_LIMITS.get(path.name, DEFAULT_LIMIT)
     try:
         with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+            raw = f.read(limit + 1) if os.fstat(f.fileno()).st_size <= limit else None  # never read a huge file
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror}); check the file exists and is readable") from None
-    if len(raw) > limit:
+    if raw is None or len(raw) > limit:
         raise InputError(
             f"{path}: larger than {limit // _MiB} MiB, far beyond any real {path.name}; restore the original file"
         )

@@ -28,6 +28,7 @@ class CheckRow:
         return self.status in ("ok", "unverified")
 
 
+_DIGEST = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 _MAX_CHECKLIST = 1024 * 1024  # Meta's lists are a few hundred bytes; sha256sum lists of thousands of files fit
 
 
@@ -69,7 +70,7 @@ def read_checklist(path: Path, *, plain: bool = False) -> dict[str, str]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        m = re.fullmatch(r"\s*([0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64})\s+\*?(.+?)\s*", line)
+        m = re.fullmatch(rf"\s*({_DIGEST.pattern})\s+\*?(.+?)\s*", line)
         if not m:
             raise InputError(f"{path}:{n}: not a checksum line (expected '<hash>  <file>')")
         name = m.group(2).removeprefix("./")
@@ -100,6 +101,12 @@ def check_files(folder: Path, expected: dict[str, str], git_blob: Iterable[str] 
     if outside is not None:
         raise InputError(
             f"{folder}: the list to verify names {outside[:100]!r}, outside the folder; refusing to check it"
+        )
+    odd = next((n for n, d in expected.items() if d and not _DIGEST.fullmatch(d)), None)
+    if odd is not None:
+        raise InputError(
+            f"{folder}: the list to verify gives {odd[:100]!r} a digest that is no md5, sha1 or sha256 "
+            f"({expected[odd][:70]!r}); restore the original list"
         )
     for name, want in expected.items():
         path = folder / name
