@@ -611,3 +611,77 @@ def test_hostile_file_gives_one_line_cheaply(models, tmp_path, build, fragments)
     if args[0] != "verify":
         assert no_partial_left(out)
     print(f"{build.__name__}: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB")
+
+
+# ------------------------------------------------------------------------------------------ warnings, not errors
+
+
+def _run_cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_a_shallower_adapter_and_an_adapter_given_twice_are_warned_about_in_plan_and_summary(models, tmp_path, capsys):
+    base = models.base()
+    shallow = models.adapter(models.base(layers=1), seed=31)  # same sizes, one layer: a smaller model's adapter
+    twice = models.adapter(base, seed=26)
+    for adapters, warning in (
+        ([shallow], "adapts only the first 1 of the base's 2 layers"),
+        ([twice, twice], "the same adapter weights as"),
+    ):
+        code, plan = _run_cli(capsys, *adapters, "--base", base, "--dry-run")
+        assert code == 0 and warning in plan, plan
+        out = tmp_path / f"out{len(adapters)}"
+        code, summary = _run_cli(capsys, *adapters, "--base", base, "--out", out)
+        assert code == 0 and "warning: " in summary and warning in summary, summary
+
+
+PEFT_NAMES = [
+    f"model.layers.{i}.{m}" for i in (0, 1, 12) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")
+]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r".*\.(q_proj|v_proj)",
+        r"^(?!.*mlp).*proj$",
+        r".*layers\.1\..*",
+        r"model\.layers\.\d+\.self_attn\.q_proj",
+        "q_proj",
+    ],
+)
+def test_target_module_regexes_select_what_peft_selects(tmp_path, pattern):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from hubmerge.model.adapters import ModuleRules
+
+    rules = ModuleRules({"target_modules": pattern}, tmp_path / "adapter_config.json")
+    peft_config = LoraConfig(target_modules=pattern)
+    for name in PEFT_NAMES:
+        assert rules.targeted(name) == bool(check_target_module_exists(peft_config, name)), name
+
+
+@pytest.mark.parametrize(
+    "pattern,problem",
+    [
+        ("(a+)+$", "nests a repetition"),
+        ("(a|aa)*b", "repeats an alternation"),
+        (r"(\w+)\1", "backreference"),
+        (".*a.*b.*c.*d", "open-ended repetitions"),
+        ("x" * 2000, "at most 1000"),
+        ("(" * 300 + ")" * 300, "more than 50 groups"),  # deep enough to take re's own parser to its limit
+        ("[", "not a valid regular expression"),
+    ],
+)
+def test_target_module_regexes_that_could_backtrack_are_refused_at_once(tmp_path, pattern, problem):
+    from hubmerge.errors import InputError
+    from hubmerge.model.adapters import ModuleRules
+
+    started = time.monotonic()
+    with pytest.raises(InputError, match="adapter_config.json") as caught:
+        ModuleRules({"target_modules": pattern}, tmp_path / "adapter_config.json")
+    assert problem in str(caught.value) and time.monotonic() - started < 1

@@ -22,6 +22,7 @@ except ImportError:  # Python 3.10
     import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 MAX_PATTERN = 1000  # characters; real target_modules regexes are well under 300
+MAX_GROUPS = 50
 MAX_NAME = 128  # characters of a module name; LLaMA's are under 60
 MAX_OPEN_REPEATS = 3
 MATCH_SECONDS = 2.0  # for all the matching one adapter needs
@@ -74,6 +75,8 @@ def compile_pattern(pattern: object, where: Path, key: str, template: str = "{}"
         raise InputError(f"{where}: {key} entry {str(pattern)[:60]!r} is not a string; {fix}")
     if len(pattern) > MAX_PATTERN:
         raise InputError(f"{where}: {key} is a regex of {len(pattern)} characters (at most {MAX_PATTERN}); {fix}")
+    if pattern.count("(") > MAX_GROUPS:  # also keeps re's recursive parser far from the recursion limit
+        raise InputError(f"{where}: {key} is a regex of more than {MAX_GROUPS} groups; {fix}")
     try:
         tree = _sre_parse.parse(pattern)
         compiled = re.compile(template.format(pattern))
