@@ -163,6 +163,7 @@ _CONFIG_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_modules": (str, list),
     "exclude_modules": (str, list),
     "layers_to_transform": (int, list),
+    "modules_to_save": (str, list),
     "rank_pattern": dict,
     "alpha_pattern": dict,
     "use_rslora": bool,

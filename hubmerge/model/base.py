@@ -136,7 +136,7 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
     have = set(names)
     for found, message in ((sorted(have - set(expected)), unknown), ([n for n in expected if n not in have], missing)):
         if found:
-            raise InputError(message.format(name=found[0], count=len(found)))
+            raise InputError(message.format(name=found[0][:200], count=len(found)))
 
 
 def open_base(folder: Path, *, verify: bool = True) -> BaseModel:

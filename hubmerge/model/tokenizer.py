@@ -67,6 +67,11 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         import sentencepiece
 
         path = folder / "tokenizer.model"
+        if path.stat().st_size > _MAX_SP_MODEL:
+            raise InputError(
+                f"{path}: larger than {_MAX_SP_MODEL >> 20} MiB, far beyond any real sentencepiece model; "
+                "use the tokenizer.model published with this model"
+            )
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(path.read_bytes())
@@ -107,6 +112,7 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
     return TokenizerInfo(folder, files, base_size + len(extra), sp_size, added)
 
 
+_MAX_SP_MODEL = 64 << 20  # real ones are 0.5-5 MB
 _MAX_TOKENS = 1 << 24  # 16M ids: 60x the largest real vocabularies, and far below an embedding nobody could store
 
 

@@ -36,7 +36,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-_MAX_HEADER = 100_000_000  # the format's own limit (the reference reader refuses larger headers)
+# The format allows 100 MB; a header takes ~100 bytes per tensor and LLaMA shards hold under 10k tensors, so 16 MiB
+# leaves room while bounding what parsing a hostile header can cost (Python's JSON objects take up to ~20x the text).
+_MAX_HEADER = 16 * 1024 * 1024
 
 
 def read_safetensors(path: Path) -> dict[str, TensorRef]:
