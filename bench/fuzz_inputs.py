@@ -151,25 +151,28 @@ def main_sweep() -> int:
         (meta / "config.json").unlink(missing_ok=True)
         _tokenizer_json_adapter(pristine / "adapter", pristine / "adapterjson")
     work = root / "work"
-    scenarios = {  # file kind -> (folder it lives in, file, CLI arguments built from the work copies)
-        "adapter": lambda w: [str(w / "adapter"), "--base", str(w / "base"), "--out", str(w / "out"), "--quiet"],
-        "adapter2023": lambda w: [str(w / "adapter2023"), "--base", str(w / "base"), "--out", str(w / "out"), "-q"],
-        "base": lambda w: [str(w / "adapter2023"), "--base", str(w / "base"), "--out", str(w / "out"), "--quiet"],
-        "adapterjson": lambda w: [str(w / "adapterjson"), "--base", str(w / "base"), "--out", str(w / "out"), "-q"],
-        "meta": lambda w: ["convert", str(w / "meta"), "--out", str(w / "out"), "-q"],
-        "merged": lambda w: ["verify", str(w / "merged")],
-    }
-    targets = []
-    for folder, make_args in scenarios.items():
-        for path in sorted((pristine / folder).iterdir()):
-            if path.is_file():
-                targets.append((folder, path.name, make_args))
+    merge = ["--base", "base", "--out", "out", "-q"]
+    scenarios = [  # (folder whose files are damaged, which of them, CLI arguments relative to the work copy)
+        ("adapter", "*", ["adapter", *merge]),
+        ("adapter2023", "*", ["adapter2023", *merge]),
+        ("base", "*", ["adapter2023", *merge]),
+        ("adapterjson", "*", ["adapterjson", *merge]),
+        ("adapter", "*.json", ["adapter", *merge, "--format", "gguf,pth"]),  # the writers read tokenizer configs
+        ("meta", "*", ["convert", "meta", "--out", "out", "-q"]),
+        ("merged", "*", ["verify", "merged"]),
+    ]
+    targets = [
+        (folder, path.name, args)
+        for folder, pattern, args in scenarios
+        for path in sorted((pristine / folder).glob(pattern))
+        if path.is_file()
+    ]
     results: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     per_folder: dict[str, dict[str, int]] = {}
     n = 0
     worst = (0.0, "")
-    for folder, name, make_args in targets:
+    for folder, name, relative_args in targets:
         data = (pristine / folder / name).read_bytes()
         if name.endswith(".json"):
             mutations = json_mutations(data)
@@ -180,7 +183,7 @@ def main_sweep() -> int:
             shutil.copytree(pristine, work)
             (work / folder / name).write_bytes(damaged)
             started = time.monotonic()
-            status, detail = run(make_args(work))
+            status, detail = run([str(work / a) if (work / a).exists() or a == "out" else a for a in relative_args])
             took = time.monotonic() - started
             worst = max(worst, (took, f"{folder}/{name} {label}"))
             counts[status] = counts.get(status, 0) + 1
