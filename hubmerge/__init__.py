@@ -33,7 +33,7 @@ _LAZY = {
     "preview": "dryrun",
     "push": "publish",
     "PushResult": "publish",
-    "verify_target": "verification.command",
+    "verify_target": "verify",
     "Hub": "inputs.hub",
 }
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
     from .publish import PushResult, push
-    from .verification.command import verify_target
+    from .verify import verify_target
 
 
 def __getattr__(name: str) -> Any:

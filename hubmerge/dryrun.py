@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .constants import DEFAULT_FORMATS, default_out_name
 from .errors import IncompatibleError
+from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, needed_files, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
-from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
-from .plan import dtype_name, parse_dtype, vocab_shrink_message
+from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
+from .progress import Progress, ProgressCallback
 from .sizes import format_size
 from .verification.known import check_tokenizer_matches
 
@@ -46,12 +48,13 @@ def preview(
     base: PathLike,
     *,
     out: PathLike | None = None,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
     token: str | None = None,
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
 ) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
 
@@ -62,15 +65,17 @@ def preview(
     """
     hub = hub_from_args(token, cache_dir, endpoint)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
-    out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+    out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
+    reporter = Progress(progress_callback, bars=progress)
     out_dtype = parse_dtype(dtype)
     if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
-        plan = build_plan(*_opened(base_src, adapter_srcs, hub), dtype)
+        inputs = open_inputs(base_src, adapter_srcs, hub, progress=reporter)
+        plan = build_plan(inputs.base, inputs.adapters, dtype)
         nbytes = plan.nbytes
         lines = plan.describe()
     else:
         for src in (base_src, *adapter_srcs):
-            fetch(src, hub, weights=False, progress=progress)
+            fetch(src, hub, weights=False, progress=reporter)
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
@@ -81,14 +86,9 @@ def preview(
     return lines
 
 
-def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
-    inputs = open_inputs(base_src, adapter_srcs, hub, progress=False)
-    return inputs.base, inputs.adapters
-
-
 def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
-    config = read_config(base_src.path)
-    base_tok = read_tokenizer(base_src.path)
+    config = read_config(base_src.local)
+    base_tok = read_tokenizer(base_src.local)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
     where = _download_line(base_src, hub) if base_src.repo_id else "local"
     itemsize = (
@@ -101,8 +101,8 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
         f"vocab {vocab}); {where}"
     ]
     for i, src in enumerate(adapter_srcs, 1):
-        cfg = read_adapter_config(src.path)
-        tok = read_tokenizer(src.path)
+        cfg = read_adapter_config(src.local)
+        tok = read_tokenizer(src.local)
         r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
         scale = lora_scale(cfg, r, alpha)
         extends = "embed_tokens" in (cfg.get("modules_to_save") or [])

@@ -22,7 +22,7 @@ from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
 from .tensorio import TensorSource
 from .verification.hashing import file_digest
 
-DTYPES = {
+DTYPE_NAMES = {  # what --dtype accepts
     "float16": torch.float16,
     "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -39,7 +39,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     try:
-        return DTYPES[value.lower()]
+        return DTYPE_NAMES[value.lower()]
     except KeyError:
         raise InputError(f"unknown dtype {value!r}; use float16, bfloat16 or float32") from None
 

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import InputError, OutputError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
+from .progress import Progress
 from .verification.hashing import file_digest
 
 TAGS = ["hubmerge", "llama", "lora", "merge"]
@@ -26,19 +27,6 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
-
-
-def source_license(folder: Path | None) -> str | None:
-    """The ``license`` a source's README.md front matter states, if any."""
-    readme = folder / "README.md" if folder else None
-    if readme is None or not readme.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return (metadata_load(readme) or {}).get("license")
-    except Exception:  # a malformed card must not stop a merge; the license is then simply not carried over
-        return None
 
 
 def _link(hub_url: str, record: dict[str, Any]) -> str:
@@ -141,6 +129,7 @@ def push(
     overwrite: bool = False,
     hub: Hub | None = None,
     verify: bool = True,
+    progress: Progress | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
@@ -179,7 +168,9 @@ def push(
     if existing and not overwrite:
         raise OutputError(
             f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-            "them, or choose another name"
+            "them, or choose another name",
+            repo_id=repo_id,
+            remedy="overwrite",
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [
@@ -188,6 +179,12 @@ def push(
         )
         for name in files
     ]
+    progress = progress or Progress()
+    for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
+        size = Path(str(op.path_or_fileobj)).stat().st_size
+        with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
+            api.preupload_lfs_files(repo_id, additions=[op])
+            update(size)
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):

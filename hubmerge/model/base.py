@@ -139,24 +139,15 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
             raise InputError(message.format(name=found[0][:200], count=len(found)))
 
 
-def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
-    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies. A Meta checkpoint
-    folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.model.meta.open_meta`, verified first
-    unless ``verify`` is false.
+def open_hf(folder: Path) -> BaseModel:
+    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies.
 
     Returns:
         a :class:`BaseModel`.
     Raises:
         InputError / CorruptFileError: see :func:`read_config` and :func:`open_checkpoint`; tensors missing or foreign
-        to a LLaMA model of this config. VerificationError: a Meta checkpoint failing its checksums.
+        to a LLaMA model of this config.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
-    from . import meta
-
-    if meta.is_meta_folder(folder):
-        return meta.open_meta(folder, verify=verify)
     config = read_config(folder)
     tensors, files = open_checkpoint(folder)
     expected = layouts.hf_tensor_names(config)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CorruptFileError, IncompatibleError, InputError, VerificationError
 from ..tensorio import TensorRef, read_torch_zip
+from ..tensorio.source import read_rows_into
 from ..verification.checklists import CheckRow, read_checklist
 from ..verification.hashing import file_digests
 from ..verification.known import known_hashes
@@ -220,6 +221,13 @@ class JoinedTensor:
         block = layouts.meta_to_hf_rows(self._read(lo, hi), hd)
         return block if (lo, hi) == (start, stop) else block[start - lo : stop - lo].clone()
 
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return read_rows_into(self, buffer, start, stop)  # joining and permuting copy anyway
+
+    def prefetch(self) -> None:
+        for part in self.parts:
+            part.prefetch()
+
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if self.split is None:
             return self.parts[0].read(start, stop)
@@ -309,7 +317,7 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
 def hf_config(
     params: Mapping[str, Any], vocab_size: int, context: int, tokens: Mapping[str, int | None], dtype: torch.dtype
 ) -> dict[str, Any]:
-    """config.json of the HF conversion (formats.md: the intermediate size formula, GQA, eps, rope theta)."""
+    """config.json of the HF conversion (docs/formats.md: the intermediate size formula, GQA, eps, rope theta)."""
     dim, heads = params["dim"], params["n_heads"]
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],

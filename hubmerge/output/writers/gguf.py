@@ -24,6 +24,7 @@ from ...model import layouts
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
+from . import Writer
 
 # Output dtype -> (GGML tensor type, llama.cpp file type, file name suffix): the names gguf spells them with.
 _TYPES = {
@@ -133,7 +134,7 @@ class _Tensor:
     head_dim: int | None  # q/k: rows go back to Meta's rotary order
 
 
-class GGUFOutput:
+class GGUFOutput(Writer):
     """Writes ``model-<type>.gguf`` into ``folder``."""
 
     def __init__(self, folder: Path, plan: MergePlan):

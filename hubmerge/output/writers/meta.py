@@ -21,14 +21,14 @@ from ...model import layouts
 from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
-
-# Model-parallel shard count of the original release, by hidden size (formats.md).
-DEFAULT_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+from ...verification.known import known_hashes
+from . import Writer
 
 
 def default_shards(hidden_size: int) -> int:
-    """The shard count Meta's release used for this size; 1 for sizes it never shipped."""
-    return DEFAULT_SHARDS.get(hidden_size, 1)
+    """The model-parallel shard count Meta's release of this hidden size used (the releases table of
+    known_hashes.json: 7B 1, 13B 2, 33B 4, 65B/70B 8); 1 for sizes it never shipped."""
+    return next((r["shards"] for r in known_hashes()["releases"] if r["params"]["dim"] == hidden_size), 1)
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -80,7 +80,7 @@ class _Route:
     bounds: list[int]  # dim-0 splits: row where each shard starts (+ total)
 
 
-class MetaWriter:
+class MetaWriter(Writer):
     """Writes the consolidated layout in ``shards`` model-parallel files (see :func:`default_shards`)."""
 
     def __init__(self, folder: Path, plan: MergePlan, shards: int | None = None):

@@ -1,7 +1,7 @@
 """The local Hub's HTTP layer: routes the Hub API that ``huggingface_hub`` uses onto :class:`HubStorage`.
 
 Standard library only (``http.server.ThreadingHTTPServer``, HTTP/1.1 keep-alive). See
-``/work/shared/reference/hub-api.md`` for the endpoint shapes; error statuses and ``X-Error-Code`` headers are chosen
+``docs/hub-api.md`` for the endpoint shapes; error statuses and ``X-Error-Code`` headers are chosen
 so that ``huggingface_hub.utils.hf_raise_for_status`` raises the same exception classes as against the real Hub.
 Xet is not implemented: clients must run with ``HF_HUB_DISABLE_XET=1`` (downloads then use plain HTTP, uploads the
 LFS "basic" transfer).
