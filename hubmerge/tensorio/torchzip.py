@@ -123,7 +123,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch.nn.parameter", "Parameter"): _Marker(),
     ("collections", "OrderedDict"): _ordered_dict,
 }
-_CALLABLE = {_rebuild_tensor_v2, _rebuild_parameter, _rebuild_from_type_v2, _ordered_dict}
+_CALLABLE = (_rebuild_tensor_v2, _rebuild_parameter, _rebuild_from_type_v2, _ordered_dict)
 
 
 class _PickleReader:
@@ -305,9 +305,12 @@ class _PickleReader:
 
     def _reduce(self) -> None:
         args, func = self._pop(), self._pop()
-        if func not in _CALLABLE or type(args) is not tuple:
+        if not any(func is f for f in _CALLABLE) or type(args) is not tuple:
             raise _Damaged("a call that is not tensor rebuilding")
-        self._push(func(*args))
+        try:
+            self._push(func(*args))
+        except TypeError:  # too many or too few arguments
+            raise _Damaged("tensor rebuilding with the wrong arguments") from None
 
     def _build(self) -> None:
         state = self._pop()
@@ -428,7 +431,7 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{path}: legacy (pre-1.6) torch pickle; re-save it with a current torch or use safetensors")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
         raise CorruptFileError(f"{path}: not a complete torch zip file (truncated or damaged); {fix}") from None
     with zf, open(path, "rb") as raw:
         names = zf.namelist()
