@@ -1,4 +1,4 @@
-"""hubmerge: turn LoRA adapters into full, ready-to-run LLaMA-family models, streaming and verified.
+"""hubmerge: turn LoRA adapters into full, ready-to-run models (LLaMA, Mistral, Qwen2, Gemma), streaming and verified.
 
 The pipeline, one module per stage: ``sources`` (resolve, fetch) -> ``verify`` -> ``plan`` -> ``merging`` -> ``write``
 -> ``publish``; ``pipeline`` runs them in order. The public API is re-exported here; the heavy parts (torch) load on

@@ -44,7 +44,7 @@ def convert(
 
     Args:
         source: a Meta checkpoint folder (``consolidated.NN.pth`` shards, ``params.json``, ``tokenizer.model`` in
-            it or its parent) or an HF-format LLaMA folder.
+            it or its parent) or an HF-format folder of a supported family.
         out: output folder (with several formats, each goes to ``out/<format>/``).
         formats: ``"hf"`` (default), ``"pth"``, ``"gguf"``.
         dtype: output dtype; default: the checkpoint's (fp16 for the original release).

@@ -8,6 +8,7 @@ is written.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from .errors import IncompatibleError
 from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, needed_files, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
+from .model.architectures import Architecture
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
 from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
@@ -26,14 +28,9 @@ from .sizes import format_size
 from .verification.known import check_tokenizer_matches
 
 
-def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
-    """Weight bytes of a LLaMA model with this config and vocabulary, from its shapes alone."""
-    h, layers, inter = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["intermediate_size"])
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or h // heads)
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
-    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    return (layers * per_layer + embeddings + h) * itemsize
+def estimate_nbytes(arch: Architecture, config: dict[str, Any], vocab: int, itemsize: int) -> int:
+    """Weight bytes of a model of this family, config and vocabulary, from its shapes alone."""
+    return sum(math.prod(shape) for shape in arch.tensor_shapes(config, vocab).values()) * itemsize
 
 
 def _download_line(src: Source, hub) -> str:
@@ -87,7 +84,7 @@ def preview(
 
 
 def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
-    config = read_config(base_src.local)
+    config, arch = read_config(base_src.local)
     base_tok = read_tokenizer(base_src.local)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
     where = _download_line(base_src, hub) if base_src.repo_id else "local"
@@ -96,8 +93,9 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
         if out_dtype
         else {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
     )
+    dims = arch.dims(config)
     lines = [
-        f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"base: {base_src.label} ({arch.name}, hidden {dims['hidden']}, {dims['layers']} layers, "
         f"vocab {vocab}); {where}"
     ]
     for i, src in enumerate(adapter_srcs, 1):
@@ -121,4 +119,4 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
             vocab, owner = rows, f"adapter {src.label}"
     dtype = dtype_name(out_dtype) if out_dtype else "the base's dtype"
     lines.append(f"output: {dtype}, vocab {vocab}; tensor shapes are checked after download, before writing")
-    return lines, estimate_nbytes(config, vocab, itemsize)
+    return lines, estimate_nbytes(arch, config, vocab, itemsize)

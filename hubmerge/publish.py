@@ -14,7 +14,7 @@ from .output.recipe import RECIPE_NAME, read_recipe
 from .progress import Progress
 from .verification.hashing import file_digest
 
-TAGS = ["hubmerge", "llama", "lora", "merge"]
+TAGS = ["hubmerge", "lora", "merge"]  # and the family's model_type
 
 
 @dataclass
@@ -42,9 +42,10 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
 
     sources = [recipe["base"], *recipe["adapters"]]
     licenses = sorted({s["license"] for s in sources if s.get("license")})
+    family = recipe["merge"].get("family", "llama")  # recipes written before families were data: LLaMA
     data = ModelCardData(
         base_model=[s["repo_id"] for s in sources if s.get("repo_id")] or None,
-        tags=TAGS,
+        tags=[TAGS[0], family, *TAGS[1:]],
         library_name="transformers",
         license=licenses[0] if len(licenses) == 1 else ("other" if licenses else None),
     )
@@ -52,7 +53,7 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a LLaMA base by hubmerge, in this order.",
+        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a {family} base by hubmerge, in this order.",
         "",
         "## Sources",
         "",

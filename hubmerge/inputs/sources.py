@@ -136,7 +136,7 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     """The files of a Hub source the merge needs (only configs and tokenizer files when ``weights`` is False).
 
     Raises:
-        InputError: the repository lacks the config or weights a LoRA adapter / LLaMA model must have.
+        InputError: the repository lacks the config or weights a LoRA adapter / a base model must have.
     """
     names = set(source.remote)
     needs, layouts = (ADAPTER_NEEDS, ADAPTER_WEIGHTS) if source.role == "adapter" else (BASE_NEEDS, BASE_WEIGHTS)

@@ -27,7 +27,7 @@ from ..tensorio.source import read_rows_into
 from ..verification.checklists import CheckRow, read_checklist
 from ..verification.hashing import file_digests
 from ..verification.known import known_hashes
-from . import layouts
+from . import architectures, layouts
 from .base import BaseModel, check_tensor_names
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
@@ -68,7 +68,7 @@ def read_params(folder: Path) -> dict[str, Any]:
         if (
             type(params.get(key)) is not int
             or params[key] <= 0
-            or (key == "n_layers" and params[key] > layouts.MAX_LAYERS)
+            or (key == "n_layers" and params[key] > architectures.MAX_LAYERS)
         ):
             raise InputError(f"{path}: missing or invalid {key!r}; restore the original params.json")
     kv = params.get("n_kv_heads")
@@ -272,12 +272,13 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
     for refs in shards:
         for dropped in layouts.META_DROPPED:
             refs.pop(dropped, None)
-    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    arch = architectures.llama()
+    head_dim = arch.dims(config)["head_dim"]
     wanted: dict[str, tuple[str, int | None]] = {}
-    for hf_name in layouts.hf_tensor_names(config):
-        template, layer = layouts.match(hf_name, layouts.HF_TO_META)
-        meta_template, split = layouts.HF_TO_META[template]
-        wanted[layouts.fill(meta_template, layer)] = (hf_name, split)
+    for hf_name in arch.tensor_names(config):
+        found = arch.meta_name(hf_name)
+        assert found is not None  # every LLaMA tensor has a Meta name
+        wanted[found[0]] = (hf_name, found[1])
     for f, refs in zip(files, shards):
         check_tensor_names(
             refs,
@@ -288,7 +289,7 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
             "params.json belongs to another model",
         )
     vocab = _joined_shape("tok_embeddings.weight", [s["tok_embeddings.weight"] for s in shards], 1, files)[0]
-    expected = layouts.hf_shapes(config, vocab)
+    expected = arch.tensor_shapes(config, vocab)
     tensors: dict[str, JoinedTensor] = {}
     for meta_name, (hf_name, split) in wanted.items():
         parts = [s[meta_name] for s in shards]
@@ -298,7 +299,7 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
                 f"{folder}: {meta_name} joins to {list(shape)} but params.json implies "
                 f"{list(expected[hf_name])}; params.json and the shards belong to different models"
             )
-        rotary = layouts.rotary_head_count(hf_name, config) is not None
+        rotary = arch.rotary_heads(hf_name, config) is not None
         span = f"{files[0].name}" if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
         tensors[hf_name] = JoinedTensor(
             parts,

@@ -119,6 +119,7 @@ def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) ->
         "base": source_record(inputs.base_source, per_input[0]),
         "adapters": adapters,
         "merge": {
+            "family": plan.base.arch.model_type,
             "dtype": dtype_name(plan.dtype),
             "vocab_size": plan.vocab_size,
             "tokenizer": tokenizer,

@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import IncompatibleError
 from ...merging import Block
 from ...model import layouts
+from ...model.architectures import DEFAULT_ROPE_THETA, rope_parameters
 from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
@@ -65,8 +66,8 @@ def params_json(plan: MergePlan) -> dict[str, Any]:
         params["n_kv_heads"] = plan.base.num_kv_heads
     params.update(ffn_params(params["dim"], int(c["intermediate_size"])))
     params["norm_eps"] = float(c.get("rms_norm_eps", 1e-6))
-    theta = layouts.rope_theta(c)
-    if theta != 10000.0:
+    theta = rope_parameters(c)["rope_theta"]
+    if theta != DEFAULT_ROPE_THETA:
         params["rope_theta"] = theta
     params["vocab_size"] = plan.vocab_size
     return params
@@ -85,6 +86,18 @@ class MetaWriter(Writer):
 
     def __init__(self, folder: Path, plan: MergePlan, shards: int | None = None):
         self.folder, self.plan = Path(folder), plan
+        arch = plan.base.arch
+        if not arch.pth:
+            raise IncompatibleError(
+                f"the pth format (Meta's checkpoint layout) is LLaMA-only and this is a {arch.name} model; "
+                "use --format hf or gguf",
+                remedy="format",
+            )
+        rope = rope_parameters(plan.config)["rope_type"]
+        if rope != "default":
+            raise IncompatibleError(
+                f"rope scaling {rope!r} has no place in Meta's params.json; use --format hf or gguf", remedy="format"
+            )
         n = shards or default_shards(plan.base.hidden_size)
         self.shards = n
         if plan.tokenizer.model_file is None:
@@ -105,13 +118,11 @@ class MetaWriter(Writer):
         self._routes: list[_Route] = []
         per_shard: list[list[Entry]] = [[] for _ in range(n)]
         for t in plan.tensors:
-            found = layouts.match(t.name, layouts.HF_TO_META)
+            found = arch.meta_name(t.name)
             if found is None:
                 raise IncompatibleError(f"{t.name} has no place in Meta's layout (it has no biases); use --format hf")
-            meta_template, split = layouts.HF_TO_META[found[0]]
-            route = _Route(
-                layouts.fill(meta_template, found[1]), split, layouts.rotary_head_count(t.name, plan.config), []
-            )
+            meta_name, split = found
+            route = _Route(meta_name, split, arch.rotary_heads(t.name, plan.config), [])
             dtype = plan.out_dtype(t)
             if split is None:
                 shapes = [t.shape] * n
