@@ -339,6 +339,16 @@ def _safetensors_header(path: Path, edit: Callable[[dict], bytes]) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
+def _nbytes(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+def _two(header: dict) -> tuple[str, str]:
+    """The first two tensors of a safetensors header that hold data."""
+    names = [k for k in header if k != "__metadata__" and _nbytes(header[k])]
+    return names[0], names[1]
+
+
 def adapter_pickle_with_a_huge_memo_index(m, out):
     broken = _bin_adapter(m, "memo-bomb")
     _write_torch_zip(broken / "adapter_model.bin", PICKLE_MEMO_BOMB)
@@ -415,15 +425,6 @@ def adapter_safetensors_with_overlapping_tensors(m, out):
 
     _safetensors_header(broken / "adapter_model.safetensors", edit)
     return [str(broken), "--base", str(m.base())]
-
-
-def _two(h):
-    names = [k for k in h if k != "__metadata__" and _nbytes(h[k])]
-    return names[0], names[1]
-
-
-def _nbytes(entry):
-    return entry["data_offsets"][1] - entry["data_offsets"][0]
 
 
 def adapter_safetensors_with_a_float_shape(m, out):
