@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
+import sys
 import time
 import warnings
 import zipfile
@@ -48,6 +50,22 @@ def test_streamed_file_reads_back_with_the_reference_library(tmp_path, writer, r
     assert list(back) == list(tensors)
     for name, value in tensors.items():
         assert back[name].dtype == value.dtype and torch.equal(back[name], value), name
+
+
+def test_an_aborted_zip_writer_leaves_nothing_to_fail_when_collected(tmp_path):
+    """A merge that fails mid-tensor (e.g. NaN found) aborts the writer; zipfile must not try to finish the file
+    later, from the garbage collector, into the closed file (a stray traceback after the one-line error)."""
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        w = TorchZipWriter(tmp_path / "x.pth", [Entry("a", torch.float16, (4, 2))])
+        w.write(torch.zeros(2, 2, dtype=torch.float16))
+        w.abort()
+        del w
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, unraisable[0].exc_value
 
 
 def test_writer_refuses_missing_or_extra_data(tmp_path):

@@ -12,6 +12,7 @@ The writer produces the layout ``torch.save`` does (``<root>/data.pkl``, ``<root
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import os
@@ -607,4 +608,11 @@ class TorchZipWriter(StreamingTensorWriter):
         if complete:
             self._record("version", b"3\n")
             self._zip.close()
+        else:
+            # Closed now, or zipfile writes its directory when collected, into the closed file (a stray traceback
+            # on stderr). The aborted file is deleted, so what this writes does not matter, nor does it failing.
+            for finish in (self._handle, self._zip):
+                with contextlib.suppress(OSError, ValueError):
+                    if finish is not None:
+                        finish.close()
         close_written(self._file, complete)
