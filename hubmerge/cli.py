@@ -42,8 +42,9 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         dest="formats",
         type=_formats,
         default=list(DEFAULT_FORMATS),
-        help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
-        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
+        help="hf, pth, gguf, gguf:<type> or a list like hf,gguf:q8_0 (default: hf); with several, each goes to "
+        "OUT/<format>/; gguf writes OUT/model-<type>.gguf, its type following --dtype, or the type named as "
+        "llama.cpp's --outtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
     )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument(
@@ -90,8 +91,19 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary, only errors")
 
 
+LOGIN = (
+    "Hub login: run `hf auth login` once, or set HF_TOKEN; hubmerge uses them by itself. --token works too, but\n"
+    "other users of this machine can read a command line (ps): pass it only where nobody else logs in."
+)
+
+
 def _hub_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN, then the token saved by `hf auth login`)")
+    p.add_argument(
+        "--token",
+        help="prefer HF_TOKEN or `hf auth login` (used by default, in that order): a token given here is visible "
+        "to other users of this machine in `ps`",
+    )
+    p.epilog = f"{p.epilog}\n\n{LOGIN}" if p.epilog else LOGIN
     p.add_argument("--cache-dir", help="download cache (default: the standard Hugging Face cache)")
 
 

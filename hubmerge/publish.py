@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InputError, OutputError, VerificationError
+from .errors import InputError, OutputError, UnsafeFileError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
 from .progress import Progress
@@ -108,16 +108,52 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     )
 
 
+def _inside(root: Path, rel: object) -> Path:
+    """``root / rel`` for a relative path of the recipe that stays inside ``root``, through no symbolic link.
+
+    Raises:
+        UnsafeFileError: an absolute path, a ``..``, or a symbolic link on the way.
+    """
+    recipe = root / RECIPE_NAME
+    if not isinstance(rel, str) or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+        raise UnsafeFileError(
+            f"{recipe}: names {rel!r}, outside {root}; `hubmerge push` uploads only files inside the folder it "
+            "is given: merge again to get a clean output",
+            path=recipe,
+        )
+    path = root
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeFileError(
+                f"{path}: is a symbolic link; `hubmerge push` uploads only regular files inside {root}: "
+                "replace it by the file hubmerge wrote, or merge again",
+                path=path,
+            )
+    return path
+
+
 def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
-    """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe."""
-    if "hf" not in recipe.get("formats", {}):
+    """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe:
+    only regular files inside ``folder``, whatever the recipe names.
+
+    Raises:
+        InputError: no HF format, or a listed file is missing. UnsafeFileError: the recipe names a path outside
+        ``folder`` or through a symbolic link.
+    """
+    formats, listed = recipe.get("formats"), recipe.get("files")
+    hf = formats.get("hf") if isinstance(formats, dict) else None
+    if not isinstance(hf, dict) or not isinstance(listed, dict):
         raise InputError(f"{folder}: the output holds no HF format; merge with --format hf to publish it")
-    prefix = recipe["formats"]["hf"]["folder"]
-    hf_dir = (folder / prefix).resolve()
+    root = folder.resolve()
+    _inside(root, RECIPE_NAME)
+    hf_dir = _inside(root, hf.get("folder", "."))
     files = {}
-    for rel, digest in recipe["files"].items():
-        path = (folder / rel).resolve()
+    for rel, digest in listed.items():
+        path = _inside(root, rel)
         if path.parent == hf_dir:
+            if not path.is_file():
+                raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
 
@@ -140,7 +176,9 @@ def push(
     Returns:
         a :class:`PushResult`.
     Raises:
-        InputError: not a hubmerge output. VerificationError: a file differs from its recipe hash.
+        InputError: not a hubmerge output. UnsafeFileError: its recipe names files outside ``folder`` or through a
+        symbolic link (nothing outside the folder is ever uploaded). VerificationError: a file differs from its
+        recipe hash.
         OutputError: the repo has files and ``overwrite`` is False. HubAccessError: auth / permission problems.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -149,7 +187,9 @@ def push(
     folder = Path(folder)
     try:
         recipe = read_recipe(folder)
-    except (OSError, ValueError):
+        if not isinstance(recipe, dict):
+            raise ValueError(RECIPE_NAME)
+    except (OSError, ValueError, RecursionError):
         raise InputError(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
