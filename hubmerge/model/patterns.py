@@ -10,16 +10,16 @@ adapter's matching still stops at a deadline.
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
 
-try:  # the parser re.compile itself uses; its tree tells which constructs backtrack
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
-except ImportError:  # Python 3.10
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+# The parser re.compile itself uses (private, stable since Python 3.0): its tree tells which constructs backtrack.
+_sre_parse = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 
 MAX_PATTERN = 1000  # characters; real target_modules regexes are well under 300
 MAX_GROUPS = 50

@@ -95,12 +95,12 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         base_size = sp_size
     else:
         path = folder / "tokenizer.json"
-        data = load_json(path)
-        vocab = json_field(json_field(data, "model", dict, path, {}), "vocab", (dict, list), path, {})
+        doc = load_json(path)
+        vocab = json_field(json_field(doc, "model", dict, path, {}), "vocab", (dict, list), path, {})
         base_size = len(vocab)
         if isinstance(vocab, dict) and vocab:
             base_size = max(_token_id(i, path) for i in vocab.values()) + 1
-        for tok in json_field(data, "added_tokens", list, path, []):
+        for tok in json_field(doc, "added_tokens", list, path, []):
             if not isinstance(tok, dict):
                 raise InputError(f"{path}: an added_tokens entry is not an object; restore the original file")
             ids[str(tok.get("content"))[:1000]] = _token_id(tok.get("id"), path)

@@ -76,8 +76,13 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
     refs: dict[str, TensorRef] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
-        if not (_counts(shape) and _counts(offsets) and len(offsets) == 2 and isinstance(info.get("dtype"), str)):
+        if not (
+            isinstance(info, dict)
+            and _counts(info.get("shape"))
+            and _counts(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2
+            and isinstance(info.get("dtype"), str)
+        ):
             raise CorruptFileError(
                 f"{path}: header entry for {name[:200]!r} is malformed (dtype, shape and data_offsets must be a "
                 f"string and lists of non-negative integers); {fix}"
@@ -87,7 +92,7 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
                 f"{path}: tensor {name[:200]!r} has dtype {info['dtype'][:20]!r}, which hubmerge does "
                 f"not handle ({', '.join(DTYPES)})"
             )
-        dtype = DTYPES[info["dtype"]]
+        dtype, shape, offsets = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         begin, end = offsets
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise CorruptFileError(

@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -566,7 +566,7 @@ class TorchZipWriter(StreamingTensorWriter):
         self._root = self.path.name.rsplit(".", 1)[0]
         self._file = OutputFile(self.path)
         self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._handle = None
+        self._handle: IO[bytes] | None = None
         buf = io.BytesIO()
         _PlaceholderPickler(buf, protocol=2).dump(
             {e.name: _TensorPlaceholder(str(i), e) for i, e in enumerate(self.entries)}
@@ -595,9 +595,11 @@ class TorchZipWriter(StreamingTensorWriter):
         self._handle = self._zip.open(self._zipinfo(f"data/{index}", self.entries[index].nbytes), "w")
 
     def _put(self, data: memoryview) -> None:
+        assert self._handle is not None  # between _begin and _finish
         self._handle.write(data)
 
     def _finish(self, index: int) -> None:
+        assert self._handle is not None
         self._handle.close()
         self._handle = None
         self._file.release()
