@@ -180,10 +180,13 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
                 f"which has {shape[0]} rows; the adapter was trained with a larger vocabulary: use its base"
             )
     if got != want:
-        names = {"linear": "lora_A / lora_B / magnitude", "embedding": "lora_embedding_A / lora_embedding_B"}
+        names = {
+            "linear": ["lora_A", "lora_B", "magnitude"],
+            "embedding": ["lora_embedding_A", "lora_embedding_B", "magnitude"],
+        }.get(pair.kind, [pair.variant] * len(got))
+        have = ", ".join(f"{n} {list(g)}" for n, g in zip(names, got))
         raise IncompatibleError(
-            f"adapter {adapter.label}: {pair.module} has {names.get(pair.kind, pair.variant)} "
-            f"{' / '.join(str(list(g)) for g in got)} but the base tensor is {list(shape)} (needs "
+            f"adapter {adapter.label}: {pair.module} has {have} but the base tensor is {list(shape)} (needs "
             f"{' / '.join(str(list(w)) for w in want)}); the adapter was trained for a different model size, "
             "e.g. a 7B adapter on a 13B base: use the matching base"
         )

@@ -69,7 +69,7 @@ def _verify_repo(target: str, hub: Hub | None) -> list[CheckRow]:
     repo_id = source.repo_id or target
     rows = []
     for name, record in sorted(source.remote.items()):
-        with hub_errors(hub, repo_id, revision=source.revision, filename=name):
+        with hub_errors(hub, repo_id, revision=source.revision, filename=name, expected=record.expected):
             local = Path(
                 hf_hub_download(
                     repo_id,

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..jsonio import load_json
+from ..plan import MergePlan, dtype_name
 from ..verification.hashing import file_digest
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
     from ..inputs.sources import Source
-    from ..plan import MergePlan
 
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
@@ -90,7 +90,6 @@ def hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
 
 def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict[str, Any]:
     """The recipe of a finished write: every input pinned and hashed, the scaling, the formats, each file's SHA256."""
-    from ..plan import dtype_name
 
     def source_record(src: Source, files_in: Sequence[Path]) -> dict:
         record: dict[str, Any] = {"source": src.spec}

@@ -68,11 +68,23 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             raw = f.read(hlen)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> dict[str, TensorRef]:
+    """The ``{name: TensorRef}`` of the JSON header ``raw`` of a safetensors file of ``size`` bytes at ``path``
+    (which need not exist yet: the header can come from elsewhere, e.g. the first bytes of a file on the Hub), read
+    as strictly as the reference reader.
+
+    Raises:
+        CorruptFileError: see :func:`read_safetensors`. InputError: a dtype hubmerge does not handle.
+    """
+    fix = "download or copy it again"
     header = parse_json(raw, f"{path}: safetensors header", unique_keys=True, corrupt=True)
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CorruptFileError(f"{path}: safetensors __metadata__ is not a map of strings; {fix}")
-    data_start = 8 + hlen
+    data_start = 8 + len(raw)
     refs: dict[str, TensorRef] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():

@@ -33,7 +33,7 @@ from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
-from . import Writer
+from .base import Writer
 
 # llama.cpp's --outtype spelling -> (GGML tensor type, llama.cpp file type), as the gguf package names them.
 TYPES = {

@@ -11,7 +11,7 @@ from ...merging import Block
 from ...plan import MergePlan
 from ...tensorio import SafetensorsWriter
 from ...tensorio.source import Entry
-from . import Writer
+from .base import Writer
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -24,7 +24,7 @@ from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
 from ...verification.known import known_hashes
-from . import Writer
+from .base import Writer
 
 
 def write_side_file(folder: Path, name: str, source: Path | dict[str, Any]) -> Path:
