@@ -236,7 +236,7 @@ CASES: list[tuple[Callable, tuple[str, ...]]] = [
     (reversed_plus, ("296-token vocabulary", "297", "reverse the order")),
     (llama_tokenizer_with_alpaca_adapter, ("tokenizer.model", "296 tokens", "297 rows", "LLaMA-type")),
     (config_r_from_other_adapter, ("adapter_config.json", "r=64", "8 rows", "another adapter")),
-    (adapter_for_wider_model, ("has lora_A / lora_B", "[8, ", "different model size")),
+    (adapter_for_wider_model, ("has lora_A [8, ", "different model size")),
     (adapter_for_deeper_model, ("model.layers.2", "3 layers", "the base has 2", "deeper model")),
     (vocab_extended_without_tokenizer, ("296 tokens", "none ships a tokenizer")),
     (embed_without_head, ("lm_head", "without the other")),
