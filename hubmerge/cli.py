@@ -142,7 +142,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
     if args.push_to:  # a streamed push: the first base shard downloads meanwhile too
-        from .inputs.headstart import head_start
+        from .headstart import head_start
         from .inputs.hub import Hub
 
         hub = Hub(token=args.token, cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)

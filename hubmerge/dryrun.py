@@ -84,11 +84,9 @@ def preview(
         for src in (base_src, *adapter_srcs):
             fetch(src, hub, weights=False, progress=reporter)
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
-    if push_to:
+    if target is not None:
         keep_output = out is not None or list(formats) != ["hf"]
-        if target is not None:
-            lines.append(f"push: {target.message}")
-        return lines + preview_lines(
+        lines += preview_lines(
             base_src,
             adapter_srcs,
             hub,
@@ -98,14 +96,14 @@ def preview(
             out=out_dir,
             keep_output=keep_output,
         )
+        lines.append(f"push: {target.message}")
+        return lines
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
     lines.append(
         f"write: {', '.join(formats)} to {out_dir}, about {format_size(need)} "
         f"({format_size(free)} free{'' if free >= need else ': NOT ENOUGH'})"
     )
-    if target is not None:
-        lines.append(f"push: {target.message}")
     return lines
 
 

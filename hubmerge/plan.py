@@ -87,6 +87,11 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def dtype_name(self) -> str:
+        """The output dtype as configs and recipes spell it (``float16``)."""
+        return dtype_name(self.dtype)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of tensor data in the output dtype."""
         n = 0

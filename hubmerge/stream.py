@@ -36,14 +36,14 @@ import torch
 
 from .constants import default_out_name
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
-from .inputs.headstart import fresh
+from .headstart import fresh
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
 from .output.staging import Written, check_output, partial_folder, write_outputs
 from .plan import MergePlan, build_plan
 from .progress import Progress
-from .publish import check_push_target, push
+from .publish import PushTarget, check_push_target, push
 from .result import MergeResult
 from .sizes import format_size, parse_size
 from .tensorio.safetensors import parse_header, read_safetensors
@@ -412,15 +412,13 @@ class ShardUploader:
 
 # -- the push target ---------------------------------------------------------------------------------------------------
 class TargetRepo:
-    """The repo a streamed push goes to, opened before anything is downloaded: created private unless ``public``;
-    one that already has files needs ``overwrite``. :meth:`discard` deletes it if this run created it."""
+    """The repo a streamed push goes to, created (or taken) as :func:`~hubmerge.publish.check_push_target` found it,
+    before anything is downloaded. :meth:`discard` deletes it if this run created it."""
 
-    def __init__(self, hub: Hub, repo_id: str, *, private: bool, overwrite: bool) -> None:
-        self.hub, self.repo_id = hub, repo_id
-        # whoami, the token's role for the namespace and the repo's state, before anything is downloaded
-        target = check_push_target(repo_id, hub, overwrite=overwrite, private=private).require()
-        with hub_errors(hub, repo_id, action="create or write to"):
-            hub.api().create_repo(repo_id, private=private, exist_ok=not target.will_create)
+    def __init__(self, hub: Hub, target: PushTarget) -> None:
+        self.hub, self.repo_id = hub, target.repo_id
+        with hub_errors(hub, target.repo_id, action="create or write to"):
+            hub.api().create_repo(target.repo_id, private=target.private, exist_ok=not target.will_create)
         self.created = target.will_create
 
     def discard(self) -> None:
@@ -556,6 +554,8 @@ def merge_push(
         HubmergeError subclasses, as :func:`hubmerge.merge`; Interrupted on Ctrl-C (a rerun resumes).
     """
     started = time.monotonic()
+    # whoami, the token's role for the namespace and the repo's state, before anything is resolved or downloaded
+    checked = check_push_target(push_to, hub, overwrite=overwrite, private=not public).require()
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     keep_output = out is not None or list(formats) != ["hf"]
     if keep_output:
@@ -564,7 +564,7 @@ def merge_push(
         out_dir = Path(f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
     inputs_paths = [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root]
     check_output(out_dir, inputs_paths, overwrite or not keep_output)
-    target = TargetRepo(hub, push_to, private=not public, overwrite=overwrite)
+    target = TargetRepo(hub, checked)
     feed: ShardFeed | None = None
     uploader: ShardUploader | None = None
     try:

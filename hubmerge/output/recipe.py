@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..jsonio import load_json
-from ..plan import MergePlan, dtype_name
 from ..verification.hashing import file_digest
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
     from ..inputs.sources import Source
+    from ..plan import MergePlan
 
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
@@ -120,7 +120,7 @@ def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) ->
         "adapters": adapters,
         "merge": {
             "family": plan.base.arch.model_type,
-            "dtype": dtype_name(plan.dtype),
+            "dtype": plan.dtype_name,
             "vocab_size": plan.vocab_size,
             "tokenizer": tokenizer,
             "tensors": len(plan.tensors),

@@ -79,6 +79,7 @@ class HFWriter(Writer):
         self._open[1].write(block.data)
 
     def _close_shard(self) -> None:
+        assert self._open is not None  # called only while a shard is open
         shard = self._open[1]
         self._open = None
         shard.close()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 
-from ..progress import Progress
-from .hub import Hub
-from .sources import Source, fetch, fetch_file, resolve, streamable_shards
+from .inputs.hub import Hub
+from .inputs.sources import Source, fetch, fetch_file, resolve, streamable_shards
+from .progress import Progress
+from .publish import check_push_target
 
 _FRESH: dict[tuple[str, str, str], bool] = {}  # (repo, commit, file) -> its blob was not in the cache before the run
 
@@ -39,12 +40,12 @@ def fresh(source: Source, name: str, hub: Hub) -> bool:
 
 def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> None:
     """Start downloading the first safetensors shard of the Hub base ``base`` on a daemon thread. Does nothing for a
-    local folder, other weight formats, a push the run will refuse (``push_to`` has files and not ``overwrite``), or
-    when anything goes wrong (the run itself then reports it)."""
+    local folder, other weight formats, a push the run will refuse (the push-target check says no), or when anything
+    goes wrong (the run itself then reports it)."""
 
     def run() -> None:
         try:
-            if not overwrite and _has_files(push_to, hub):
+            if not check_push_target(push_to, hub, overwrite=overwrite).can_write:
                 return
             source = resolve(base, "base", hub)
             if source.repo_id is None:
@@ -59,13 +60,3 @@ def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> None:
             pass
 
     threading.Thread(target=run, name="hubmerge-head-start", daemon=True).start()
-
-
-def _has_files(repo_id: str, hub: Hub) -> bool:
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        siblings = hub.api().model_info(repo_id).siblings or []
-    except RepositoryNotFoundError:
-        return False
-    return any(s.rfilename != ".gitattributes" for s in siblings)
