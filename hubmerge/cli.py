@@ -166,8 +166,6 @@ def _run_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         keep_downloads=args.keep_downloads,
     )
-    for w in result.plan.warnings:
-        say(f"warning: {w}")
     for line in result.summary():
         say(line)
     return 0

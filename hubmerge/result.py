@@ -71,6 +71,7 @@ class MergeResult:
             f"vocabulary: {p.vocab_size} tokens; tensors changed: {sum(t.changed for t in p.tensors)} "
             f"of {len(p.tensors)}; dtype {dtype_name(p.dtype)}"
         )
+        lines += [f"warning: {w}" for w in p.warnings]
         for fmt, folder in self.folders.items():
             names = sorted(f for f in self.files if (self.out / f).parent == folder)
             lines.append(

@@ -5,7 +5,6 @@ against the Hub's record as it arrives.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from ..errors import HubAccessError, InputError, UnsafeFileError, VerificationError
+from ..jsonio import index_weight_map
 from ..model.tokenizer import TOKENIZER_FILES
 from ..progress import Progress, ProgressEvent
 from ..verification.hashing import file_digest, git_blob_sha1
@@ -311,10 +311,7 @@ def _safe_revision(rev: str) -> bool:
 
 
 def _index_shards(source: Source, index: Path) -> list[str]:
-    try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{source.label}: {index.name} is not a valid weight index") from None
+    shards = sorted(set(index_weight_map(index).values()))
     for shard in shards:
         _check_name(source.repo_id or "", shard)
         if shard not in source.remote:

@@ -3,7 +3,6 @@ loaded. Which tensors it must hold comes from its family's table (:mod:`hubmerge
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +11,11 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import CorruptFileError, InputError
+from ..jsonio import index_weight_map, load_json
 from ..tensorio import TensorSource, read_safetensors, read_torch_zip
 from ..verification.checklists import CheckRow
 from .architectures import Architecture, for_config, llama, supported
-from .tokenizer import TokenizerInfo, load_json, read_tokenizer
+from .tokenizer import TokenizerInfo, read_tokenizer
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
 _WEIGHT_LAYOUTS = (
@@ -120,10 +120,7 @@ def open_checkpoint(
             reader = arriving.read
         index_path, single_path = folder / index_name, folder / single_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise CorruptFileError(f"{index_path}: not a valid weight index; restore the original file") from None
+            weight_map = index_weight_map(index_path)
             files = list(dict.fromkeys(folder / f for f in weight_map.values()))
             for f in files:
                 if f.parent != folder or not present(f):
@@ -154,7 +151,7 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
     have = set(names)
     for found, message in ((sorted(have - set(expected)), unknown), ([n for n in expected if n not in have], missing)):
         if found:
-            raise InputError(message.format(name=found[0], count=len(found)))
+            raise InputError(message.format(name=found[0][:200], count=len(found)))
 
 
 def open_hf(folder: Path, arriving: ArrivingWeights | None = None) -> BaseModel:

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
+from ..jsonio import load_json
 from ..verification.hashing import file_digest
 
 if TYPE_CHECKING:
@@ -47,8 +49,15 @@ def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
 
 
 def read_recipe(folder: Path) -> dict[str, Any]:
-    """Read ``hubmerge.json`` from ``folder`` (raises OSError / ValueError as json does)."""
-    return json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+    """Read ``hubmerge.json`` from ``folder``.
+
+    Raises:
+        InputError: naming the file, when it is missing, unreadable, too large or malformed JSON.
+    """
+    path = folder / RECIPE_NAME
+    if not path.is_file():
+        raise InputError(f"{folder}: no {RECIPE_NAME}; only folders written by hubmerge have one")
+    return load_json(path)
 
 
 def reproduce_command(recipe: Mapping[str, Any], *, wrapped: bool = False) -> str:
