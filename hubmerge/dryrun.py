@@ -28,6 +28,7 @@ from .plan import MergePlan, build_plan, dtype_name, parse_dtype, vocab_shrink_m
 from .progress import Progress, ProgressCallback
 from .publish import PushTarget, check_push_target
 from .sizes import format_size, parse_size
+from .stream import in_flight_folder, preview_disk
 from .verification.known import check_tokenizer_matches
 
 
@@ -103,6 +104,7 @@ def preview(
     keep_downloads: bool = True,
     overwrite: bool = False,
     public: bool = False,
+    work_dir: PathLike | None = None,
 ) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights. With
     ``push_to``: what the push will do to that repo (checked first, as the merge does) and how it streams (peak
@@ -128,6 +130,7 @@ def preview(
         progress_callback=progress_callback,
         max_shard_size=max_shard_size,
         keep_downloads=keep_downloads,
+        work_dir=work_dir,
     ).lines
 
 
@@ -148,13 +151,14 @@ def plan_preview(
     keep_downloads: bool = True,
     overwrite: bool = False,
     public: bool = False,
+    work_dir: PathLike | None = None,
 ) -> Preview:
     """The dry run as data: every input in order (pinned commit, r, alpha, scale, vocabulary, download size) and the
     output (dtype, vocabulary, shards, disk), with the warnings and the text lines of :func:`preview`.
 
     Args:
         adapters, base, out, formats, dtype, token, cache_dir, endpoint, push_to, max_shard_size, keep_downloads,
-            overwrite, public: as for :func:`hubmerge.merge` (with ``push_to``, the disk figure is the streamed
+            overwrite, public, work_dir: as for :func:`hubmerge.merge` (with ``push_to``, the disk figure is the streamed
             push's peak, and ``target`` says what the push would do to that repo: a refusal is reported, not raised).
         progress, progress_callback: download bars of configs and tokenizers; their progress events.
     Returns:
@@ -176,6 +180,7 @@ def plan_preview(
         progress_callback=progress_callback,
         max_shard_size=max_shard_size,
         keep_downloads=keep_downloads,
+        work_dir=work_dir,
     )
 
 
@@ -192,10 +197,14 @@ def _preview(
     progress_callback: ProgressCallback | None,
     max_shard_size: str | int | None,
     keep_downloads: bool,
+    work_dir: PathLike | None,
 ) -> Preview:
     """The dry run for :func:`preview` and :func:`plan_preview`; ``target``: the push target's check (a push)."""
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
-    out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
+    if target is not None and out is None and list(formats) == ["hf"]:  # a push keeping only the shards in flight
+        out_dir = in_flight_folder(target.repo_id, work_dir)
+    else:
+        out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     reporter = Progress(progress_callback, bars=progress)
     out_dtype = parse_dtype(dtype)
     if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
@@ -208,8 +217,6 @@ def _preview(
     nbytes = result.disk
     result.formats, result.out, result.target = list(formats), out_dir, target
     if target is not None:  # a streamed push: what it does to the repo, its own disk plan (peak) and shard size
-        from .stream import preview_disk
-
         keep_output = out is not None or list(formats) != ["hf"]
         disk, shard_limit, lines = preview_disk(
             base_src,

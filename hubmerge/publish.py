@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,7 +21,8 @@ TAGS = ["hubmerge", "lora", "merge"]  # and the family's model_type
 
 @dataclass
 class PushResult:
-    """Where the upload went: the repo page URL, the commit, its visibility and the uploaded files' SHA256."""
+    """Where the upload went: the repo page URL, the commit, its visibility, the uploaded files' SHA256, the model
+    card, and the recipe (``hubmerge.json``) published with them."""
 
     repo_id: str
     url: str
@@ -29,6 +30,7 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -390,4 +392,5 @@ def push(
             with contextlib.suppress(Exception), hub_errors(hub, repo_id, action="delete"):
                 api.delete_repo(repo_id)
         raise
-    return PushResult(repo_id, f"{hub.url}/{repo_id}", getattr(commit, "oid", None), bool(info.private), files, card)
+    url = f"{hub.url}/{repo_id}"
+    return PushResult(repo_id, url, getattr(commit, "oid", None), bool(info.private), files, card, recipe)

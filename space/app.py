@@ -540,7 +540,7 @@ def run_check(
             preview = plan_preview(
                 ids,
                 base,
-                out=job / "out",
+                work_dir=job,
                 dtype=dtype or None,
                 token=token,
                 cache_dir=job / "cache",
@@ -581,7 +581,7 @@ def run_merge(
 ) -> Published:
     """Merge and push, streamed (download, merge and upload overlap). A job that fails or is cancelled before its
     commit leaves no repository behind (hubmerge deletes the one it created)."""
-    from hubmerge.output.recipe import read_recipe, reproduce_command
+    from hubmerge.output.recipe import reproduce_command
     from hubmerge.plan import dtype_name
 
     ids, base = checked_inputs(adapters, base, settings)
@@ -590,15 +590,15 @@ def run_merge(
         with job_folder(settings) as job:
             if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
                 ahead = plan_preview(
-                    ids, base, out=job / "out", dtype=dtype or None, token=token, cache_dir=job / "cache",
+                    ids, base, work_dir=job, dtype=dtype or None, token=token, cache_dir=job / "cache",
                     endpoint=settings.endpoint, push_to=repo, overwrite=bool(overwrite), public=not private,
                 )  # fmt: skip
                 progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
-            result = hubmerge.merge(
+            result = hubmerge.merge(  # streamed: the job folder only ever holds the shards in flight
                 ids,
                 base,
-                job / "out",
                 formats=["hf"],
+                work_dir=job,
                 dtype=dtype or None,
                 push_to=repo,
                 public=not private,
@@ -609,8 +609,9 @@ def run_merge(
                 progress=False,
                 progress_callback=progress,
             )
-            command = reproduce_command(read_recipe(result.out))
     pushed, plan = result.push, result.plan
+    assert pushed is not None  # merge() with push_to always publishes
+    command = reproduce_command(pushed.recipe)
     changed = sum(t.changed for t in plan.tensors)
     facts = [
         f"{_plural(len(plan.adapters), 'adapter')} applied in order: {', '.join(a.label for a in plan.adapters)}",
