@@ -522,6 +522,33 @@ class CheckResult:
     target: TargetStatus
 
 
+def dry_run(
+    ids: list[str],
+    base: str,
+    job: Path,
+    dtype: str,
+    repo: str,
+    private: bool,
+    overwrite: bool,
+    token: str,
+    settings: Settings,
+) -> Preview:
+    """hubmerge's dry run of this job (configs and tokenizers fetched into the job's folder, no weights), with the
+    push target's state reported, not raised."""
+    return plan_preview(
+        ids,
+        base,
+        work_dir=job,
+        dtype=dtype or None,
+        token=token,
+        cache_dir=job / "cache",
+        endpoint=settings.endpoint,
+        push_to=repo,
+        overwrite=bool(overwrite),
+        public=not private,
+    )
+
+
 def run_check(
     adapters: str,
     base: str,
@@ -537,18 +564,7 @@ def run_check(
     with shown_errors(token):
         repo = target_repo(target, ids, lambda: whoami(token, settings))
         with job_folder(settings) as job:
-            preview = plan_preview(
-                ids,
-                base,
-                work_dir=job,
-                dtype=dtype or None,
-                token=token,
-                cache_dir=job / "cache",
-                endpoint=settings.endpoint,
-                push_to=repo,
-                overwrite=bool(overwrite),
-                public=not private,
-            )
+            preview = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
     # hubmerge's push preflight (creates nothing, always made with push_to): what Merge and push would do, or why not
     push = preview.target
     assert push is not None
@@ -589,10 +605,7 @@ def run_merge(
         repo = target_repo(target, ids, lambda: whoami(token, settings))
         with job_folder(settings) as job:
             if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
-                ahead = plan_preview(
-                    ids, base, work_dir=job, dtype=dtype or None, token=token, cache_dir=job / "cache",
-                    endpoint=settings.endpoint, push_to=repo, overwrite=bool(overwrite), public=not private,
-                )  # fmt: skip
+                ahead = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
                 progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
             result = hubmerge.merge(  # streamed: the job folder only ever holds the shards in flight
                 ids,
