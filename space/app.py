@@ -78,6 +78,15 @@ def _family(size: str) -> dict[str, list[str]]:
 # The Chinese-LLaMA/Alpaca family, in the order each recipe applies its adapters to the original LLaMA (HF format):
 # the Plus and Pro Alpacas are merged on top of LLaMA-Plus, never alone and never the other way round.
 PRESETS: dict[str, list[str]] = {name: ids for size in ("7b", "13b", "33b") for name, ids in _family(size).items()}
+# Chinese-LLaMA-Alpaca-2: one adapter each, on the matching Llama-2 base (HF format); the 16K and 64K long-context
+# adapters carry their rope scaling in their own config.json, which hubmerge takes over.
+PRESETS.update(
+    {
+        f"Chinese-{kind}-2-{size.upper()}{context.upper()}": [f"hfl/chinese-{kind.lower()}-2-lora-{size}{context}"]
+        for kind in ("LLaMA", "Alpaca")
+        for size, context in (("7b", ""), ("13b", ""), ("7b", "-16k"), ("13b", "-16k"), ("7b", "-64k"))
+    }
+)
 
 DTYPES = [("the base's dtype", ""), ("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")]
 
@@ -844,7 +853,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                     value="(none)",
                     label="Preset",
                     info="Chinese-LLaMA/Alpaca: fills the adapters in the order the recipe applies "
-                    "them (Plus and Pro: LLaMA-Plus first)",
+                    "them (Plus and Pro: LLaMA-Plus first); the -2 presets go on a Llama-2 base",
                 )
                 adapters = gr.Textbox(
                     label="LoRA adapters, in the order they apply",
