@@ -296,6 +296,64 @@ def _check_targets(adapter: Adapter, arch: Architecture) -> None:
             )
 
 
+def _replace_whole(
+    adapter: Adapter,
+    replacements: dict[str, TensorRef],
+    keep_tie: bool,
+    plans: dict[str, TensorPlan],
+    config: dict[str, Any],
+    vocab_owner: str,
+    arch: Architecture,
+) -> None:
+    """Let ``adapter``'s whole matrices (modules_to_save) replace what came before, after checking their shapes;
+    on a tied model whose adapter trained one side, untie as PEFT's merge does."""
+    embed, head_name = arch.role("embed"), arch.role("head")
+    for name, ref in replacements.items():
+        if not keep_tie and name in (embed, head_name) and head_name not in plans and arch.tied(config):
+            # A tied model whose adapter trained one side: PEFT's merge unties them, the head keeping the
+            # matrix it shared until now.
+            config["tie_word_embeddings"] = False
+            plans[head_name] = TensorPlan(head_name, plans[embed].source, plans[embed].origin)
+            plans[head_name].terms = list(plans[embed].terms)
+        if name not in plans:
+            raise IncompatibleError(
+                f"adapter {adapter.label} replaces {name}, which the base does not have; "
+                "it was trained for another architecture"
+            )
+        current = plans[name].shape
+        if name in (embed, head_name):
+            if tuple(ref.shape[1:]) != current[1:]:
+                raise IncompatibleError(
+                    f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
+                    "the adapter was trained for a different model size, use the matching base"
+                )
+            if ref.shape[0] < current[0]:
+                raise IncompatibleError(vocab_shrink_message(adapter.label, ref.shape[0], vocab_owner, current[0]))
+        elif tuple(ref.shape) != current:
+            raise IncompatibleError(
+                f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
+                f"{list(current)}; use the base the adapter was trained on"
+            )
+        plans[name] = TensorPlan(name, ref, adapter.label)
+
+
+def _add_terms(index: int, adapter: Adapter, plans: dict[str, TensorPlan], base: BaseModel) -> None:
+    """Add adapter ``index``'s LoRA (DoRA, bias, token rows) terms to the tensors they change, checking shapes."""
+    for name, pair in adapter.lora.items():
+        if name not in plans and pair.kind == "bias":
+            raise IncompatibleError(
+                f"adapter {adapter.label} has lora_bias on {pair.module}, whose base layer has no bias; PEFT "
+                "cannot merge that either: use the base the adapter was trained on"
+            )
+        if name not in plans:
+            raise IncompatibleError(
+                f"adapter {adapter.label} adapts {pair.module}, which this base does not have "
+                f"({base.arch.name}, {base.num_layers} layers); the adapter was made for another model"
+            )
+        _check_lora_shape(adapter, pair, plans[name].shape)
+        plans[name].terms.append(LoraTerm(index, pair))
+
+
 def build_plan(
     base: BaseModel, adapters: Sequence[Adapter], dtype: str | torch.dtype | None = None, *, conversion: bool = False
 ) -> MergePlan:
@@ -325,51 +383,13 @@ def build_plan(
         _take_model_config(adapter, config)
         _check_targets(adapter, arch)
         replacements, keep_tie = _tied_replacements(adapter, arch, config)
-        for name, ref in replacements.items():
-            if not keep_tie and name in (embed, head_name) and head_name not in plans and arch.tied(config):
-                # A tied model whose adapter trained one side: PEFT's merge unties them, the head keeping the
-                # matrix it shared until now.
-                config["tie_word_embeddings"] = False
-                plans[head_name] = TensorPlan(head_name, plans[embed].source, plans[embed].origin)
-                plans[head_name].terms = list(plans[embed].terms)
-            if name not in plans:
-                raise IncompatibleError(
-                    f"adapter {adapter.label} replaces {name}, which the base does not have; "
-                    "it was trained for another architecture"
-                )
-            current = plans[name].shape
-            if name in (embed, head_name):
-                if tuple(ref.shape[1:]) != current[1:]:
-                    raise IncompatibleError(
-                        f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
-                        "the adapter was trained for a different model size, use the matching base"
-                    )
-                if ref.shape[0] < current[0]:
-                    raise IncompatibleError(vocab_shrink_message(adapter.label, ref.shape[0], vocab_owner, current[0]))
-            elif tuple(ref.shape) != current:
-                raise IncompatibleError(
-                    f"adapter {adapter.label}: {name} is {list(ref.shape)}, the base's is "
-                    f"{list(current)}; use the base the adapter was trained on"
-                )
-            plans[name] = TensorPlan(name, ref, adapter.label)
+        _replace_whole(adapter, replacements, keep_tie, plans, config, vocab_owner, arch)
         if embed in replacements:
             rows = replacements[embed].shape[0]
             if adapter.tokenizer is not None:
                 _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True, arch.vocab_padding)
             vocab_rows, vocab_owner = rows, f"adapter {adapter.label}"
-        for name, pair in adapter.lora.items():
-            if name not in plans and pair.kind == "bias":
-                raise IncompatibleError(
-                    f"adapter {adapter.label} has lora_bias on {pair.module}, whose base layer has no bias; PEFT "
-                    "cannot merge that either: use the base the adapter was trained on"
-                )
-            if name not in plans:
-                raise IncompatibleError(
-                    f"adapter {adapter.label} adapts {pair.module}, which this base does not have "
-                    f"({arch.name}, {base.num_layers} layers); the adapter was made for another model"
-                )
-            _check_lora_shape(adapter, pair, plans[name].shape)
-            plans[name].terms.append(LoraTerm(index, pair))
+        _add_terms(index, adapter, plans, base)
 
     head = plans.get(head_name)
     if head is not None and head.shape[0] != vocab_rows:

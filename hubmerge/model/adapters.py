@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -337,35 +338,38 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     return out
 
 
-def open_adapter(folder: Path, label: str | None = None) -> Adapter:
-    """Open a LoRA adapter folder: config, tensor index (nothing loaded) and tokenizer files.
-
-    Returns:
-        an :class:`Adapter`.
-    Raises:
-        InputError / CorruptFileError / UnsafeFileError: bad config, missing, empty, damaged or unsafe weights,
-        tensors that contradict the config.
-    """
-    folder = Path(folder)
-    label = label or str(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: adapter folder not found; give a LoRA adapter folder or a Hub ID")
-    config = read_adapter_config(folder)
-    rules = ModuleRules(config, folder / "adapter_config.json")
+def _weights_file(folder: Path) -> tuple[Path, Callable[[Path], dict[str, TensorRef]]]:
+    """The adapter's weights file (safetensors preferred) and its reader; InputError when absent or empty."""
     for name, reader in WEIGHT_FILES:
         weights = folder / name
         if weights.is_file():
             break
     else:
         raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin; the adapter is incomplete")
-    size = weights.stat().st_size
-    if size == 0:
+    if weights.stat().st_size == 0:
         raise InputError(f"{weights}: the file is empty; download or save the adapter again")
-    tensors = reader(weights)
+    return weights, reader
 
-    factors: dict[tuple[str, str], dict[str, TensorRef]] = {}
-    extras: dict[str, dict[str, TensorRef]] = {"magnitude": {}, "bias": {}, "tokens": {}}  # by module
-    replacements: dict[str, TensorRef] = {}
+
+@dataclass
+class _Tensors:
+    """An adapter file's tensors sorted by role: LoRA factors by (module, kind), per-module extras (DoRA
+    magnitudes, lora_bias, trainable token rows) and whole replaced modules."""
+
+    factors: dict[tuple[str, str], dict[str, TensorRef]] = field(default_factory=dict)
+    extras: dict[str, dict[str, TensorRef]] = field(default_factory=lambda: {"magnitude": {}, "bias": {}, "tokens": {}})
+    replacements: dict[str, TensorRef] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        """Decoder layers the adapter touches (1 + the highest layer index in its module names)."""
+        named = [*(m for m, _ in self.factors), *self.replacements, *(m for r in self.extras.values() for m in r)]
+        return 1 + max((int(x[1]) for x in map(_LAYER.search, named) if x), default=-1)
+
+
+def _sort_tensors(weights: Path, tensors: dict[str, TensorRef]) -> _Tensors:
+    """Sort every tensor of ``weights`` by its role; InputError for one that is no LoRA weight hubmerge knows."""
+    found = _Tensors()
     wrapped: dict[str, TensorRef] = {}
     for key, ref in tensors.items():
         for kind, pattern in _KEY_PATTERNS:
@@ -380,29 +384,29 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         if len(m["module"]) > MAX_NAME:
             raise InputError(f"{weights}: tensor {key[:200]}... does not name a module of a known model")
         if kind in ("whole", "base_layer"):
-            replacements[f"{m['module']}.{m['part']}"] = ref
+            found.replacements[f"{m['module']}.{m['part']}"] = ref
         elif kind == "wrapped":
             wrapped[f"{m['module']}.{m['part']}"] = ref
-        elif kind in extras:
-            extras[kind][m["module"]] = ref
+        elif kind in found.extras:
+            found.extras[kind][m["module"]] = ref
         elif kind != "original":
-            factors.setdefault((m["module"], kind), {})[m["part"]] = ref
-    replacements = {**wrapped, **replacements}
-    named = [*(m for m, _ in factors), *replacements, *(m for refs in extras.values() for m in refs)]
-    layers = 1 + max((int(x[1]) for x in map(_LAYER.search, named) if x), default=-1)
-    if not factors and not replacements and not extras["tokens"]:
+            found.factors.setdefault((m["module"], kind), {})[m["part"]] = ref
+    found.replacements = {**wrapped, **found.replacements}
+    if not found.factors and not found.replacements and not found.extras["tokens"]:
         raise InputError(
-            f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
+            f"{weights}: holds no LoRA tensors ({weights.stat().st_size} bytes); the training run saved an empty "
             "adapter, save it again from the trained model"
         )
+    return found
 
-    warnings: list[str] = []
-    if config.get("fan_in_fan_out"):
-        warnings.append(f"{label}: fan_in_fan_out=true ignored, as PEFT does for LLaMA's nn.Linear layers")
-    config_file = folder / "adapter_config.json"
+
+def _lora_pairs(
+    found: _Tensors, config: dict[str, Any], rules: ModuleRules, config_file: Path, weights: Path
+) -> tuple[dict[str, LoraPair], list[str]]:
+    """The merge terms of every targeted module (``{weight name: pair}``) and the modules skipped as untargeted."""
     lora: dict[str, LoraPair] = {}
     skipped = []
-    for (module, kind), parts in factors.items():
+    for (module, kind), parts in found.factors.items():
         if set(parts) != {"A", "B"}:
             missing = ({"A", "B"} - set(parts)).pop()
             raise InputError(f"{weights}: {module} has no lora_{missing} tensor; the adapter file is damaged")
@@ -413,23 +417,23 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         alpha = float(rules.value("alpha_pattern", module, config.get("lora_alpha", 8)))
         a, b = parts["A"], parts["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
-            found = a.shape[0] if len(a.shape) == 2 else list(a.shape)
+            rows = a.shape[0] if len(a.shape) == 2 else list(a.shape)
             raise InputError(
                 f"{config_file}: says r={r} for {module} but its lora_A has "
-                f"{found} rows; the config belongs to another adapter, use the one published with "
+                f"{rows} rows; the config belongs to another adapter, use the one published with "
                 "these weights"
             )
         scale = lora_scale(config, r, alpha)
         pair = LoraPair(module, kind, a, b, r, alpha, scale)  # type: ignore[arg-type]
-        _attach_variants(pair, extras, config, config_file, weights, lora)
+        _attach_variants(pair, found.extras, config, config_file, weights, lora)
         lora[f"{module}.weight"] = pair
-    for kind, refs in extras.items():  # what no LoRA pair claimed
+    for kind, refs in found.extras.items():  # what no LoRA pair claimed
         left = [m for m in refs if m not in skipped and kind != "tokens"]
         if left:
             raise InputError(
                 f"{weights}: {left[0]} has a {kind} tensor but no lora_A/lora_B; the adapter file is damaged"
             )
-    for module, ref in extras["tokens"].items():
+    for module, ref in found.extras["tokens"].items():
         indices = _token_indices(config, module, config_file)
         if f"{module}.weight" in lora:
             raise InputError(
@@ -437,6 +441,31 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
                 "either; the config belongs to another adapter"
             )
         lora[f"{module}.weight"] = LoraPair(module, "rows", None, ref, 0, 0.0, 1.0, indices=indices)
+    return lora, skipped
+
+
+def open_adapter(folder: Path, label: str | None = None) -> Adapter:
+    """Open a LoRA adapter folder: config, tensor index (nothing loaded) and tokenizer files.
+
+    Returns:
+        an :class:`Adapter`.
+    Raises:
+        InputError / CorruptFileError / UnsafeFileError: bad config, missing, empty, damaged or unsafe weights,
+        tensors that contradict the config.
+    """
+    folder = Path(folder)
+    label = label or str(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: adapter folder not found; give a LoRA adapter folder or a Hub ID")
+    config = read_adapter_config(folder)
+    config_file = folder / "adapter_config.json"
+    rules = ModuleRules(config, config_file)
+    weights, reader = _weights_file(folder)
+    found = _sort_tensors(weights, reader(weights))
+    lora, skipped = _lora_pairs(found, config, rules, config_file, weights)
+    warnings: list[str] = []
+    if config.get("fan_in_fan_out"):
+        warnings.append(f"{label}: fan_in_fan_out=true ignored, as PEFT does for LLaMA's nn.Linear layers")
     if skipped:
         warnings.append(
             f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does (e.g. {skipped[0]})"
@@ -448,9 +477,9 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         config_layout(config),
         weights,
         lora,
-        replacements,
+        found.replacements,
         read_tokenizer(folder),
         warnings,
         model_config=read_model_config(folder),
-        layers=layers,
+        layers=found.layers,
     )
