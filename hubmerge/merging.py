@@ -67,15 +67,27 @@ class BufferPool:
             self._free.put(buf)
 
 
+_ZEROS: list[torch.Tensor] = []  # CHUNK_ELEMS fp16 zeros, made on first use
+
+
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``: one pass, no boolean temporary. fp16 (the common case) is summed in fp32, which is twice
-    as fast as a min/max: Inf and NaN propagate into the sum, and fp16 values (at most 65504) cannot add up to an
-    fp32 overflow. Other dtypes could: for them, a min/max (NaN propagates into both)."""
+    """No NaN or Inf in ``t``: one pass, no boolean temporary.
+
+    fp16 (the common case): a dot product with zeros, a cache-sized piece at a time, is NaN exactly when a value is
+    Inf or NaN (0 * Inf is NaN), and runs ~3x faster than a min/max. Other dtypes: one min/max pass (NaN propagates
+    into both)."""
     if t.numel() == 0:
         return True
+    flat = t.reshape(-1)
     if t.dtype == torch.float16:
-        return bool(torch.isfinite(t.sum(dtype=torch.float32)))
-    lo, hi = torch.aminmax(t.reshape(-1))
+        if not _ZEROS:
+            _ZEROS.append(torch.zeros(CHUNK_ELEMS, dtype=torch.float16))
+        zeros = _ZEROS[0]
+        return all(
+            bool(torch.isfinite(torch.dot(flat[i : i + CHUNK_ELEMS], zeros[: min(CHUNK_ELEMS, len(flat) - i)])))
+            for i in range(0, len(flat), CHUNK_ELEMS)
+        )
+    lo, hi = torch.aminmax(flat)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 

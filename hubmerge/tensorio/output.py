@@ -45,6 +45,7 @@ class _DirectAppender:
         self._buf = np.frombuffer(self._map, dtype=np.uint8)
         self.at = at  # file offset of the buffer's first byte (a multiple of ALIGN)
         self.staged = 0  # bytes in the buffer
+        self._flushed = 0  # the file's length after the last flush: flushing again changes nothing
 
     def append(self, view: memoryview) -> None:
         src = np.frombuffer(view, dtype=np.uint8)
@@ -61,7 +62,8 @@ class _DirectAppender:
 
     def flush(self, end: int) -> None:
         """Put the buffered bytes in the file too (the file is then ``end`` bytes long); appending goes on."""
-        if self.staged:
+        if self.staged and end != self._flushed:
+            self._flushed = end
             padded = -(-self.staged // ALIGN) * ALIGN
             self._buf[self.staged : padded] = 0
             self._write(padded if self.direct else self.staged)

@@ -11,6 +11,7 @@ Every SHA256 of a whole file goes through here, so that a file is hashed once in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,12 +58,15 @@ def file_key(st: os.stat_result) -> Key:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _settled(st: os.stat_result, started_ns: int) -> bool:
-    """The file's last change happened in an earlier clock tick than ``started_ns`` (when reading began), so any
-    change while it was read would have moved its ctime. Filesystems with whole-second times get two seconds."""
-    last = max(st.st_mtime_ns, st.st_ctime_ns)
+_TICK_NS = 20 * 10**6  # longer than a tick of the clock the kernel stamps file changes with (1-10 ms)
+_WAIT_BYTES = 32 * 2**20  # files worth waiting _TICK_NS for: hashing them takes longer than that
+
+
+def _unsettled_ns(st: os.stat_result) -> int:
+    """How long until the file's last change lies a clock tick in the past (0: it does). Until then a change could
+    land in the same tick and leave its identity alone. Filesystems with whole-second times need two seconds."""
     coarse = st.st_mtime_ns % 10**9 == 0 and st.st_ctime_ns % 10**9 == 0
-    return started_ns - last > (2 * 10**9 if coarse else 20 * 10**6)
+    return max(0, max(st.st_mtime_ns, st.st_ctime_ns) + (2 * 10**9 if coarse else _TICK_NS) - time.time_ns())
 
 
 class HashCache:
@@ -78,8 +82,9 @@ class HashCache:
     def __init__(self, path: Path | None, max_entries: int = 4096):
         self.path = path
         self.max_entries = max_entries
-        self.max_bytes = 256 * max_entries  # an entry takes ~130 bytes
+        self.max_bytes = 256 * max_entries  # an entry takes ~140 bytes
         self._entries: dict[str, list] | None = None
+        self._clock = 0
         self._lock = threading.Lock()
 
     @staticmethod
@@ -106,7 +111,7 @@ class HashCache:
                 and isinstance(value[0], str)
                 and len(value[0]) == 64
                 and all(c in "0123456789abcdef" for c in value[0])
-                and isinstance(value[1], (int, float))
+                and isinstance(value[1], int)
             ):
                 good[name] = value
         return good
@@ -116,19 +121,24 @@ class HashCache:
             self._entries = self._read()
         return self._entries
 
+    def _now(self) -> int:
+        """Last-use stamp: nanoseconds, and strictly increasing within a process, so that the newest entries win."""
+        self._clock = max(time.time_ns(), self._clock + 1)
+        return self._clock
+
     def get(self, key: Key) -> str | None:
         """The SHA256 recorded for a file with identity ``key``, or None."""
         with self._lock:
             entry = self._table().get(self._name(key))
             if entry is None:
                 return None
-            entry[1] = int(time.time())
+            entry[1] = self._now()
             return entry[0]
 
     def put(self, key: Key, digest: str) -> None:
         """Record ``digest`` for identity ``key`` and save the cache."""
         with self._lock:
-            self._table()[self._name(key)] = [digest, int(time.time())]
+            self._table()[self._name(key)] = [digest, self._now()]
             if self.path is None:
                 return
             merged = {**self._read(), **self._table()}
@@ -140,7 +150,8 @@ class HashCache:
                 tmp.write_text(json.dumps({"version": self.VERSION, "sha256": self._entries}, separators=(",", ":")))
                 os.replace(tmp, self.path)
             except OSError:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
 
 def default_cache_path() -> Path | None:
@@ -225,12 +236,18 @@ def file_digests(
     path: Path, algorithms: Iterable[str], progress: Callable[[int], object] | None = None
 ) -> dict[str, str]:
     """Several hex digests of a file from a single read (e.g. a checklist's md5 and the known-table's sha256).
-    A SHA256 is recorded in the hash cache when the file did not change while it was read."""
+    A SHA256 is recorded in the hash cache when the file did not change while it was read, nor in the clock tick
+    reading began (a big file changed that recently, as a fresh download, is given that tick to pass first)."""
     hashes = {a: hashlib.new(a) for a in algorithms}
-    before, started = os.stat(path), time.time_ns()
+    before = os.stat(path)
+    wait = _unsettled_ns(before) if "sha256" in hashes else 0
+    if 0 < wait <= _TICK_NS and before.st_size >= _WAIT_BYTES:  # just written (a download): let its tick pass
+        time.sleep(wait / 1e9)
+        before = os.stat(path)
+    settled = _unsettled_ns(before) == 0  # so a change from now on will show in its identity
     _read_into(path, hashes.values(), progress)
     digests = {a: h.hexdigest() for a, h in hashes.items()}
-    if "sha256" in digests and file_key(os.stat(path)) == file_key(before) and _settled(before, started):
+    if "sha256" in digests and settled and file_key(os.stat(path)) == file_key(before):
         cache().put(file_key(before), digests["sha256"])
     return digests
 
