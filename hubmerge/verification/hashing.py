@@ -41,7 +41,8 @@ _POOL_LOCK = threading.Lock()
 
 
 def submit(job: Callable[..., Any], *args: Any) -> Future:
-    """Run ``job(*args)`` on the hashing thread. Jobs run one at a time, in the order they were submitted."""
+    """Run ``job(*args)`` on the hashing thread. Jobs run one at a time, in the order they were submitted, so a job
+    must never wait for another one (it would wait forever)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
