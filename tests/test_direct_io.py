@@ -125,3 +125,25 @@ def test_seeking_back_leaves_direct_mode_with_the_same_bytes(tmp_path):
         assert f.digest() in (None, hashlib.sha256(files[name]).hexdigest())
     assert files["direct.zip"] == files["buffered.zip"]
     assert files["direct.zip"].startswith(payload[: 2 * STAGE + 7])
+
+
+def test_disk_full_mid_write_then_abort_raises_nothing_more(tmp_path, monkeypatch):
+    """The writer's error surfaces once; aborting (closing without finishing) must not try the failed write again."""
+    real, calls = os.pwrite, []
+
+    def disk_full_later(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(output.os, "pwrite", disk_full_later)
+    ts = tensors()
+    w = SafetensorsWriter(tmp_path / "full.safetensors", [Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()])
+    with pytest.raises(OSError) as failure:
+        for v in ts.values():
+            w.write(v)
+    assert failure.value.errno == errno.ENOSPC
+    tries = len(calls)
+    w.abort()
+    assert len(calls) == tries and w.sha256 is None

@@ -69,6 +69,11 @@ class _DirectAppender:
             self._write(padded if self.direct else self.staged)
             os.ftruncate(self.fd, end)
 
+    @property
+    def flushed(self) -> bool:
+        """Every byte appended is in the file."""
+        return self.staged == 0 or self._flushed == self.at + self.staged
+
     def stop(self) -> None:
         """Write the buffered bytes through the page cache and leave O_DIRECT (to seek back, or read back)."""
         self._fall_back()
@@ -193,10 +198,13 @@ class OutputFile:
         return self._raw.closed
 
     def close(self) -> None:
+        """Close the file. A direct file holds what :meth:`flush` (or :meth:`finish`) put in it: closing it without
+        that abandons the bytes it still buffered (as an aborted writer does), and its SHA256 is then unknown."""
         if self._raw.closed:
             return
         try:
-            self.flush()
+            if self._direct is not None:
+                self._valid = self._valid and self._direct.flushed
             if not self._held:
                 self._read_back()
             if self._last is not None:
