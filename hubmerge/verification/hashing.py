@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 8 * 1024 * 1024
-
-
 _AHEAD = 4  # chunks the kernel is asked to read ahead of the hashing
 
 
@@ -94,7 +92,7 @@ class HashCache:
     def __init__(self, path: Path | None, max_entries: int = 4096):
         self.path = path
         self.max_entries = max_entries
-        self.max_bytes = 256 * max_entries  # an entry takes ~140 bytes
+        self.max_bytes = 256 * max_entries  # an entry takes 140-200 bytes
         self._entries: dict[str, list] | None = None
         self._clock = 0
         self._lock = threading.Lock()
