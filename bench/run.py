@@ -1,4 +1,4 @@
-"""The merge benchmark (issue 7): hubmerge against the disk's floor and against today's path.
+"""The merge benchmark: hubmerge against the disk's floor and against today's path.
 
     python -m bench.run [--shape 1b|7b] [--repeat N] [--cold] [--skip-today] [--plot]
 

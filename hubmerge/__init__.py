@@ -1,4 +1,4 @@
-"""hubmerge: turn LoRA adapters into full, ready-to-run LLaMA-family models, streaming and verified.
+"""hubmerge: turn LoRA adapters into full, ready-to-run models (LLaMA, Mistral, Qwen2, Gemma), streaming and verified.
 
 The pipeline, one module per stage: ``sources`` (resolve, fetch) -> ``verify`` -> ``plan`` -> ``merging`` -> ``write``
 -> ``publish``; ``pipeline`` runs them in order. The public API is re-exported here; the heavy parts (torch) load on
@@ -33,7 +33,7 @@ _LAZY = {
     "preview": "dryrun",
     "push": "publish",
     "PushResult": "publish",
-    "verify_target": "verification.command",
+    "verify_target": "verify",
     "Hub": "inputs.hub",
 }
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .pipeline import MergeResult, merge, plan_merge
     from .plan import MergePlan
     from .publish import PushResult, push
-    from .verification.command import verify_target
+    from .verify import verify_target
 
 
 def __getattr__(name: str) -> Any:

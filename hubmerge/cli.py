@@ -11,8 +11,10 @@ import gc
 import sys
 from collections.abc import Callable, Sequence
 
+from . import __version__
+from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
 from .errors import HubmergeError, Interrupted
-from .output.writers import FORMATS
+from .output.writers import check_formats
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -28,11 +30,10 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
 
 
 def _formats(value: str) -> list[str]:
-    formats = [f.strip() for f in value.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise argparse.ArgumentTypeError(f"unknown format {','.join(bad) or value!r}; choose from {', '.join(FORMATS)}")
-    return formats
+    try:
+        return check_formats([f.strip() for f in value.split(",") if f.strip()])
+    except HubmergeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -41,12 +42,16 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         "--format",
         dest="formats",
         type=_formats,
-        default=["hf"],
+        default=list(DEFAULT_FORMATS),
         help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
         "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
     )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default: 5GB)")
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest HF safetensors shard (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
     p.add_argument(
         "--no-verify",
@@ -86,8 +91,19 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary, only errors")
 
 
+LOGIN = (
+    "Hub login: run `hf auth login` once, or set HF_TOKEN; hubmerge uses them by itself. --token works too, but\n"
+    "other users of this machine can read a command line (ps): pass it only where nobody else logs in."
+)
+
+
 def _hub_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN, then the token saved by `hf auth login`)")
+    p.add_argument(
+        "--token",
+        help="prefer HF_TOKEN or `hf auth login` (used by default, in that order): a token given here is visible "
+        "to other users of this machine in `ps`",
+    )
+    p.epilog = f"{p.epilog}\n\n{LOGIN}" if p.epilog else LOGIN
     p.add_argument("--cache-dir", help="download cache (default: the standard Hugging Face cache)")
 
 
@@ -181,7 +197,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     from .inputs.hub import Hub
     from .verification.checklists import format_table
-    from .verification.command import verify_target
+    from .verify import verify_target
 
     rows = verify_target(args.target, checklist=args.checklist, hub=Hub(token=args.token, cache_dir=args.cache_dir))
     for line in format_table(rows):
@@ -243,15 +259,25 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  hubmerge ziqingyang/chinese-alpaca-lora-7b --base ./llama-hf
+  hubmerge ziqingyang/chinese-llama-plus-lora-7b ziqingyang/chinese-alpaca-plus-lora-7b --base ./llama-hf \\
+           --out ./alpaca-plus-7b --format hf,gguf --push-to you/chinese-alpaca-plus-7b
+  hubmerge org/adapter@v1.0 --base you/llama-7b-hf --dry-run
+  hubmerge convert ./LLaMA/7B --out ./llama-7b-hf
+  hubmerge demo"""
+
+
 def build_parser(name: str) -> argparse.ArgumentParser:
     help_text, configure, _ = COMMANDS[name]
     others = "\n".join(f"  hubmerge {n:<8} {h}" for n, (h, _, _) in COMMANDS.items() if n != "merge")
     parser = argparse.ArgumentParser(
         prog="hubmerge" if name == "merge" else f"hubmerge {name}",
         description=help_text,
-        epilog=f"other commands:\n{others}" if name == "merge" else None,
+        epilog=f"{EXAMPLES}\n\nother commands:\n{others}" if name == "merge" else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     configure(parser)
     return parser
 

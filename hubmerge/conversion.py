@@ -12,12 +12,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
 from .errors import InputError
+from .inputs.loading import Inputs, PathLike
 from .inputs.sources import Source
 from .merging import DEFAULT_BLOCK_BYTES
-from .model.base import open_base
-from .pipeline import Inputs, MergeResult, PathLike, check_formats, check_output, write_outputs
+from .model.loader import open_base
+from .output.staging import check_output, write_outputs
+from .output.writers import check_formats
+from .pipeline import MergeResult
 from .plan import build_plan
+from .progress import Progress, ProgressCallback
 from .sizes import parse_size
 
 
@@ -25,27 +30,29 @@ def convert(
     source: PathLike,
     out: PathLike,
     *,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     pth_shards: int | None = None,
     verify: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    progress_callback: ProgressCallback | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> MergeResult:
     """Convert the model in the folder ``source`` (a Meta checkpoint, or an HF folder) and write it under ``out``.
 
     Args:
         source: a Meta checkpoint folder (``consolidated.NN.pth`` shards, ``params.json``, ``tokenizer.model`` in
-            it or its parent) or an HF-format LLaMA folder.
+            it or its parent) or an HF-format folder of a supported family.
         out: output folder (with several formats, each goes to ``out/<format>/``).
         formats: ``"hf"`` (default), ``"pth"``, ``"gguf"``.
         dtype: output dtype; default: the checkpoint's (fp16 for the original release).
         max_shard_size, pth_shards: as for :func:`hubmerge.merge`.
         verify: check ``checklist.chk`` / ``tokenizer_checklist.chk`` and the known SHA256 of the original release
             before converting (Meta checkpoints).
-        overwrite: replace an existing ``out``. progress: show a progress bar.
+        overwrite: replace an existing ``out``. progress: show a progress bar. progress_callback: as for
+            :func:`hubmerge.merge`.
 
     Returns:
         a :class:`~hubmerge.pipeline.MergeResult` (its plan has no adapters).
@@ -71,8 +78,7 @@ def convert(
         formats,
         max_shard_size=shard_limit,
         pth_shards=pth_shards,
-        progress=progress,
+        progress=Progress(progress_callback, bars=progress),
         block_bytes=block_bytes,
-        desc="convert",
     )
     return MergeResult.finish(out_dir, written, plan, started)

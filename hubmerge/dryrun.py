@@ -8,30 +8,29 @@ is written.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .constants import DEFAULT_FORMATS, default_out_name
 from .errors import IncompatibleError
+from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, needed_files, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
+from .model.architectures import Architecture
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
-from .pipeline import PathLike, build_plan, hub_from_args, open_inputs, resolve_inputs
-from .plan import dtype_name, parse_dtype, vocab_shrink_message
+from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
+from .progress import Progress, ProgressCallback
 from .sizes import format_size
 from .verification.known import check_tokenizer_matches
 
 
-def estimate_nbytes(config: dict[str, Any], vocab: int, itemsize: int) -> int:
-    """Weight bytes of a LLaMA model with this config and vocabulary, from its shapes alone."""
-    h, layers, inter = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["intermediate_size"])
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or h // heads)
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
-    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    return (layers * per_layer + embeddings + h) * itemsize
+def estimate_nbytes(arch: Architecture, config: dict[str, Any], vocab: int, itemsize: int) -> int:
+    """Weight bytes of a model of this family, config and vocabulary, from its shapes alone."""
+    return sum(math.prod(shape) for shape in arch.tensor_shapes(config, vocab).values()) * itemsize
 
 
 def _download_line(src: Source, hub) -> str:
@@ -46,12 +45,13 @@ def preview(
     base: PathLike,
     *,
     out: PathLike | None = None,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
     token: str | None = None,
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
 ) -> list[str]:
     """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
 
@@ -62,15 +62,17 @@ def preview(
     """
     hub = hub_from_args(token, cache_dir, endpoint)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
-    out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+    out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
+    reporter = Progress(progress_callback, bars=progress)
     out_dtype = parse_dtype(dtype)
     if all(s.repo_id is None for s in (base_src, *adapter_srcs)):
-        plan = build_plan(*_opened(base_src, adapter_srcs, hub), dtype)
+        inputs = open_inputs(base_src, adapter_srcs, hub, progress=reporter)
+        plan = build_plan(inputs.base, inputs.adapters, dtype)
         nbytes = plan.nbytes
         lines = plan.describe()
     else:
         for src in (base_src, *adapter_srcs):
-            fetch(src, hub, weights=False, progress=progress)
+            fetch(src, hub, weights=False, progress=reporter)
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
@@ -81,14 +83,9 @@ def preview(
     return lines
 
 
-def _opened(base_src: Source, adapter_srcs: Sequence[Source], hub):
-    inputs = open_inputs(base_src, adapter_srcs, hub, progress=False)
-    return inputs.base, inputs.adapters
-
-
 def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub) -> tuple[list[str], int]:
-    config = read_config(base_src.path)
-    base_tok = read_tokenizer(base_src.path)
+    config, arch = read_config(base_src.local)
+    base_tok = read_tokenizer(base_src.local)
     vocab, owner = int(config.get("vocab_size") or (base_tok.size if base_tok else 0)), "the base"
     where = _download_line(base_src, hub) if base_src.repo_id else "local"
     itemsize = (
@@ -96,13 +93,14 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
         if out_dtype
         else {"float32": 4}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
     )
+    dims = arch.dims(config)
     lines = [
-        f"base: {base_src.label} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"base: {base_src.label} ({arch.name}, hidden {dims['hidden']}, {dims['layers']} layers, "
         f"vocab {vocab}); {where}"
     ]
     for i, src in enumerate(adapter_srcs, 1):
-        cfg = read_adapter_config(src.path)
-        tok = read_tokenizer(src.path)
+        cfg = read_adapter_config(src.local)
+        tok = read_tokenizer(src.local)
         r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
         scale = lora_scale(cfg, r, alpha)
         extends = "embed_tokens" in (cfg.get("modules_to_save") or [])
@@ -121,4 +119,4 @@ def _light_plan(base_src: Source, adapter_srcs: Sequence[Source], out_dtype, hub
             vocab, owner = rows, f"adapter {src.label}"
     dtype = dtype_name(out_dtype) if out_dtype else "the base's dtype"
     lines.append(f"output: {dtype}, vocab {vocab}; tensor shapes are checked after download, before writing")
-    return lines, estimate_nbytes(config, vocab, itemsize)
+    return lines, estimate_nbytes(arch, config, vocab, itemsize)

@@ -5,6 +5,13 @@ The CLI prints ``error: <message>`` for these and exits non-zero; anything else 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
+#: What the user can do about an error, for front ends that word the fix their own way (the Space points at its
+#: controls instead of CLI flags): replace the existing output or repo, sign in (again), or pick other options.
+Remedy = Literal["overwrite", "login", "dtype", "format", "no-verify"]
+
 __all__ = [
     "HubmergeError",
     "InputError",
@@ -19,9 +26,28 @@ __all__ = [
 
 
 class HubmergeError(Exception):
-    """Base class: a problem the user can fix. ``str(err)`` is the one-line message to show."""
+    """Base class: a problem the user can fix. ``str(err)`` is the one-line message to show.
+
+    Attributes:
+        path: the local file or folder at fault, when there is one.
+        repo_id: the Hub repo at fault, when there is one.
+        remedy: what fixes it, as a keyword (:data:`Remedy`), when the message names a CLI option for it.
+    """
 
     exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        repo_id: str | None = None,
+        remedy: Remedy | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.repo_id = repo_id
+        self.remedy = remedy
 
 
 class InputError(HubmergeError):

@@ -198,7 +198,7 @@ def merge_blocks(
     todo = [i for i in range(len(plan.tensors)) if i not in skip]
 
     def prefetch(index: int) -> None:  # the disk reads the next tensor while this one is merged
-        if index < len(todo) and hasattr(plan.tensors[todo[index]].source, "prefetch"):
+        if index < len(todo):
             plan.tensors[todo[index]].source.prefetch()
 
     prefetch(0)
@@ -216,18 +216,14 @@ def merge_blocks(
             out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
             out = out_buf[: n * out_dtype.itemsize].view(out_dtype).reshape(shape) if out_buf is not None else None
             if not factors and source.dtype == out_dtype:  # pass-through: bytes, no arithmetic
-                if out_buf is not None and hasattr(source, "read_into"):
+                if out_buf is not None:
                     block = source.read_into(out_buf, start, stop)
                 else:
                     block = source.read(start, stop)
                     if out is not None:
                         block = out.copy_(block)
             else:
-                raw = (
-                    source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
-                    if hasattr(source, "read_into")
-                    else source.read(start, stop)
-                )
+                raw = source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
                 if out is None:
                     out = torch.empty(shape, dtype=out_dtype)
                 if factors:

@@ -1,60 +1,25 @@
-"""The whole flow behind ``hubmerge.merge``: resolve -> fetch -> verify -> plan -> merge -> write (-> publish).
-
-Outputs are written into a hidden sibling folder and moved into place only once complete and hashed, so a failed
-or interrupted run never leaves a half-written result where the user expects one.
-"""
+"""The whole flow behind ``hubmerge.merge``, stage by stage: resolve -> fetch -> verify -> plan -> merge -> write
+(-> publish). Each stage lives in its own module; this one only orders them."""
 
 from __future__ import annotations
 
-import errno
-import math
-import resource
-import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from .errors import InputError, Interrupted, OutputError
-from .inputs.hub import Hub
-from .inputs.sources import Source, fetch, not_cached, resolve
-from .merging import DEFAULT_BLOCK_BYTES, estimate_memory, merge_into
-from .model.adapters import Adapter, open_adapter
-from .model.base import BaseModel, open_base
-from .output.recipe import tool_versions, write_recipe
-from .output.staging import Journal, fingerprint
-from .output.writers import FORMATS, Writer, make_writer
+from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
+from .errors import InputError
+from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
+from .inputs.sources import Source
+from .merging import DEFAULT_BLOCK_BYTES
+from .output.staging import Written, check_output, write_outputs
+from .output.writers import check_formats
 from .plan import MergePlan, build_plan, dtype_name
-from .publish import PushResult, push, source_license
+from .progress import Progress, ProgressCallback
+from .publish import PushResult, push
+from .resources import peak_rss
 from .sizes import format_size, parse_size
-from .verification.hashing import file_digest
-from .verification.known import check_tokenizer_matches
-
-PathLike = str | Path
-
-
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A ``key: N kB`` value of a Linux /proc file, in bytes; None where there is no such file or key."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process, in bytes.
-
-    VmHWM of /proc/self/status where there is one: ru_maxrss survives exec, so a process started from a big parent
-    (a test runner, a notebook) would report the parent's peak as its own.
-    """
-    peak = _proc_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -129,62 +94,6 @@ class MergeResult:
         return lines
 
 
-@dataclass
-class Inputs:
-    """Resolved, fetched, verified and opened inputs (lazily: headers and configs only)."""
-
-    base_source: Source
-    base: BaseModel
-    adapter_sources: list[Source]
-    adapters: list[Adapter]
-
-    @property
-    def sources(self) -> list[Source]:
-        return [self.base_source, *self.adapter_sources]
-
-
-def _check_download_space(sources: Sequence[Source], hub: Hub) -> None:
-    """Refuse before downloading when the cache's disk cannot hold what is still to download."""
-    todo = sum(src.remote[name].size for src in sources for name in not_cached(src, hub))
-    if todo:
-        hub.cache_root.mkdir(parents=True, exist_ok=True)
-        _check_disk(hub.cache_root, todo, "the downloads")
-
-
-def resolve_inputs(adapters: Sequence[PathLike], base: PathLike, hub: Hub) -> tuple[Source, list[Source]]:
-    """Resolve the base and every adapter (local folders, or Hub repos pinned to a commit); nothing is downloaded.
-
-    Raises:
-        InputError, HubAccessError, UnsafeFileError.
-    """
-    if not adapters:
-        raise InputError("no adapters given; name at least one LoRA adapter (folder or Hub ID)")
-    return resolve(base, "base", hub), [resolve(a, "adapter", hub) for a in adapters]
-
-
-def open_inputs(
-    base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, progress: bool = True, verify: bool = True
-) -> Inputs:
-    """Download and verify what comes from the Hub (adapters first: they are small and fail fast), check tokenizers
-    by hash, and open everything lazily. A Meta checkpoint base is verified by its checklists and the known-hash
-    table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe.
-
-    Raises:
-        HubmergeError subclasses with a one-line message.
-    """
-    _check_download_space([*adapter_srcs, base_src], hub)
-    for src in [*adapter_srcs, base_src]:
-        fetch(src, hub, progress=progress)
-    opened = [open_adapter(s.path, s.label) for s in adapter_srcs]
-    for src, adapter in zip(adapter_srcs, opened):
-        sha = adapter.tokenizer.sha256() if adapter.tokenizer else None
-        check_tokenizer_matches(adapter.label, src.repo_id, sha, adapter.vocab_size)
-    base_model = open_base(base_src.path, verify=verify)
-    for name, digest in base_model.hashes.items():
-        base_src.hashes.setdefault(name, digest)
-    return Inputs(base_src, base_model, list(adapter_srcs), opened)
-
-
 def plan_merge(
     adapters: Sequence[PathLike],
     base: PathLike,
@@ -194,6 +103,7 @@ def plan_merge(
     cache_dir: PathLike | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
 ) -> MergePlan:
     """Resolve, fetch and verify the inputs and plan the merge, writing no output.
 
@@ -203,225 +113,9 @@ def plan_merge(
         HubmergeError subclasses with a one-line message for any bad or incompatible input.
     """
     hub = hub_from_args(token, cache_dir, endpoint)
-    inputs = open_inputs(*resolve_inputs(adapters, base, hub), hub, progress=progress)
+    reporter = Progress(progress_callback, bars=progress)
+    inputs = open_inputs(*resolve_inputs(adapters, base, hub), hub, progress=reporter)
     return build_plan(inputs.base, inputs.adapters, dtype)
-
-
-def hub_from_args(token: str | None, cache_dir: PathLike | None, endpoint: str | None) -> Hub:
-    return Hub(endpoint=endpoint, token=token, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
-
-
-def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    for inp in inputs:
-        inp = inp.resolve()
-        if out == inp or inp in out.parents:
-            raise OutputError(
-                f"{out}: is inside {inp}, an input or the download cache, which hubmerge never "
-                "modifies; choose an --out outside them"
-            )
-        if out in inp.parents:
-            raise OutputError(
-                f"{out}: contains {inp}, an input or the download cache; choose an --out that holds neither"
-            )
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
-
-
-def _check_disk(folder: Path, needed: int, what: str = "the output") -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OutputError(
-            f"{folder}: {format_size(free)} free but {what} need {format_size(needed)}; "
-            "free some space or choose another folder"
-        )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the kernel says a new allocation can get (MemAvailable), or None where unknown."""
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def _check_memory(needed: int) -> None:
-    available = available_memory()
-    if available is not None and available < needed:
-        raise OutputError(
-            f"the merge needs about {format_size(needed)} of memory but {format_size(available)} is "
-            "available; close other programs and run again"
-        )
-
-
-def _input_files(plan: MergePlan) -> list[list[Path]]:
-    """The files each input contributes, base first: what the recipe hashes."""
-    files = [list(plan.base.files)]
-    for a in plan.adapters:
-        files.append([a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else []))
-    return files
-
-
-def _hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
-    """Fill in the SHA256 of every input file not already known (Hub downloads come verified with theirs)."""
-    for src, files in zip(sources, _input_files(plan)):
-        for path in files:
-            if path.name not in src.hashes:
-                src.hashes[path.name] = file_digest(path)
-
-
-def _recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict:
-    def source_record(src: Source, input_files: Sequence[Path]) -> dict:
-        record = {"source": src.spec}
-        if src.repo_id:
-            record.update(repo_id=src.repo_id, revision=src.revision, commit=src.commit)
-        record["files"] = {p.name: src.hashes[p.name] for p in input_files}
-        record["license"] = source_license(src.path)
-        return record
-
-    input_files = _input_files(plan)
-    adapters = []
-    for src, a, files_in in zip(inputs.adapter_sources, plan.adapters, input_files[1:]):
-        record = source_record(src, files_in)
-        record.update(
-            layout=a.layout,
-            r=a.r,
-            lora_alpha=a.lora_alpha,
-            use_rslora=a.use_rslora,
-            scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
-            replaces=sorted(a.replacements),
-            vocab_size=a.vocab_size,
-        )
-        adapters.append(record)
-    return {
-        "base": source_record(inputs.base_source, input_files[0]),
-        "adapters": adapters,
-        "merge": {
-            "dtype": dtype_name(plan.dtype),
-            "vocab_size": plan.vocab_size,
-            "tokenizer": next((a.label for a in reversed(plan.adapters) if a.tokenizer is plan.tokenizer), "base"),
-            "tensors": len(plan.tensors),
-            "changed": sum(t.changed for t in plan.tensors),
-        },
-        "formats": formats,
-        "tools": tool_versions(),
-        "files": files,
-    }
-
-
-def check_formats(formats: Sequence[str]) -> list[str]:
-    """The requested output formats, deduplicated in order; InputError for an unknown or empty list."""
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise InputError(f"unknown format {unknown or formats}; choose from {', '.join(FORMATS)}")
-    return formats
-
-
-@dataclass
-class Written:
-    """What :func:`write_outputs` left in ``out``: the folder of each format, every file's SHA256 (relative path ->
-    digest), and how many files it kept from an interrupted run of the same command."""
-
-    folders: dict[str, Path]
-    files: dict[str, str]
-    kept: int = 0
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def write_outputs(
-    plan: MergePlan,
-    inputs: Inputs,
-    out_dir: Path,
-    formats: Sequence[str],
-    *,
-    max_shard_size: int,
-    pth_shards: int | None,
-    progress: bool,
-    block_bytes: int,
-    desc: str = "merge",
-) -> Written:
-    """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
-
-    Everything goes to a hidden sibling folder first; each file is hashed, the hubmerge.json recipe is written, and
-    only then is the folder moved into place (replacing ``out_dir``). The inputs' SHA256 for the recipe are computed
-    on the other core meanwhile.
-
-    The sibling folder carries a journal of finished files (:mod:`hubmerge.output.staging`): after a kill or Ctrl-C, the
-    same command on the same inputs keeps them and writes only the rest.
-
-    Raises:
-        OutputError: no room (before writing, or the disk filled up meanwhile); any writer's IncompatibleError:
-        the sibling folder is removed. Interrupted (Ctrl-C): the finished files are kept for a rerun.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20)
-    _check_memory(estimate_memory(plan, block_bytes))
-    staging = out_dir.with_name(f".{out_dir.name}.hubmerge-partial")
-    options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
-    journal = Journal(staging, fingerprint(plan, [p for files in _input_files(plan) for p in files], options))
-    writers: list[Writer] = []
-    background = ThreadPoolExecutor(max_workers=1)
-    pending = background.submit(_hash_inputs, plan, inputs.sources)
-    try:
-        folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
-        for fmt in formats:  # each writer checks the plan fits its format before creating a file
-            writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
-        skip = set(range(len(plan.tensors)))
-        for w in writers:  # a tensor is skipped only when no writer needs it any more
-            skip &= w.resume(journal.done) if hasattr(w, "resume") else set()
-            if hasattr(w, "on_file_done"):
-                w.on_file_done = journal.record
-        done_bytes = sum(math.prod(plan.tensors[i].shape) * plan.out_dtype(plan.tensors[i]).itemsize for i in skip)
-        with tqdm(
-            total=plan.nbytes,
-            initial=done_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=desc,
-            disable=not progress,
-        ) as bar:
-            merge_into(plan, writers, block_bytes, bar.update, skip=skip)
-        written = [p for w in writers for p in w.close()]
-        format_info = {
-            f: {"folder": folders[f].relative_to(staging).as_posix() or ".", **w.describe()}
-            for f, w in zip(formats, writers)
-        }
-        hashed = {p: d for w in writers for p, d in getattr(w, "digests", dict)().items()}  # while writing
-        writers = []
-        files = {p.relative_to(staging).as_posix(): hashed.get(p) or file_digest(p) for p in written}
-        pending.result()
-        write_recipe(staging, _recipe(plan, inputs, format_info, files))
-        journal.remove()
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.hubmerge-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            staging.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
-    except KeyboardInterrupt:
-        for w in writers:
-            w.abort()
-        raise Interrupted(
-            f"interrupted: {len(journal.done)} finished files are kept in {staging}; run the same "
-            "command again to resume, or delete that folder"
-        ) from None
-    except BaseException as exc:
-        for w in writers:
-            w.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            free = shutil.disk_usage(out_dir.parent).free
-            raise OutputError(
-                f"{out_dir.parent}: the disk filled up while writing ({format_size(free)} free after "
-                f"removing the partial output, {format_size(plan.nbytes * len(formats))} needed); "
-                "free some space and run again"
-            ) from None
-        raise
-    finally:
-        background.shutdown(cancel_futures=True)
-    return Written({f: out_dir / folders[f].relative_to(staging) for f in formats}, files, journal.kept)
 
 
 def merge(
@@ -429,9 +123,9 @@ def merge(
     base: PathLike,
     out: PathLike | None = None,
     *,
-    formats: Sequence[str] = ("hf",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     pth_shards: int | None = None,
     overwrite: bool = False,
     push_to: str | None = None,
@@ -441,6 +135,7 @@ def merge(
     endpoint: str | None = None,
     verify: bool = True,
     progress: bool = True,
+    progress_callback: ProgressCallback | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> MergeResult:
     """Merge LoRA ``adapters`` (applied in order) into ``base`` and write the result under ``out``.
@@ -461,6 +156,9 @@ def merge(
         push_to: publish the HF output to this Hub repo, private unless ``public``.
         token, cache_dir, endpoint: Hub access (default: HF_TOKEN or the saved login, the HF cache, HF_ENDPOINT).
         progress: show progress bars.
+        progress_callback: called with a :class:`~hubmerge.progress.ProgressEvent` as each stage advances
+            (download, verify, merge, upload), e.g. to drive a UI.
+        block_bytes: the merge's working block size (memory is a few blocks).
 
     Returns:
         a :class:`MergeResult`.
@@ -475,11 +173,11 @@ def merge(
     shard_limit = parse_size(max_shard_size)
     hub = hub_from_args(token, cache_dir, endpoint)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
-    out_dir = Path(out if out is not None else f"{adapter_srcs[-1].name}-merged").expanduser().resolve()
+    out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     check_output(out_dir, [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root], overwrite)
-    inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify)
+    reporter = Progress(progress_callback, bars=progress)
+    inputs = open_inputs(base_src, adapter_srcs, hub, progress=reporter, verify=verify)
     plan = build_plan(inputs.base, inputs.adapters, dtype)
-    # Hashing the inputs reads them a second time: do it on the other core while the merge runs.
     written = write_outputs(
         plan,
         inputs,
@@ -487,8 +185,12 @@ def merge(
         formats,
         max_shard_size=shard_limit,
         pth_shards=pth_shards,
-        progress=progress,
+        progress=reporter,
         block_bytes=block_bytes,
     )
-    pushed = push(out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False) if push_to else None
+    pushed = None
+    if push_to:
+        pushed = push(
+            out_dir, push_to, private=not public, overwrite=overwrite, hub=hub, verify=False, progress=reporter
+        )
     return MergeResult.finish(out_dir, written, plan, started, pushed, inputs.sources)

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleError, InputError
-from .model import layouts
 from .model.adapters import Adapter, LoraPair
+from .model.architectures import Architecture
 from .model.base import BaseModel
 from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
-from .tensorio import TensorSource
+from .tensorio import TensorRef, TensorSource
 
-DTYPES = {
+DTYPE_NAMES = {  # what --dtype accepts
     "float16": torch.float16,
     "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -29,7 +29,6 @@ DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
 }
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -38,7 +37,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     try:
-        return DTYPES[value.lower()]
+        return DTYPE_NAMES[value.lower()]
     except KeyError:
         raise InputError(f"unknown dtype {value!r}; use float16, bfloat16 or float32") from None
 
@@ -120,7 +119,7 @@ class MergePlan:
         """Human-readable lines: base, each adapter in order, and the output."""
         b = self.base
         lines = [
-            f"base: {b.path} (hidden {b.hidden_size}, {b.config['num_hidden_layers']} layers, "
+            f"base: {b.path} ({b.arch.name}, hidden {b.hidden_size}, {b.num_layers} layers, "
             f"{b.num_heads} heads, {b.num_kv_heads} kv heads, vocab {b.vocab_size}, {dtype_name(b.dtype)})"
         ]
         for i, a in enumerate(self.adapters, 1):
@@ -169,8 +168,10 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
         )
 
 
-def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool) -> None:
-    if tok.size == rows:
+def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool, padding: bool) -> None:
+    """The tokenizer must define exactly one token per embedding row; families that pad their embeddings
+    (``vocab_padding``) may have more rows than tokens, never fewer."""
+    if tok.size == rows or (padding and tok.size < rows):
         return
     if owner == "the base" and vocab_changed:
         raise IncompatibleError(
@@ -184,6 +185,35 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
         f"{tok.model_file or tok.folder / 'tokenizer.json'}: the tokenizer has {tok.size} tokens but {owner}'s "
         f"embeddings have {rows} rows{hint}; use the tokenizer published with that model"
     )
+
+
+def _tied_replacements(
+    adapter: Adapter, arch: Architecture, config: dict[str, Any]
+) -> tuple[dict[str, TensorRef], bool]:
+    """The whole matrices ``adapter`` replaces, and whether a tie stays. On a tied model trained with PEFT's
+    ``ensure_weight_tying`` the embedding and the head were one trained matrix (saved under both names): it replaces
+    the embedding and the tie stays, as PEFT's merge keeps it."""
+    embed, head = arch.role("embed"), arch.role("head")
+    replaced: dict[str, TensorRef] = dict(adapter.replacements)
+    if not (arch.tied(config) and adapter.config.get("ensure_weight_tying") and {embed, head} & set(replaced)):
+        return replaced, False
+    embed_matrix, head_matrix = replaced.pop(embed, None), replaced.pop(head, None)
+    matrix = embed_matrix or head_matrix
+    assert matrix is not None  # one of them, by the test above
+    replaced[embed] = matrix
+    return replaced, True
+
+
+def _check_targets(adapter: Adapter, arch: Architecture) -> None:
+    """target_modules given as names must be modules of the base's family."""
+    targets = adapter.config.get("target_modules")
+    if isinstance(targets, list):
+        unknown = [t for t in targets if str(t).rsplit(".", 1)[-1] not in arch.lora_modules]
+        if unknown:
+            raise IncompatibleError(
+                f"adapter {adapter.label}: target_modules {unknown} are not modules of a {arch.name} model; "
+                "the adapter was trained for another architecture, use the base it was made for"
+            )
 
 
 def build_plan(
@@ -203,23 +233,30 @@ def build_plan(
     if not adapters and not conversion:
         raise InputError("no adapters given; name at least one LoRA adapter (folder or Hub ID)")
     out_dtype = parse_dtype(dtype) or base.dtype
+    arch = base.arch
+    embed, head_name = arch.role("embed"), arch.role("head")
     config = copy.deepcopy(base.config)
     plans: dict[str, TensorPlan] = {n: TensorPlan(n, src, "base") for n, src in base.tensors.items()}
     vocab_rows, vocab_owner = base.vocab_size, "the base"
     warnings: list[str] = []
     for index, adapter in enumerate(adapters):
         warnings += adapter.warnings
-        for name, ref in adapter.replacements.items():
-            if name == HEAD and name not in plans and config.get("tie_word_embeddings"):
-                config["tie_word_embeddings"] = False  # the adapter trained its own head: untie
-                plans[name] = TensorPlan(name, plans[EMBED].source, "base")
+        _check_targets(adapter, arch)
+        replacements, keep_tie = _tied_replacements(adapter, arch, config)
+        for name, ref in replacements.items():
+            if not keep_tie and name in (embed, head_name) and head_name not in plans and arch.tied(config):
+                # A tied model whose adapter trained one side: PEFT's merge unties them, the head keeping the
+                # matrix it shared until now.
+                config["tie_word_embeddings"] = False
+                plans[head_name] = TensorPlan(head_name, plans[embed].source, plans[embed].origin)
+                plans[head_name].terms = list(plans[embed].terms)
             if name not in plans:
                 raise IncompatibleError(
                     f"adapter {adapter.label} replaces {name}, which the base does not have; "
                     "it was trained for another architecture"
                 )
             current = plans[name].shape
-            if name in (EMBED, HEAD):
+            if name in (embed, head_name):
                 if tuple(ref.shape[1:]) != current[1:]:
                     raise IncompatibleError(
                         f"adapter {adapter.label}: {name} is {list(ref.shape)} but the base's is {list(current)}; "
@@ -233,21 +270,21 @@ def build_plan(
                     f"{list(current)}; use the base the adapter was trained on"
                 )
             plans[name] = TensorPlan(name, ref, adapter.label)
-        if EMBED in adapter.replacements:
-            rows = adapter.replacements[EMBED].shape[0]
+        if embed in replacements:
+            rows = replacements[embed].shape[0]
             if adapter.tokenizer is not None:
-                _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True)
+                _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True, arch.vocab_padding)
             vocab_rows, vocab_owner = rows, f"adapter {adapter.label}"
         for name, pair in adapter.lora.items():
             if name not in plans:
                 raise IncompatibleError(
                     f"adapter {adapter.label} adapts {pair.module}, which this base does not have "
-                    f"({base.config['num_hidden_layers']} layers); the adapter was made for another model"
+                    f"({arch.name}, {base.num_layers} layers); the adapter was made for another model"
                 )
             _check_lora_shape(adapter, pair, plans[name].shape)
             plans[name].terms.append(LoraTerm(index, pair))
 
-    head = plans.get(HEAD)
+    head = plans.get(head_name)
     if head is not None and head.shape[0] != vocab_rows:
         raise IncompatibleError(
             f"lm_head has {head.shape[0]} rows but embed_tokens has {vocab_rows} after "
@@ -261,13 +298,17 @@ def build_plan(
             "copy the base model's tokenizer files into its folder"
         )
     _check_tokenizer(
-        tokenizer, vocab_rows, f"adapter {tok_owner.label}" if tok_owner else "the base", vocab_rows != base.vocab_size
+        tokenizer,
+        vocab_rows,
+        f"adapter {tok_owner.label}" if tok_owner else "the base",
+        vocab_rows != base.vocab_size,
+        arch.vocab_padding,
     )
 
     config["vocab_size"] = vocab_rows
     # transformers 5 writes "dtype", older releases "torch_dtype": keep the base's spelling (both read the old one).
     config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name(out_dtype)
-    order = layouts.hf_tensor_names(config)
+    order = arch.tensor_names(config)
     return MergePlan(
         base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer, warnings
     )

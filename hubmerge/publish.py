@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InputError, OutputError, VerificationError
+from .errors import InputError, OutputError, UnsafeFileError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
+from .progress import Progress
 from .verification.hashing import file_digest
 
-TAGS = ["hubmerge", "llama", "lora", "merge"]
+TAGS = ["hubmerge", "lora", "merge"]  # and the family's model_type
 
 
 @dataclass
@@ -26,19 +27,6 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
-
-
-def source_license(folder: Path | None) -> str | None:
-    """The ``license`` a source's README.md front matter states, if any."""
-    readme = folder / "README.md" if folder else None
-    if readme is None or not readme.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return (metadata_load(readme) or {}).get("license")
-    except Exception:  # a malformed card must not stop a merge; the license is then simply not carried over
-        return None
 
 
 def _link(hub_url: str, record: dict[str, Any]) -> str:
@@ -54,9 +42,10 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
 
     sources = [recipe["base"], *recipe["adapters"]]
     licenses = sorted({s["license"] for s in sources if s.get("license")})
+    family = recipe["merge"].get("family", "llama")  # recipes written before families were data: LLaMA
     data = ModelCardData(
         base_model=[s["repo_id"] for s in sources if s.get("repo_id")] or None,
-        tags=TAGS,
+        tags=[TAGS[0], family, *TAGS[1:]],
         library_name="transformers",
         license=licenses[0] if len(licenses) == 1 else ("other" if licenses else None),
     )
@@ -64,7 +53,7 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a LLaMA base by hubmerge, in this order.",
+        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a {family} base by hubmerge, in this order.",
         "",
         "## Sources",
         "",
@@ -119,16 +108,52 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     )
 
 
+def _inside(root: Path, rel: object) -> Path:
+    """``root / rel`` for a relative path of the recipe that stays inside ``root``, through no symbolic link.
+
+    Raises:
+        UnsafeFileError: an absolute path, a ``..``, or a symbolic link on the way.
+    """
+    recipe = root / RECIPE_NAME
+    if not isinstance(rel, str) or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+        raise UnsafeFileError(
+            f"{recipe}: names {rel!r}, outside {root}; `hubmerge push` uploads only files inside the folder it "
+            "is given: merge again to get a clean output",
+            path=recipe,
+        )
+    path = root
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeFileError(
+                f"{path}: is a symbolic link; `hubmerge push` uploads only regular files inside {root}: "
+                "replace it by the file hubmerge wrote, or merge again",
+                path=path,
+            )
+    return path
+
+
 def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
-    """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe."""
-    if "hf" not in recipe.get("formats", {}):
+    """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe:
+    only regular files inside ``folder``, whatever the recipe names.
+
+    Raises:
+        InputError: no HF format, or a listed file is missing. UnsafeFileError: the recipe names a path outside
+        ``folder`` or through a symbolic link.
+    """
+    formats, listed = recipe.get("formats"), recipe.get("files")
+    hf = formats.get("hf") if isinstance(formats, dict) else None
+    if not isinstance(hf, dict) or not isinstance(listed, dict):
         raise InputError(f"{folder}: the output holds no HF format; merge with --format hf to publish it")
-    prefix = recipe["formats"]["hf"]["folder"]
-    hf_dir = (folder / prefix).resolve()
+    root = folder.resolve()
+    _inside(root, RECIPE_NAME)
+    hf_dir = _inside(root, hf.get("folder", "."))
     files = {}
-    for rel, digest in recipe["files"].items():
-        path = (folder / rel).resolve()
+    for rel, digest in listed.items():
+        path = _inside(root, rel)
         if path.parent == hf_dir:
+            if not path.is_file():
+                raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
 
@@ -141,6 +166,7 @@ def push(
     overwrite: bool = False,
     hub: Hub | None = None,
     verify: bool = True,
+    progress: Progress | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
@@ -150,7 +176,9 @@ def push(
     Returns:
         a :class:`PushResult`.
     Raises:
-        InputError: not a hubmerge output. VerificationError: a file differs from its recipe hash.
+        InputError: not a hubmerge output. UnsafeFileError: its recipe names files outside ``folder`` or through a
+        symbolic link (nothing outside the folder is ever uploaded). VerificationError: a file differs from its
+        recipe hash.
         OutputError: the repo has files and ``overwrite`` is False. HubAccessError: auth / permission problems.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -159,7 +187,9 @@ def push(
     folder = Path(folder)
     try:
         recipe = read_recipe(folder)
-    except (OSError, ValueError):
+        if not isinstance(recipe, dict):
+            raise ValueError(RECIPE_NAME)
+    except (OSError, ValueError, RecursionError):
         raise InputError(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
@@ -179,7 +209,9 @@ def push(
     if existing and not overwrite:
         raise OutputError(
             f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-            "them, or choose another name"
+            "them, or choose another name",
+            repo_id=repo_id,
+            remedy="overwrite",
         )
     card = model_card(recipe, repo_id, hub.url, files)
     ops: list[Any] = [
@@ -188,6 +220,12 @@ def push(
         )
         for name in files
     ]
+    progress = progress or Progress()
+    for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
+        size = Path(str(op.path_or_fileobj)).stat().st_size
+        with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
+            api.preupload_lfs_files(repo_id, additions=[op])
+            update(size)
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
     with hub_errors(hub, repo_id, action="write to"):

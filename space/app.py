@@ -10,7 +10,10 @@ Rules the page keeps:
 - Every Hub call carries the signed-in user's OAuth token (``gr.OAuthToken``), passed explicitly: never a token of
   the Space's own (an ``HF_TOKEN`` secret of the Space is never used). Tokens are never logged, printed or written.
   Off Spaces, gradio's mocked login hands out a fixed placeholder token and signs in as this machine's own Hugging Face
-  login; only in that case the app uses that login's token (``HF_TOKEN`` or ``hf auth login``) instead.
+  login. Anyone who can reach the app can send that placeholder, so the app lends this machine's login (``HF_TOKEN``
+  or ``hf auth login``) for it only while nobody else can reach the app: listening on a loopback address alone, with
+  no share link (:func:`only_this_machine`); the page says so. Otherwise the placeholder is refused and a real token
+  is needed (Spaces' OAuth, or gradio_client's ``oauth_token``).
 - One merge at a time (queue with a visible position); each job works in its own temporary folder (download cache
   and output), removed when the job ends, failed or not. When the user closes the tab, gradio runs the ``unload``
   event: a merge of that session still running stops at its next progress update and cleans up.
@@ -23,6 +26,7 @@ Run locally: ``python space/app.py`` (see the README's "Gradio Space" section); 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -71,6 +75,17 @@ namespace (`manage-repos`) and push the merged model to it (`write-repos`). The 
 untick *Private*. The Space has no token of its own; signing out (or closing the tab) ends its access."""
 
 
+MACHINE_LOGIN = (
+    "The app listens on this machine only, so the sign-in button stands for this machine's own Hugging Face login "
+    "(`HF_TOKEN` or `hf auth login`)."
+)
+MOCK_REFUSED = (
+    "gradio's local sign-in stands for this machine's own Hugging Face login, which the app lends only while it "
+    "listens on 127.0.0.1 alone (no share link); it is reachable from elsewhere now: run it on 127.0.0.1, or sign "
+    "in with a real token (gradio_client's oauth_token)"
+)
+
+
 @dataclass
 class Settings:
     """Where the app's Hub calls go and where jobs put their files."""
@@ -93,6 +108,24 @@ def on_spaces() -> bool:
     return os.environ.get("SYSTEM") == "spaces"
 
 
+def only_this_machine(demo: gr.Blocks) -> bool:
+    """Whether the running app is reachable from this machine only: off Spaces, every server it listens on (gradio's,
+    and the Node front of SSR mode) bound to a loopback address, and no share link."""
+    # gradio sets these attributes in launch(): before it, nothing is known and the answer is no.
+    hosts = [getattr(demo, "server_name", None), getattr(demo, "node_server_name", None)]
+    if on_spaces() or demo.share or hosts[0] is None:
+        return False
+    return all(host is None or _is_loopback(host) for host in hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def default_settings() -> Settings:
     local = os.environ.get("HUBMERGE_SPACE_LOCAL_PATHS")
     return Settings(
@@ -110,15 +143,19 @@ class JobCancelled(Exception):
     """The browser session that started the job has ended."""
 
 
-def user_token(oauth_token: gr.OAuthToken | None) -> str:
-    """The signed-in user's token; a one-line error when nobody is signed in."""
+def user_token(oauth_token: gr.OAuthToken | None, machine_login: bool = False) -> str:
+    """The signed-in user's token; a one-line error when nobody is signed in. gradio's mock token stands for this
+    machine's own login only when ``machine_login`` (the app is reachable from this machine only, see
+    :func:`only_this_machine`); otherwise it is refused."""
     if oauth_token is None or not oauth_token.token:
         raise gr.Error(
             "Sign in with Hugging Face first (the button at the top): the Space reads and writes the Hub "
             "as you, with no token of its own.",
             print_exception=False,
         )
-    if oauth_token.token == GRADIO_MOCK_TOKEN and not on_spaces():
+    if oauth_token.token == GRADIO_MOCK_TOKEN:
+        if not machine_login:
+            raise gr.Error(MOCK_REFUSED, print_exception=False)
         from huggingface_hub import get_token
 
         token = get_token()  # the account gradio's mocked login signed in as
@@ -465,7 +502,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             headers=["file", "sha256"], label="SHA256 of the published files", interactive=False, elem_id="sha256"
         )
 
-        def on_load(profile: gr.OAuthProfile | None):
+        def on_load(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):
             signed_in = profile is not None
             text = (
                 f"Signed in as **{profile.username}**: the page reads and writes the Hub as you. New repositories "
@@ -473,6 +510,9 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                 if signed_in
                 else SIGNED_OUT
             )
+            if signed_in and oauth_token is not None and oauth_token.token == GRADIO_MOCK_TOKEN:
+                signed_in = only_this_machine(demo)
+                text = f"{text}\n\n{MACHINE_LOGIN}" if signed_in else f"**Not signed in.** {MOCK_REFUSED}."
             target_hint = f"{profile.username}/<last adapter's name>-merged" if signed_in else "<you>/..."
             return (
                 text,
@@ -491,7 +531,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         adapters.input(None, None, preset, js="() => '(none)'", api_visibility="private")
 
         def check(adapters: str, base: str, dtype: str, oauth_token: gr.OAuthToken | None) -> str:
-            return run_check(adapters, base, dtype, user_token(oauth_token), settings)
+            return run_check(adapters, base, dtype, user_token(oauth_token, only_this_machine(demo)), settings)
 
         check_btn.click(
             check, [adapters, base, dtype], plan, api_name="check", concurrency_limit=4, concurrency_id="check"
@@ -508,7 +548,7 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             request: gr.Request,
             progress=gr.Progress(track_tqdm=True),
         ):
-            token = user_token(oauth_token)
+            token = user_token(oauth_token, only_this_machine(demo))
             session = getattr(request, "session_hash", None)
             cancelled = threading.Event()
             if session:

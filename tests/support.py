@@ -98,7 +98,7 @@ def read_pth_like_llamacpp(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def meta_to_hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """formats.md's Meta->HF rotary permute, written out here independently of hubmerge.model.layouts."""
+    """docs/formats.md's Meta->HF rotary permute, written out here independently of hubmerge.model.layouts."""
     rows, cols = w.shape
     head_dim = rows // n_heads
     return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -134,6 +134,16 @@ def no_partial_left(out: Path) -> bool:
     return not out.exists() and not any(out.parent.glob(f".{out.name}.hubmerge-*"))
 
 
+def cli_command(*args) -> list[str]:
+    """The ``hubmerge`` command line as a user types it, run as a separate process of this interpreter."""
+    return [sys.executable, "-m", "hubmerge.cli", *map(str, args)]
+
+
+def cli(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run ``hubmerge ARGS...`` to completion, capturing its output as text (``kw`` as for subprocess.run)."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, **kw)
+
+
 def hubmerge(hub, tmp_path, *args, token="alice", cache="cache"):
     """Run the CLI as a user would, with its own HF home (no saved login) and a fresh cache by default."""
     env = {
@@ -147,10 +157,9 @@ def hubmerge(hub, tmp_path, *args, token="alice", cache="cache"):
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = hub.tokens.get(token, token)
-    cmd = [sys.executable, "-m", "hubmerge.cli", *map(str, args)]
     if cache and args and args[0] not in ("demo",):
-        cmd += ["--cache-dir", str(tmp_path / cache)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        args = (*args, "--cache-dir", tmp_path / cache)
+    return cli(*args, env=env)
 
 
 def one_line_error(done) -> str:

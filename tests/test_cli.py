@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from support import cli
 
 
 def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+    return cli(*args, cwd=cwd)
 
 
 def test_plus_recipe_from_the_command_line(models, tmp_path):

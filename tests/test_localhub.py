@@ -593,6 +593,12 @@ def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm(tmp_path):
         assert ready, "the server printed no URL within 60 s"
         url = proc.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url
+        secret = proc.stdout.readline().strip()
+        assert len(secret) >= 32, "the admin secret follows the URL"
+        users = f"{url}/_localhub/users"
+        assert http("POST", users, body={"name": "mallory"})[0] == 403
+        status, _, body = http("POST", users, body={"name": "carol"}, headers={"X-Localhub-Admin": secret})
+        assert status == 200 and HfApi(endpoint=url).whoami(token=json.loads(body)["token"])["name"] == "carol"
         me = HfApi(endpoint=url).whoami(token="hf_cli_token_0123456789")
         assert me["name"] == "alice" and [o["name"] for o in me["orgs"]] == ["hfl"]
         assert HfApi(endpoint=url).whoami(token="hf_cli_reader_token")["auth"]["accessToken"]["role"] == "read"
@@ -603,7 +609,7 @@ def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
-    assert out == ""  # exactly one line on stdout
+    assert out == ""  # exactly two lines on stdout
     assert "stopped" in err
     assert "hf_cli_token" not in err
 
@@ -627,6 +633,7 @@ def test_status_fault_via_control_endpoint(localhub, users, tmp_path):
         "POST",
         f"{localhub.url}/_localhub/faults",
         body={"kind": "status", "match": r"/resolve/main/config\.json$", "status": 503, "times": 1},
+        headers=localhub.admin_headers,
     )
     assert status == 200
     (fid,) = json.loads(body)["ids"]
@@ -635,7 +642,7 @@ def test_status_fault_via_control_endpoint(localhub, users, tmp_path):
     assert download(localhub, "alice/m", "config.json", users.alice, tmp_path / "a") == b'{"hidden_size": 8}\n'
     heads = [r.status for r in localhub.requests if r.method == "HEAD"]
     assert heads == [503, 200]
-    _, _, body = http("GET", f"{localhub.url}/_localhub/faults")
+    _, _, body = http("GET", f"{localhub.url}/_localhub/faults", headers=localhub.admin_headers)
     (f,) = json.loads(body)["faults"]
     assert (f["id"], f["hits"], f["remaining"]) == (fid, 1, 0)
 
@@ -647,9 +654,11 @@ def test_status_fault_via_control_endpoint(localhub, users, tmp_path):
     assert e.value.response.status_code == 500
     assert api.model_info("alice/m").id == "alice/m"
 
-    status, _, _ = http("POST", f"{localhub.url}/_localhub/faults", body={"kind": "nonsense"})
+    status, _, _ = http(
+        "POST", f"{localhub.url}/_localhub/faults", body={"kind": "nonsense"}, headers=localhub.admin_headers
+    )
     assert status == 400
-    status, _, body = http("DELETE", f"{localhub.url}/_localhub/faults")
+    status, _, body = http("DELETE", f"{localhub.url}/_localhub/faults", headers=localhub.admin_headers)
     assert status == 200 and localhub.faults.list() == []
 
 
@@ -676,7 +685,10 @@ def test_hostile_file_names_are_listed(localhub, users, tmp_path):
     api, files, _ = publish(localhub, users.alice, tmp_path)
     localhub.faults.hostile_name("alice/m", "../evil")
     status, _, _ = http(
-        "POST", f"{localhub.url}/_localhub/faults", body={"kind": "hostile_name", "repo": "alice/m", "name": "/etc/x"}
+        "POST",
+        f"{localhub.url}/_localhub/faults",
+        body={"kind": "hostile_name", "repo": "alice/m", "name": "/etc/x"},
+        headers=localhub.admin_headers,
     )
     assert status == 200
     listed = set(api.list_repo_files("alice/m"))
@@ -762,3 +774,29 @@ def test_concurrent_commits_to_one_branch_are_serialised(localhub, users):
     # No lost update: every commit built on the previous head.
     assert sorted(api.list_repo_files("alice/busy")) == sorted(f"f{i}.txt" for i in range(8))
     assert len(api.list_repo_commits("alice/busy")) == 8
+
+
+def test_control_endpoints_refuse_requests_without_the_admin_secret(localhub):
+    """Any local process can reach loopback: without the start-up secret it can neither mint a token for an existing
+    user nor change how the server behaves."""
+    localhub.add_user("alice")
+    wrong = {"X-Localhub-Admin": localhub.admin_secret[:-1] + ("x" if localhub.admin_secret[-1] != "x" else "y")}
+    attempts = [
+        ("POST", "users", {"name": "alice", "token": "hf_stolen_token_0123456789"}),
+        ("POST", "users", {"name": "mallory"}),
+        ("GET", "faults", None),
+        ("POST", "faults", {"kind": "status", "match": ".*", "status": 503}),
+        ("DELETE", "faults", None),
+        ("DELETE", "faults/0", None),
+    ]
+    for method, path, body in attempts:
+        for headers in (None, wrong, {"X-Localhub-Admin": ""}):
+            status, _, answer = http(method, f"{localhub.url}/_localhub/{path}", body=body, headers=headers)
+            assert status == 403 and b"admin secret" in answer, (method, path, headers, status)
+    assert localhub.faults.list() == []
+    assert localhub.storage.auth.authenticate("hf_stolen_token_0123456789") is None
+    with pytest.raises(HfHubHTTPError):
+        HfApi(endpoint=localhub.url).whoami(token="hf_stolen_token_0123456789")
+    assert http("GET", f"{localhub.url}/_localhub/health")[0] == 200  # the health check stays open
+    status, _, _ = http("GET", f"{localhub.url}/_localhub/faults", headers=localhub.admin_headers)
+    assert status == 200

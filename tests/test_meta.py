@@ -1,6 +1,6 @@
 """The Meta checkpoint as an input: ``hubmerge convert`` and a Meta-format ``--base``.
 
-Meta checkpoints are built here by hand from the facts in formats.md (split rules, params.json, checklists), not
+Meta checkpoints are built here by hand from the facts in docs/formats.md (split rules, params.json, checklists), not
 with hubmerge's writer, and the converted model is checked against a reference forward pass of Meta's LLaMA written
 in this file (RMSNorm, rotary embeddings in Meta's complex-pair convention, attention with GQA repeat, SwiGLU).
 """
@@ -11,14 +11,12 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import hf_tensors, meta_to_hf_permute, no_partial_left
+from support import cli, hf_tensors, meta_to_hf_permute, no_partial_left
 
 import hubmerge
 from hubmerge import VerificationError, convert
@@ -299,9 +297,7 @@ def _copy_meta(metas, name: str, tmp_path: Path) -> Path:
 
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    return cli(*args)
 
 
 def test_damaged_shard_fails_its_checklist_with_one_line_naming_it(metas, tmp_path):

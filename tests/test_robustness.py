@@ -9,12 +9,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from support import cli, cli_command
 
+import hubmerge
 from hubmerge.verification.hashing import file_digest
 
 SHARD = "24MB"
@@ -33,7 +34,7 @@ def tree_digests(*folders: Path) -> dict[str, str]:
 
 def start(args, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
+        cli_command(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -55,24 +56,7 @@ def test_killed_runs_resume_to_a_byte_identical_result(medium, tmp_path):
     base, adapter = medium
     before = tree_digests(base, adapter)
     reference = tmp_path / "reference"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hubmerge.cli",
-            adapter,
-            "--base",
-            base,
-            "--out",
-            reference,
-            "--max-shard-size",
-            SHARD,
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = cli(adapter, "--base", base, "--out", reference, "--max-shard-size", SHARD, "-q", timeout=600)
     assert done.returncode == 0, done.stderr
     shards = len(list(reference.glob("model-*.safetensors")))
     assert shards >= 8
@@ -96,12 +80,7 @@ def test_killed_runs_resume_to_a_byte_identical_result(medium, tmp_path):
     journal = json.loads((staging / ".hubmerge-journal.json").read_text())
     assert journal["files"], "finished shards are recorded as they complete"
 
-    final = subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", adapter, "--base", base, "--out", out, "--max-shard-size", SHARD],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    final = cli(adapter, "--base", base, "--out", out, "--max-shard-size", SHARD, timeout=600)
     assert final.returncode == 0, final.stderr
     assert "resumed: kept" in final.stdout
     assert not staging.exists()
@@ -122,12 +101,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(medium, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: ") and "run the same command again" in lines[0]
     assert not out.exists() and staging.is_dir()
-    rerun = subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", adapter, "--base", base, "--out", out, "--max-shard-size", SHARD],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    rerun = cli(adapter, "--base", base, "--out", out, "--max-shard-size", SHARD, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed: kept" in rerun.stdout and not staging.exists()
     recipe = json.loads((out / "hubmerge.json").read_text())
@@ -141,25 +115,7 @@ def test_a_different_command_does_not_reuse_a_stale_partial(medium, tmp_path):
     wait_for_shards(staging, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    other = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hubmerge.cli",
-            adapter,
-            "--base",
-            base,
-            "--out",
-            out,
-            "--max-shard-size",
-            SHARD,
-            "--dtype",
-            "bfloat16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    other = cli(adapter, "--base", base, "--out", out, "--max-shard-size", SHARD, "--dtype", "bfloat16", timeout=600)
     assert other.returncode == 0, other.stderr
     assert "resumed" not in other.stdout, other.stdout
     assert (
@@ -209,12 +165,7 @@ def test_preflight_refuses_a_disk_too_small_before_writing(medium, small_disk, t
     base, adapter = medium
     with open(small_disk / "filler", "wb") as filler:
         os.posix_fallocate(filler.fileno(), 0, 300 * 2**20)
-    done = subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", adapter, "--base", base, "--out", small_disk / "merged"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = cli(adapter, "--base", base, "--out", small_disk / "merged", timeout=600)
     assert done.returncode == 1
     line = done.stderr.strip()
     assert line.startswith("error: ") and "free but the output need" in line and "MB" in line
@@ -224,11 +175,11 @@ def test_preflight_refuses_a_disk_too_small_before_writing(medium, small_disk, t
 def test_preflight_refuses_when_memory_is_short(models, tmp_path, monkeypatch):
     # The kernel's MemAvailable is the one input faked here: making this machine short of memory for real would
     # disturb everything else running on it.
-    import hubmerge.pipeline as pipeline
+    import hubmerge.resources as resources
 
     base = models.base()
     adapter = models.adapter(base, seed=62)
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 64 * 2**20)
-    with pytest.raises(pipeline.OutputError, match=r"needs about \d+\.\d MB of memory but 67\.1 MB is available"):
-        pipeline.merge([adapter], base, tmp_path / "out", progress=False)
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
+    with pytest.raises(hubmerge.OutputError, match=r"needs about \d+\.\d MB of memory but 67\.1 MB is available"):
+        hubmerge.merge([adapter], base, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -539,9 +539,11 @@ def test_on_spaces_local_paths_are_refused_and_tokens_never_swapped(space, monke
 
     monkeypatch.setenv("HF_TOKEN", "hf_machineMACHINEmachine00000000000")
     mocked = gr.OAuthToken(token=app.GRADIO_MOCK_TOKEN, scope="", expires_at=0)
-    assert app.user_token(mocked) == app.GRADIO_MOCK_TOKEN  # on a Space: never the machine's token
+    with pytest.raises(gr.Error, match="reachable from elsewhere"):
+        app.user_token(mocked)  # never the machine's token unless only this machine can reach the app
     monkeypatch.delenv("SYSTEM")
-    assert app.user_token(mocked) == "hf_machineMACHINEmachine00000000000"  # locally, gradio's mock = this login
+    # locally, on 127.0.0.1 alone, gradio's mock = this login (tests/test_trust_local.py launches both cases)
+    assert app.user_token(mocked, machine_login=True) == "hf_machineMACHINEmachine00000000000"
     with pytest.raises(gr.Error, match="Sign in"):
         app.user_token(None)
 

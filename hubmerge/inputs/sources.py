@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..errors import InputError, UnsafeFileError, VerificationError
 from ..model.tokenizer import TOKENIZER_FILES
+from ..progress import Progress
 from ..verification.hashing import file_digest, git_blob_sha1
 from ..verification.known import check_known_file
 from .hub import Hub, hub_errors
@@ -59,6 +60,13 @@ class Source:
     commit: str | None = None
     remote: dict[str, RemoteFile] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def local(self) -> Path:
+        """The folder holding the source's files: set by :func:`resolve` for folders, by :func:`fetch` for Hub repos."""
+        if self.path is None:
+            raise RuntimeError(f"{self.label}: used before fetch()")  # a bug in the caller, not bad input
+        return self.path
 
     @property
     def label(self) -> str:
@@ -128,7 +136,7 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     """The files of a Hub source the merge needs (only configs and tokenizer files when ``weights`` is False).
 
     Raises:
-        InputError: the repository lacks the config or weights a LoRA adapter / LLaMA model must have.
+        InputError: the repository lacks the config or weights a LoRA adapter / a base model must have.
     """
     names = set(source.remote)
     needs, layouts = (ADAPTER_NEEDS, ADAPTER_WEIGHTS) if source.role == "adapter" else (BASE_NEEDS, BASE_WEIGHTS)
@@ -161,22 +169,26 @@ def not_cached(source: Source, hub: Hub) -> list[str]:
     ]
 
 
-def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: bool = True) -> None:
+def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: Progress | None = None) -> Path:
     """Download what the merge needs from a Hub source into the HF cache (resuming partial downloads), verifying
     each file against the Hub's record; sets ``source.path`` and ``source.hashes``. Local sources are left as they
     are. A file that fails verification is deleted and downloaded once more; if it fails again, nothing uses it.
 
+    Returns:
+        the folder holding the source's files (``source.local``).
     Raises:
         HubAccessError, VerificationError, InputError.
     """
     if source.repo_id is None:
-        return
+        return source.local
+    progress = progress or Progress()
     for name in needed_files(source, weights=weights):
         path = _download_verified(source, name, hub, progress)
         source.path = path.parent
         if name.endswith(".index.json") and weights:
             for shard in _index_shards(source, path):
                 _download_verified(source, shard, hub, progress)
+    return source.local
 
 
 def _index_shards(source: Source, index: Path) -> list[str]:
@@ -191,9 +203,8 @@ def _index_shards(source: Source, index: Path) -> list[str]:
     return [s for s in shards if s not in source.hashes]
 
 
-def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> Path:
+def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils.tqdm import silent_tqdm
 
     for attempt in (1, 2):
         with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
@@ -206,7 +217,7 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
                     token=hub.token,
                     endpoint=hub.url,
                     force_download=attempt == 2,
-                    tqdm_class=None if progress else silent_tqdm,
+                    tqdm_class=progress.tqdm_class("download", name),
                 )
             )
         problem = _mismatch(source, name, local, progress)
@@ -221,18 +232,16 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: bool) -> P
     raise AssertionError("unreachable")
 
 
-def _sha256_with_progress(path: Path, name: str, progress: bool) -> str:
-    """SHA256 of a downloaded file, with a progress bar of its own for big ones (a 10 GB shard takes a while)."""
+def _sha256_with_progress(path: Path, name: str, progress: Progress) -> str:
+    """SHA256 of a downloaded file, reported as a task of its own for big ones (a 10 GB shard takes a while)."""
     size = path.stat().st_size
-    if not progress or size < _VERIFY_BAR_BYTES:
+    if size < _VERIFY_BAR_BYTES:
         return file_digest(path)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verify {name}") as bar:
-        return file_digest(path, progress=bar.update)
+    with progress.task("verify", name, size) as update:
+        return file_digest(path, progress=update)
 
 
-def _mismatch(source: Source, name: str, local: Path, progress: bool) -> str | None:
+def _mismatch(source: Source, name: str, local: Path, progress: Progress) -> str | None:
     """What is wrong with a downloaded file (None when it matches the Hub's record and the known-hash table);
     records its SHA256 in ``source.hashes``."""
     record = source.remote[name]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from ..errors import InputError
 from ..tensorio import TensorRef, read_safetensors, read_torch_zip
-from . import layouts
+from . import architectures
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
@@ -154,11 +154,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
             raise InputError(f"{path}: {key} must be a positive number, found {value!r}")
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in layouts.LLAMA_MODULES]
+        unknown = [t for t in targets if str(t).rsplit(".", 1)[-1] not in architectures.lora_modules()]
         if unknown:
             raise InputError(
-                f"{path}: target_modules {unknown} are not modules of a LLaMA model; this adapter "
-                "was trained for another architecture"
+                f"{path}: target_modules {unknown} are not modules of any supported model family "
+                f"({architectures.supported()}); this adapter was trained for another architecture"
             )
     return config
 

@@ -1,4 +1,5 @@
-"""The base model: an HF-format LLaMA folder opened lazily (config, tensor index, tokenizer), never loaded."""
+"""The base model: an HF-format folder of a supported family opened lazily (config, tensor index, tokenizer), never
+loaded. Which tensors it must hold comes from its family's table (:mod:`hubmerge.model.architectures`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from ..errors import CorruptFileError, InputError
 from ..tensorio import TensorSource, read_safetensors, read_torch_zip
 from ..verification.checklists import CheckRow
-from . import layouts
+from .architectures import Architecture, for_config, llama, supported
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
@@ -21,7 +22,6 @@ _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors", read_safetensors),
     ("pytorch_model.bin.index.json", "pytorch_model.bin", read_torch_zip),
 )
-SUPPORTED = "LLaMA-family models (config.json model_type 'llama', e.g. LLaMA, Llama-2, Chinese-LLaMA)"
 
 
 @dataclass
@@ -38,52 +38,55 @@ class BaseModel:
     generated: dict[str, dict[str, Any]] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # SHA256 of weight files already computed to verify them
     checks: list[CheckRow] = field(default_factory=list)  # what verifying the base checked, for display
+    arch: Architecture = field(default_factory=llama)  # the model family, from config.json's model_type
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config["hidden_size"])
+        return self.arch.dims(self.config)["hidden"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.dims(self.config)["layers"]
 
     @property
     def num_heads(self) -> int:
-        return int(self.config["num_attention_heads"])
+        return self.arch.dims(self.config)["heads"]
 
     @property
     def num_kv_heads(self) -> int:
-        return int(self.config.get("num_key_value_heads") or self.num_heads)
+        return self.arch.dims(self.config)["kv_heads"]
 
     @property
     def head_dim(self) -> int:
-        return int(self.config.get("head_dim") or self.hidden_size // self.num_heads)
+        return self.arch.dims(self.config)["head_dim"]
 
     @property
     def vocab_size(self) -> int:
-        return self.tensors["model.embed_tokens.weight"].shape[0]
+        return self.tensors[self.arch.role("embed")].shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tensors["model.embed_tokens.weight"].dtype
+        return self.tensors[self.arch.role("embed")].dtype
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """Read and check ``config.json`` of an HF LLaMA folder.
+def read_config(folder: Path) -> tuple[dict[str, Any], Architecture]:
+    """Read and check ``config.json`` of an HF folder, and find its family.
 
+    Returns:
+        ``(config, architecture)``.
     Raises:
-        InputError: missing or unreadable config, or a model type other than LLaMA.
+        InputError: missing or unreadable config, a model type hubmerge has no table for, missing dimensions.
     """
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(
-            f"{folder}: no config.json; point --base at a Hugging Face-format LLaMA folder or a Meta "
+            f"{folder}: no config.json; point --base at a Hugging Face-format model folder or a Meta "
             "checkpoint folder (consolidated.*.pth + params.json)"
         )
     config = load_json(path)
-    model_type = config.get("model_type")
-    if model_type != "llama":
-        raise InputError(f"{path}: model_type {model_type!r} is not supported; hubmerge merges {SUPPORTED}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if not isinstance(config.get(key), int) or config[key] <= 0:
-            raise InputError(f"{path}: missing or invalid {key!r}; restore the original config.json")
-    return config
+    arch = for_config(config, path)
+    arch.check_config(config, path)
+    return config, arch
 
 
 def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
@@ -134,38 +137,45 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
             raise InputError(message.format(name=found[0], count=len(found)))
 
 
-def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
-    """Open an HF LLaMA base folder and check it holds exactly the tensors its config implies. A Meta checkpoint
-    folder (``consolidated.*.pth``, no config.json) is opened by :func:`hubmerge.model.meta.open_meta`, verified first
-    unless ``verify`` is false.
+def open_hf(folder: Path) -> BaseModel:
+    """Open an HF base folder and check it holds exactly the tensors its config implies.
 
     Returns:
         a :class:`BaseModel`.
     Raises:
         InputError / CorruptFileError: see :func:`read_config` and :func:`open_checkpoint`; tensors missing or foreign
-        to a LLaMA model of this config. VerificationError: a Meta checkpoint failing its checksums.
+        to a model of this family and config.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
-    from . import meta
-
-    if meta.is_meta_folder(folder):
-        return meta.open_meta(folder, verify=verify)
-    config = read_config(folder)
+    config, arch = read_config(folder)
     tensors, files = open_checkpoint(folder)
-    expected = layouts.hf_tensor_names(config)
+    expected = arch.tensor_names(config)
+    head = arch.role("head")
     for name in list(tensors):
-        if layouts.match(name, layouts.HF_DROPPED) or (name == "lm_head.weight" and name not in expected):
+        if arch.is_dropped(name) or (name == head and name not in expected):
             del tensors[name]  # stale rotary caches; a tied head transformers never reads
     check_tensor_names(
         tensors,
         expected,
-        unknown=f"{folder}: tensor {{name}} does not belong to a LLaMA model with this config.json "
-        f"({{count}} such); hubmerge merges {SUPPORTED}",
+        unknown=f"{folder}: tensor {{name}} does not belong to a {arch.name} model with this config.json "
+        f"({{count}} such); hubmerge merges {supported()}",
         missing=f"{folder}: the weights lack {{name}} ({{count}} tensors missing); the download is "
         "incomplete or config.json belongs to another model",
     )
     ordered = {n: tensors[n] for n in expected}
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
-    return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra)
+    _check_shapes(folder, arch, config, ordered)
+    return BaseModel(folder, config, ordered, files, read_tokenizer(folder), extra, arch=arch)
+
+
+def _check_shapes(folder: Path, arch: Architecture, config: dict[str, Any], tensors: dict[str, TensorSource]) -> None:
+    """Every tensor has the shape config.json implies (the embedding rows are the vocabulary, whatever it says)."""
+    embed = arch.role("embed")
+    vocab = tensors[embed].shape[0] if len(tensors[embed].shape) == 2 else 0
+    for name, want in arch.tensor_shapes(config, vocab).items():
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise InputError(
+                f"{folder}: {name} is {list(got)} but config.json implies {list(want)}; the weights and "
+                "config.json belong to different models, download both again",
+                path=folder,
+            )

@@ -23,10 +23,11 @@ import torch
 
 from ..errors import CorruptFileError, IncompatibleError, InputError, VerificationError
 from ..tensorio import TensorRef, read_torch_zip
+from ..tensorio.source import read_rows_into
 from ..verification.checklists import CheckRow, read_checklist
 from ..verification.hashing import file_digests
 from ..verification.known import known_hashes
-from . import layouts
+from . import architectures, layouts
 from .base import BaseModel, check_tensor_names
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
@@ -216,6 +217,13 @@ class JoinedTensor:
         block = layouts.meta_to_hf_rows(self._read(lo, hi), hd)
         return block if (lo, hi) == (start, stop) else block[start - lo : stop - lo].clone()
 
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return read_rows_into(self, buffer, start, stop)  # joining and permuting copy anyway
+
+    def prefetch(self) -> None:
+        for part in self.parts:
+            part.prefetch()
+
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if self.split is None:
             return self.parts[0].read(start, stop)
@@ -253,26 +261,6 @@ def _joined_shape(name: str, parts: Sequence[TensorRef], split: int | None, file
     return tuple(joined)
 
 
-def _expected_shapes(config: Mapping[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
-    dim, inter = int(config["hidden_size"]), int(config["intermediate_size"])
-    head_dim = dim // int(config["num_attention_heads"])
-    kv = int(config["num_key_value_heads"]) * head_dim
-    return {
-        "model.embed_tokens.weight": (vocab, dim),
-        "lm_head.weight": (vocab, dim),
-        "model.norm.weight": (dim,),
-        "q_proj": (dim, dim),
-        "k_proj": (kv, dim),
-        "v_proj": (kv, dim),
-        "o_proj": (dim, dim),
-        "gate_proj": (inter, dim),
-        "up_proj": (inter, dim),
-        "down_proj": (dim, inter),
-        "input_layernorm": (dim,),
-        "post_attention_layernorm": (dim,),
-    }
-
-
 def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any]) -> dict[str, JoinedTensor]:
     """Index every shard and join each tensor's slices under its HF name, checking names and joined shapes against
     ``config``. Raises InputError / CorruptFileError naming the shard or tensor at fault."""
@@ -280,12 +268,13 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
     for refs in shards:
         for dropped in layouts.META_DROPPED:
             refs.pop(dropped, None)
-    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    arch = architectures.llama()
+    head_dim = arch.dims(config)["head_dim"]
     wanted: dict[str, tuple[str, int | None]] = {}
-    for hf_name in layouts.hf_tensor_names(config):
-        template, layer = layouts.match(hf_name, layouts.HF_TO_META)
-        meta_template, split = layouts.HF_TO_META[template]
-        wanted[layouts.fill(meta_template, layer)] = (hf_name, split)
+    for hf_name in arch.tensor_names(config):
+        found = arch.meta_name(hf_name)
+        assert found is not None  # every LLaMA tensor has a Meta name
+        wanted[found[0]] = (hf_name, found[1])
     for f, refs in zip(files, shards):
         check_tensor_names(
             refs,
@@ -296,18 +285,17 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
             "params.json belongs to another model",
         )
     vocab = _joined_shape("tok_embeddings.weight", [s["tok_embeddings.weight"] for s in shards], 1, files)[0]
-    expected = _expected_shapes(config, vocab)
+    expected = arch.tensor_shapes(config, vocab)
     tensors: dict[str, JoinedTensor] = {}
     for meta_name, (hf_name, split) in wanted.items():
         parts = [s[meta_name] for s in shards]
         shape = _joined_shape(meta_name, parts, split, files)
-        key = hf_name if hf_name in expected else hf_name.rsplit(".", 2)[-2]
-        if shape != expected[key]:
+        if shape != expected[hf_name]:
             raise InputError(
                 f"{folder}: {meta_name} joins to {list(shape)} but params.json implies "
-                f"{list(expected[key])}; params.json and the shards belong to different models"
+                f"{list(expected[hf_name])}; params.json and the shards belong to different models"
             )
-        rotary = layouts.rotary_head_count(hf_name, config) is not None
+        rotary = arch.rotary_heads(hf_name, config) is not None
         span = f"{files[0].name}" if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
         tensors[hf_name] = JoinedTensor(
             parts,
@@ -326,7 +314,7 @@ def join_tensors(folder: Path, files: Sequence[Path], config: Mapping[str, Any])
 def hf_config(
     params: Mapping[str, Any], vocab_size: int, context: int, tokens: Mapping[str, int | None], dtype: torch.dtype
 ) -> dict[str, Any]:
-    """config.json of the HF conversion (formats.md: the intermediate size formula, GQA, eps, rope theta)."""
+    """config.json of the HF conversion (docs/formats.md: the intermediate size formula, GQA, eps, rope theta)."""
     dim, heads = params["dim"], params["n_heads"]
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],

@@ -8,6 +8,7 @@ ids defined on top of it (``added_tokens.json``, ``tokenizer_config.json``'s ``a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 VOCAB_FILES = TOKENIZER_FILES[:2]
+# tiktoken's text format, which Llama 3's Meta release ships as tokenizer.model: "<base64 token> <rank>" lines.
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+\r?\n")
 CONFIG_ONLY_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -78,13 +81,21 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         import sentencepiece
 
         path = folder / "tokenizer.model"
+        data = path.read_bytes()
         sp = sentencepiece.SentencePieceProcessor()
         try:
-            sp.LoadFromSerializedProto(path.read_bytes())
+            sp.LoadFromSerializedProto(data)
         except Exception:  # sentencepiece raises bare RuntimeError/OSError variants
+            if _TIKTOKEN_LINE.match(data[:256]):
+                raise InputError(
+                    f"{path}: a tiktoken vocabulary (Llama 3's Meta release), not a sentencepiece model; use the "
+                    "Hugging Face conversion of the model (config.json, safetensors, tokenizer.json)",
+                    path=path,
+                ) from None
             raise InputError(
                 f"{path}: not a sentencepiece model (damaged or wrong file); "
-                "use the tokenizer.model published with this model"
+                "use the tokenizer.model published with this model",
+                path=path,
             ) from None
         sp_size = sp.get_piece_size()
         base_size = sp_size

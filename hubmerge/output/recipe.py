@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..verification.hashing import file_digest
+
+if TYPE_CHECKING:
+    from ..inputs.loading import Inputs
+    from ..inputs.sources import Source
+    from ..plan import MergePlan
 
 RECIPE_NAME = "hubmerge.json"
 RECIPE_VERSION = 1
@@ -41,3 +48,76 @@ def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
 def read_recipe(folder: Path) -> dict[str, Any]:
     """Read ``hubmerge.json`` from ``folder`` (raises OSError / ValueError as json does)."""
     return json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+
+
+def source_license(folder: Path | None) -> str | None:
+    """The ``license`` a source's README.md front matter states, if any."""
+    readme = folder / "README.md" if folder else None
+    if readme is None or not readme.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return (metadata_load(readme) or {}).get("license")
+    except Exception:  # a malformed card must not stop a merge; the license is then simply not carried over
+        return None
+
+
+def input_files(plan: MergePlan) -> list[list[Path]]:
+    """The files each input contributes, base first: what the recipe hashes."""
+    files = [list(plan.base.files)]
+    for a in plan.adapters:
+        files.append([a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else []))
+    return files
+
+
+def hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
+    """Fill in the SHA256 of every input file not already known (Hub downloads come verified with theirs)."""
+    for src, files in zip(sources, input_files(plan)):
+        for path in files:
+            if path.name not in src.hashes:
+                src.hashes[path.name] = file_digest(path)
+
+
+def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict[str, Any]:
+    """The recipe of a finished write: every input pinned and hashed, the scaling, the formats, each file's SHA256."""
+    from ..plan import dtype_name
+
+    def source_record(src: Source, files_in: Sequence[Path]) -> dict:
+        record: dict[str, Any] = {"source": src.spec}
+        if src.repo_id:
+            record.update(repo_id=src.repo_id, revision=src.revision, commit=src.commit)
+        record["files"] = {p.name: src.hashes[p.name] for p in files_in}
+        record["license"] = source_license(src.path)
+        return record
+
+    per_input = input_files(plan)
+    adapters = []
+    for src, a, files_in in zip(inputs.adapter_sources, plan.adapters, per_input[1:]):
+        record = source_record(src, files_in)
+        record.update(
+            layout=a.layout,
+            r=a.r,
+            lora_alpha=a.lora_alpha,
+            use_rslora=a.use_rslora,
+            scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
+            replaces=sorted(a.replacements),
+            vocab_size=a.vocab_size,
+        )
+        adapters.append(record)
+    tokenizer = next((a.label for a in reversed(plan.adapters) if a.tokenizer is plan.tokenizer), "base")
+    return {
+        "base": source_record(inputs.base_source, per_input[0]),
+        "adapters": adapters,
+        "merge": {
+            "family": plan.base.arch.model_type,
+            "dtype": dtype_name(plan.dtype),
+            "vocab_size": plan.vocab_size,
+            "tokenizer": tokenizer,
+            "tensors": len(plan.tensors),
+            "changed": sum(t.changed for t in plan.tensors),
+        },
+        "formats": formats,
+        "tools": tool_versions(),
+        "files": files,
+    }

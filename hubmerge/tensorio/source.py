@@ -21,13 +21,35 @@ class TensorSource(Protocol):
     """Anything that can hand out blocks of rows of one tensor (dim 0), e.g. a :class:`TensorRef` or a tensor
     joined from model-parallel slices. ``label`` names where it comes from, for error messages."""
 
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    label: str
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def label(self) -> str: ...
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Return rows ``[start, stop)`` (all rows by default) as a new CPU tensor of ``self.dtype``."""
         ...
+
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Like :meth:`read`, into the front of ``buffer`` (1-D uint8 with room for the rows); returns the typed
+        view of ``buffer`` holding them, so a caller reading block after block reuses one buffer."""
+        ...
+
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading the tensor's bytes, so a later read finds them in the page cache."""
+        ...
+
+
+def read_rows_into(source: TensorSource, buffer: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    """:meth:`TensorSource.read_into` for sources that can only :meth:`~TensorSource.read`: copy into ``buffer``."""
+    block = source.read(start, stop)
+    data = buffer[: block.numel() * block.element_size()]
+    data.view(block.dtype).copy_(block.reshape(-1))
+    return data.view(block.dtype).reshape(block.shape)
 
 
 def row_count(shape: Sequence[int]) -> int:
@@ -92,12 +114,11 @@ class TensorRef:
         """Like :meth:`read`, but into the front of ``buffer`` (a 1-D uint8 tensor with room for the rows), so a
         caller reading block after block reuses one buffer instead of faulting in fresh memory each time.
         Returns the typed view of ``buffer`` holding the rows."""
+        if self.stride is not None:
+            return read_rows_into(self, buffer, start, stop)
         stop = row_count(self.shape) if stop is None else stop
         data = buffer[: (stop - start) * self.row_bytes]
-        if self.stride is not None:
-            data.view(self.dtype).copy_(self.read(start, stop).reshape(-1))
-        else:
-            _pread_into(self.path, self.offset + start * self.row_bytes, data)
+        _pread_into(self.path, self.offset + start * self.row_bytes, data)
         return data.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
 

@@ -1,4 +1,5 @@
-"""Tiny but real-format LLaMA models, tokenizers and LoRA adapters, plus the PEFT oracle.
+"""Tiny but real-format models of every supported family (LLaMA, Mistral, Qwen2, Gemma), tokenizers and LoRA
+adapters, plus the PEFT oracle.
 
 Used by the tests, the ``hubmerge demo`` command and the benchmark's tokenizer. Nothing in the
 merge itself imports this module: every file here is written with the real libraries
@@ -63,9 +64,11 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from ..model.architectures import families
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -136,6 +139,48 @@ def _write_tokenizer(out: Path, model: bytes, *, pad: bool) -> None:
         (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def make_bpe_tokenizer(out_dir: str | Path, *, vocab: int = 300) -> Path:
+    """Write a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json, Qwen2-style, no tokenizer.model)
+    trained here on the same pseudo-word corpus, with ``vocab`` ids including two added special tokens
+    ``<|endoftext|>`` and ``<|im_start|>`` at the end; byte-identical on every run. Returns ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(4000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab - len(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(words[i : i + 12]) for i in range(0, len(words), 12)], trainer)
+    tok.add_special_tokens(specials)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 32768,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def tokenizer_size(folder: str | Path) -> int:
+    """Token ids of the tokenizer in ``folder``: tokenizer.model's pieces, else tokenizer.json's ids."""
+    folder = Path(folder)
+    if (folder / "tokenizer.model").is_file():
+        return sp_size(folder / "tokenizer.model")
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
+    return max(ids) + 1
+
+
 def sp_size(model_file: str | Path) -> int:
     """Return the number of pieces of a sentencepiece model file (RuntimeError if unreadable)."""
     import sentencepiece as spm
@@ -168,6 +213,8 @@ def make_tokenizer(
 def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     # Norms near 1, embeddings ~N(0,1), linear layers ~N(0, 1/fan_in): activations stay O(1), so
     # fp16 never overflows and a LoRA delta of ~20% of a weight moves the logits visibly.
+    if name.endswith(".bias"):
+        return 0.1 * torch.randn(shape, generator=gen)
     if len(shape) == 1:
         return 1 + 0.1 * torch.randn(shape, generator=gen)
     std = 1.0 if "embed_tokens" in name else shape[1] ** -0.5
@@ -211,47 +258,61 @@ def make_base(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     generation_config: bool = True,
+    family: str = "llama",
+    tokenizer: Literal["sentencepiece", "bpe"] = "sentencepiece",
+    vocab_rows: int | None = None,
+    **config_kw: Any,
 ) -> Path:
-    """Write a random HF LLaMA folder into ``out_dir`` and return it.
+    """Write a random HF folder of the ``family`` (a transformers model_type: llama, mistral, qwen2, gemma...) into
+    ``out_dir`` and return it.
 
-    It holds config.json (LlamaForCausalLM, vocab_size = tokenizer size), the weights in ``dtype``
-    as model.safetensors / pytorch_model.bin, or with ``shards`` > 1 the numbered shards plus
-    their index, the tokenizer files (copied from ``tokenizer_dir``, default: a "base" tokenizer)
-    and generation_config.json. GQA when ``kv_heads`` < ``heads``; intermediate defaults to
-    3 * hidden. Same arguments, same tensors. Raises ValueError for an unknown dtype/weights
-    format or an impossible shard count, FileNotFoundError if ``tokenizer_dir`` lacks a file.
+    It holds config.json (vocab_size = tokenizer size, or ``vocab_rows`` when larger: padded embeddings, as
+    Qwen2's), the weights in ``dtype`` as model.safetensors / pytorch_model.bin, or with ``shards`` > 1 the numbered
+    shards plus their index, the tokenizer files (copied from ``tokenizer_dir``, default: a "base" sentencepiece
+    tokenizer, or with ``tokenizer="bpe"`` a byte-level BPE tokenizer.json) and generation_config.json. GQA when
+    ``kv_heads`` < ``heads``; intermediate defaults to 3 * hidden; ``config_kw`` go to the config as they are
+    (``head_dim``, ``sliding_window``, ``rope_scaling``, ``rope_theta``, ``max_position_embeddings``...). Same
+    arguments, same tensors. Raises ValueError for an unknown dtype/weights format or an impossible shard count,
+    FileNotFoundError if ``tokenizer_dir`` lacks a file.
     """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if dtype not in _DTYPES or weights not in ("safetensors", "bin"):
         raise ValueError(f"unsupported dtype {dtype!r} or weights format {weights!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is None:
-        make_tokenizer(out)
-    else:
+    if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-    config = LlamaConfig(
-        vocab_size=sp_size(out / "tokenizer.model"),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        intermediate_size=intermediate or 3 * hidden,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=tie_word_embeddings,
-        architectures=["LlamaForCausalLM"],
-        dtype=dtype,
+    elif tokenizer == "bpe":
+        make_bpe_tokenizer(out)
+    else:
+        make_tokenizer(out)
+    vocab = tokenizer_size(out)
+    special = {"bos_token_id": 1, "eos_token_id": 2} if tokenizer == "sentencepiece" else {"eos_token_id": vocab - 2}
+    config = AutoConfig.for_model(
+        family,
+        **{
+            "vocab_size": max(vocab, vocab_rows or 0),
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads or heads,
+            "intermediate_size": intermediate or 3 * hidden,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            **special,
+            "tie_word_embeddings": tie_word_embeddings,
+            "dtype": dtype,
+            **config_kw,
+        },
     )
+    config.architectures = list(families()[family].architectures)
     config.save_pretrained(out)
     if generation_config:
-        GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out)
+        GenerationConfig(**special).save_pretrained(out)
     with torch.device("meta"):  # only names and shapes, in transformers' own order
-        shapes = {n: t.shape for n, t in LlamaForCausalLM(config).state_dict().items()}
+        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if tie_word_embeddings:
         del shapes["lm_head.weight"]  # transformers never saves the tied copy
     gen = torch.Generator().manual_seed(seed)
@@ -292,6 +353,7 @@ def make_adapter(
     vocab_from: str | Path | None = None,
     seed: int = 1,
     dtype: str = "float16",
+    ensure_weight_tying: bool = False,
 ) -> Path:
     """Write a real PEFT LoRA adapter for the model in ``base_dir`` into ``out_dir`` and return it.
 
@@ -354,6 +416,7 @@ def make_adapter(
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         modules_to_save=list(modules_to_save) or None,
+        ensure_weight_tying=ensure_weight_tying,
     )
     with warnings.catch_warnings():  # both documented above, and expected here
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True")
@@ -487,7 +550,7 @@ def check_against_peft(
     with torch.no_grad():
         ref_logits = ref.to(dtype).float()(ids).logits
     got = model_logits(merged_dir, ids)
-    base_vocab = sp_size(Path(base_dir) / "tokenizer.model")
+    base_vocab = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
     base_ids = ids % base_vocab
     moved = (model_logits(merged_dir, base_ids)[..., :base_vocab] - model_logits(base_dir, base_ids)).abs().max()
     return OracleCheck(

@@ -1,1 +1,1 @@
-"""Verification: hashing (one place), the known-hash table, checklists; the ``verify`` command on top."""
+"""Verification: hashing (one place), the known-hash table, checklists. The ``verify`` command is hubmerge.verify."""

@@ -1,19 +1,23 @@
 """GGUF for llama.cpp: one ``model-<type>.gguf`` file (f16, bf16 or f32, following the output dtype), written with
 the ``gguf`` package (llama.cpp's own gguf-py), streaming.
 
-Key and tensor names come from the package's tables (``MODEL_ARCH.LLAMA``, its TensorNameMap from HF names).
+The family's table (:mod:`hubmerge.model.architectures`) gives llama.cpp's arch, tensor names and metadata keys.
 The header, metadata and tensor infos are written first through ``gguf.GGUFWriter`` (every size is known from the
 plan), then tensor data is appended block by block with the writer's own alignment, so no tensor is held whole.
-As llama.cpp's HF converter does: q/k rows go back to Meta's rotary order, 1-D tensors (norms) are stored in F32,
-and the tokenizer is the full sentencepiece vocabulary (pieces, scores, piece types) plus the tokens defined on
-top of it (added_tokens.json, tokenizer_config.json), with the special token ids.
+As llama.cpp's HF converter does: q/k rows of the llama arch go back to Meta's rotary order, Gemma's norms are
+stored plus one, 1-D tensors (norms, biases) are stored in F32, rope scaling is written as its keys (linear, YaRN)
+or, for Llama 3's, as the ``rope_freqs.weight`` factors, and the tokenizer is the full sentencepiece vocabulary
+(pieces, scores, piece types) plus the tokens defined on top of it (added_tokens.json, tokenizer_config.json), with
+the special token ids.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +25,11 @@ import torch
 from ...errors import IncompatibleError, InputError
 from ...merging import Block
 from ...model import layouts
+from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
+from . import Writer
 
 # Output dtype -> (GGML tensor type, llama.cpp file type, file name suffix): the names gguf spells them with.
 _TYPES = {
@@ -131,57 +137,123 @@ class _DataStream(StreamingTensorWriter):
 class _Tensor:
     dtype: torch.dtype
     head_dim: int | None  # q/k: rows go back to Meta's rotary order
+    shift: float | None  # added to the values (Gemma's norms)
 
 
-class GGUFOutput:
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """``rope_freqs.weight`` of Llama 3's rope scaling, as llama.cpp's converter computes it (in float32): per
+    frequency pair, 1 for wavelengths under ``original / high_freq_factor``, ``factor`` over ``original /
+    low_freq_factor``, and between them ``1 / ((1 - s) / factor + s)`` with ``s = (original / wavelength - low) /
+    (high - low)``. The original context is the rope parameters' (llama.cpp reads a top-level key that
+    transformers never writes, so it uses 8192: the same for every released Llama 3)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings") or 8192)
+    wavelength = 2 * math.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    scaled = torch.where(wavelength > original / low, torch.tensor(factor, dtype=torch.float32), between)
+    return torch.where(wavelength < original / high, torch.tensor(1.0, dtype=torch.float32), scaled)
+
+
+def rope_metadata(rope: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The rope scaling keys llama.cpp's converter writes (``{arch}.rope.scaling.*``): ``(key, type, value)``."""
+    kind = rope["rope_type"]
+    keys: list[tuple[str, str, Any]] = []
+    if kind in ("linear", "yarn") and rope.get("factor") is not None:
+        keys += [("type", "string", kind), ("factor", "float32", float(rope["factor"]))]
+    if kind == "yarn" and rope.get("factor") is not None:
+        if rope.get("original_max_position_embeddings") is None:
+            raise IncompatibleError(
+                "YaRN rope scaling without original_max_position_embeddings cannot be written to GGUF; "
+                "add it to config.json's rope parameters or use --format hf",
+                remedy="format",
+            )
+        keys.append(("original_context_length", "uint32", int(rope["original_max_position_embeddings"])))
+        attention = rope.get("attention_factor", rope.get("attn_factor"))
+        for key, value in (
+            ("yarn_ext_factor", rope.get("extrapolation_factor")),
+            ("yarn_attn_factor", attention),
+            ("yarn_beta_fast", rope.get("beta_fast")),
+            ("yarn_beta_slow", rope.get("beta_slow")),
+        ):
+            if value is not None:
+                keys.append((key, "float32", float(value)))
+    return [(f"{{arch}}.rope.scaling.{key}", typ, value) for key, typ, value in keys]
+
+
+class GGUFOutput(Writer):
     """Writes ``model-<type>.gguf`` into ``folder``."""
 
     def __init__(self, folder: Path, plan: MergePlan):
         gguf = _gguf()
         self.folder, self.plan = Path(folder), plan
+        arch = plan.base.arch
+        if arch.gguf is None:
+            raise IncompatibleError(
+                f"llama.cpp has no {arch.name} architecture hubmerge can write; use --format hf", remedy="format"
+            )
+        self.spec = arch.gguf
         if plan.dtype not in _TYPES:
             raise IncompatibleError(
                 f"GGUF output in {dtype_name(plan.dtype)} is not supported; use --dtype float16, bfloat16 or float32"
             )
         if plan.tokenizer.model_file is None:
             raise IncompatibleError(
-                f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece "
-                "vocabulary); this tokenizer has only tokenizer.json: use --format hf"
+                f"{plan.tokenizer.folder}: the gguf format needs tokenizer.model (a sentencepiece vocabulary); this "
+                "tokenizer is a BPE tokenizer.json, whose pre-tokenizer hubmerge cannot identify for llama.cpp: use "
+                "--format hf, then llama.cpp's convert_hf_to_gguf.py",
+                path=plan.tokenizer.folder,
+                remedy="format",
             )
         config = plan.config
-        rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-            raise IncompatibleError(f"rope scaling {rope!r} is not written to GGUF by hubmerge; use --format hf")
+        self.rope = rope_parameters(config)
+        if self.rope["rope_type"] not in ("default", *self.spec.rope_scaling):
+            raise IncompatibleError(
+                f"rope scaling {self.rope['rope_type']!r} has no GGUF form for llama.cpp's {self.spec.arch} arch "
+                f"(it takes {', '.join(self.spec.rope_scaling) or 'none'}); use --format hf",
+                remedy="format",
+            )
         vocab = sentencepiece_vocabulary(plan.tokenizer)
+        if arch.vocab_padding:  # embedding rows beyond the tokenizer: unused "[PADn]" tokens, as llama.cpp writes
+            for i in range(len(vocab.tokens), plan.vocab_size):
+                vocab.tokens.append(f"[PAD{i}]".encode())
+                vocab.scores.append(-1000.0)
+                vocab.types.append(int(gguf.TokenType.UNUSED))
         if len(vocab.tokens) != plan.vocab_size:
             raise IncompatibleError(
                 f"{plan.tokenizer.model_file}: {len(vocab.tokens)} tokens for {plan.vocab_size} "
                 "embedding rows; use the tokenizer published with the model"
             )
         qtype, ftype, _ = _TYPES[plan.dtype]
-        arch = gguf.MODEL_ARCH.LLAMA
-        names = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
         self._tensors: list[_Tensor] = []
         entries: list[Entry] = []
-        writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+        writer = gguf.GGUFWriter(None, self.spec.arch)
+        extra = {}
+        if self.rope["rope_type"] == "llama3":  # llama.cpp writes the factors first
+            extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(
+                self.rope, plan.base.head_dim
+            )
+        for name, data in extra.items():
+            entries.append(self._add(writer, gguf, name, torch.float32, tuple(data.shape)))
         for t in plan.tensors:
-            name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+            name = arch.gguf_name(t.name)
             if name is None:
-                raise IncompatibleError(f"{t.name} has no llama.cpp name; use --format hf")
+                raise IncompatibleError(
+                    f"{t.name} has no place in llama.cpp's {self.spec.arch} arch (e.g. an untied lm_head); "
+                    "use --format hf",
+                    remedy="format",
+                )
             dtype = torch.float32 if len(t.shape) <= 1 else plan.out_dtype(t)
             if dtype not in _TYPES:
                 raise IncompatibleError(f"{t.name} is {dtype_name(dtype)}, which GGUF output does not support")
-            entry = Entry(name, dtype, t.shape)
-            writer.add_tensor_info(
-                name,
-                t.shape,
-                np.dtype(_NUMPY[dtype]),
-                entry.nbytes,
-                raw_dtype=gguf.GGMLQuantizationType[_TYPES[dtype][0]],
+            entries.append(self._add(writer, gguf, name, dtype, t.shape))
+            heads = arch.rotary_heads(t.name, config)
+            spec = arch.spec(t.name)
+            self._tensors.append(
+                _Tensor(dtype, plan.base.head_dim if heads else None, spec.gguf_shift if spec else None)
             )
-            entries.append(entry)
-            heads = layouts.rotary_head_count(t.name, config)
-            self._tensors.append(_Tensor(dtype, plan.base.head_dim if heads else None))
         self._metadata(writer, gguf, vocab, gguf.LlamaFileType[ftype])
         self.path = self.folder / file_name(plan.dtype)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -189,26 +261,44 @@ class GGUFOutput:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         self._stream = _DataStream(self.path, entries, writer.fout[0], writer.data_alignment)
+        for data in extra.values():
+            self._stream.write(data)
+
+    @staticmethod
+    def _add(writer, gguf, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
+        entry = Entry(name, dtype, shape)
+        writer.add_tensor_info(
+            name, shape, np.dtype(_NUMPY[dtype]), entry.nbytes, raw_dtype=gguf.GGMLQuantizationType[_TYPES[dtype][0]]
+        )
+        return entry
+
+    def _values(self) -> list[tuple[str, str, Any]]:
+        """The family's metadata keys (its table's ``gguf.metadata``), then the rope scaling keys."""
+        c, arch = self.plan.config, self.plan.base.arch
+        dims = {**arch.dims(c), "vocab": self.plan.vocab_size}
+        out = []
+        for item in self.spec.metadata:
+            value = item["value"]
+            if isinstance(value, str):
+                source, _, key = value.partition(":")
+                if source == "dim":
+                    value = dims[key]
+                elif source == "rope":
+                    value = self.rope[key]
+                else:
+                    value = c.get(key, item.get("default"))
+            if value is not None:
+                out.append((item["key"], item["type"], value))
+        return out + rope_metadata(self.rope)
 
     def _metadata(self, writer, gguf, vocab: Vocabulary, ftype) -> None:
-        """llama.cpp's llama hyperparameters and tokenizer keys, through the writer's own setters."""
-        c, base = self.plan.config, self.plan.base
+        """llama.cpp's hyperparameters of the family and the tokenizer keys, through the writer's own setters."""
+        base = self.plan.base
         writer.add_type(gguf.GGUFType.MODEL)
         label = self.plan.adapters[-1].label if self.plan.adapters else str(base.path)
         writer.add_name(Path(label.rstrip("/")).name or label)
-        writer.add_context_length(int(c.get("max_position_embeddings") or 2048))
-        writer.add_embedding_length(base.hidden_size)
-        writer.add_block_count(int(c["num_hidden_layers"]))
-        writer.add_feed_forward_length(int(c["intermediate_size"]))
-        writer.add_head_count(base.num_heads)
-        writer.add_head_count_kv(base.num_kv_heads)
-        writer.add_rope_dimension_count(base.head_dim)
-        if c.get("head_dim"):
-            writer.add_key_length(base.head_dim)
-            writer.add_value_length(base.head_dim)
-        writer.add_rope_freq_base(layouts.rope_theta(c))
-        writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(self.plan.vocab_size)
+        for key, typ, value in self._values():
+            getattr(writer, f"add_{typ}")(key.format(arch=self.spec.arch), value)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("llama")
@@ -226,6 +316,8 @@ class GGUFOutput:
         data = block.data
         if t.head_dim is not None:  # llama.cpp keeps q/k in Meta's rotary order (its HF converter permutes back)
             data = layouts.hf_to_meta_rows(data, t.head_dim)
+        if t.shift is not None:  # in the output dtype, as the converter adds it to the HF output's values
+            data = data + t.shift
         self._stream.write(data if data.dtype == t.dtype else data.to(t.dtype))
 
     def close(self) -> list[Path]:

@@ -11,6 +11,7 @@ from ...merging import Block
 from ...plan import MergePlan
 from ...tensorio import SafetensorsWriter
 from ...tensorio.source import Entry
+from . import Writer
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -19,7 +20,7 @@ def _json_dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-class HFWriter:
+class HFWriter(Writer):
     """Writes ``model.safetensors`` or ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size``
     bytes (a single larger tensor gets a shard of its own), in plan order, one shard open at a time."""
 

@@ -18,17 +18,18 @@ from typing import Any
 from ...errors import IncompatibleError
 from ...merging import Block
 from ...model import layouts
+from ...model.architectures import DEFAULT_ROPE_THETA, rope_parameters
 from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
-
-# Model-parallel shard count of the original release, by hidden size (formats.md).
-DEFAULT_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+from ...verification.known import known_hashes
+from . import Writer
 
 
 def default_shards(hidden_size: int) -> int:
-    """The shard count Meta's release used for this size; 1 for sizes it never shipped."""
-    return DEFAULT_SHARDS.get(hidden_size, 1)
+    """The model-parallel shard count Meta's release of this hidden size used (the releases table of
+    known_hashes.json: 7B 1, 13B 2, 33B 4, 65B/70B 8); 1 for sizes it never shipped."""
+    return next((r["shards"] for r in known_hashes()["releases"] if r["params"]["dim"] == hidden_size), 1)
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -65,8 +66,8 @@ def params_json(plan: MergePlan) -> dict[str, Any]:
         params["n_kv_heads"] = plan.base.num_kv_heads
     params.update(ffn_params(params["dim"], int(c["intermediate_size"])))
     params["norm_eps"] = float(c.get("rms_norm_eps", 1e-6))
-    theta = layouts.rope_theta(c)
-    if theta != 10000.0:
+    theta = rope_parameters(c)["rope_theta"]
+    if theta != DEFAULT_ROPE_THETA:
         params["rope_theta"] = theta
     params["vocab_size"] = plan.vocab_size
     return params
@@ -80,11 +81,23 @@ class _Route:
     bounds: list[int]  # dim-0 splits: row where each shard starts (+ total)
 
 
-class MetaWriter:
+class MetaWriter(Writer):
     """Writes the consolidated layout in ``shards`` model-parallel files (see :func:`default_shards`)."""
 
     def __init__(self, folder: Path, plan: MergePlan, shards: int | None = None):
         self.folder, self.plan = Path(folder), plan
+        arch = plan.base.arch
+        if not arch.pth:
+            raise IncompatibleError(
+                f"the pth format (Meta's checkpoint layout) is LLaMA-only and this is a {arch.name} model; "
+                "use --format hf or gguf",
+                remedy="format",
+            )
+        rope = rope_parameters(plan.config)["rope_type"]
+        if rope != "default":
+            raise IncompatibleError(
+                f"rope scaling {rope!r} has no place in Meta's params.json; use --format hf or gguf", remedy="format"
+            )
         n = shards or default_shards(plan.base.hidden_size)
         self.shards = n
         if plan.tokenizer.model_file is None:
@@ -105,13 +118,11 @@ class MetaWriter:
         self._routes: list[_Route] = []
         per_shard: list[list[Entry]] = [[] for _ in range(n)]
         for t in plan.tensors:
-            found = layouts.match(t.name, layouts.HF_TO_META)
+            found = arch.meta_name(t.name)
             if found is None:
                 raise IncompatibleError(f"{t.name} has no place in Meta's layout (it has no biases); use --format hf")
-            meta_template, split = layouts.HF_TO_META[found[0]]
-            route = _Route(
-                layouts.fill(meta_template, found[1]), split, layouts.rotary_head_count(t.name, plan.config), []
-            )
+            meta_name, split = found
+            route = _Route(meta_name, split, arch.rotary_heads(t.name, plan.config), [])
             dtype = plan.out_dtype(t)
             if split is None:
                 shapes = [t.shape] * n

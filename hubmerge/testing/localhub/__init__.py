@@ -9,7 +9,8 @@ endpoint=hub.url)``) as long as ``HF_HUB_DISABLE_XET=1`` is set before ``hugging
         api = HfApi(endpoint=hub.url, token=token)
         ...
 
-Command line: ``python -m hubmerge.testing.localhub --port 0 --root DIR [--user NAME:TOKEN:ROLE] [--org ORG:MEMBER,...]``.
+Command line: ``python -m hubmerge.testing.localhub --port 0 --root DIR [--user NAME:TOKEN:ROLE] [--org ORG:MEMBER,...]``
+(prints the URL, then the admin secret the HTTP control endpoints need in ``X-Localhub-Admin``).
 
 Modules: :mod:`.storage` (on-disk repos, commits, refs, objects, users), :mod:`.server` (HTTP routes),
 :mod:`.hub` (:class:`LocalHub`), :mod:`.faults` (test-only fault injection), :mod:`.frontmatter` (README YAML).

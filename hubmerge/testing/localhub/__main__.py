@@ -3,8 +3,10 @@
     python -m hubmerge.testing.localhub --port 0 --root DIR [--host 127.0.0.1] [--user NAME:TOKEN[:ROLE]]... \
         [--org ORG:MEMBER,MEMBER]... [--verbose]
 
-Prints exactly one line, the endpoint URL (``http://127.0.0.1:PORT``), on stdout once it is listening; everything
-else goes to stderr. Users and orgs given here are added to ``DIR`` and persist with the rest of its state.
+Prints exactly two lines on stdout once it is listening: the endpoint URL (``http://127.0.0.1:PORT``), then the
+admin secret, new at every start, that requests to the control endpoints (``/_localhub/users``, ``/_localhub/faults``)
+must carry in the ``X-Localhub-Admin`` header. Everything else goes to stderr. Users and orgs given here are added to
+``DIR`` and persist with the rest of its state.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
-    print(hub.url, flush=True)
+    print(hub.url, hub.admin_secret, sep="\n", flush=True)
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass

@@ -1,7 +1,8 @@
 """Fault injection for the local Hub (TEST-ONLY).
 
 Faults are small data records, settable in-process (``hub.faults.add({...})`` or the helper methods) or over HTTP
-(``POST /_localhub/faults`` with the same JSON, accepted from loopback clients only). Kinds:
+(``POST /_localhub/faults`` with the same JSON, accepted from loopback clients that send the server's admin secret,
+``LocalHub.admin_headers``). Kinds:
 
 ``drop``
     Close the connection after ``after_bytes`` bytes of the body of a ``GET .../resolve/...`` of file ``path`` in

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .faults import FaultInjector
-from .server import URL_PREFIX, HubHTTPServer, RequestRecord, State
+from .server import ADMIN_HEADER, URL_PREFIX, HubHTTPServer, RequestRecord, State
 from .storage import (
     DEFAULT_BRANCH,
     AddFile,
@@ -33,6 +34,10 @@ class LocalHub:
     Use as a context manager (``with LocalHub(root) as hub: ...``) or call :meth:`start`/:meth:`stop`. State lives on
     disk, so a new ``LocalHub`` on the same ``root`` serves the same users, repos and files. Faults for tests are set
     through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`).
+
+    The HTTP control endpoints (``/_localhub/users``, ``/_localhub/faults``) answer only requests carrying
+    :attr:`admin_headers`: a secret made for each server, so that no other local process can mint a token or inject a
+    fault.
     """
 
     def __init__(
@@ -47,8 +52,15 @@ class LocalHub:
         self.root = Path(root)
         self.storage = HubStorage(self.root)
         self.faults = FaultInjector()
+        self.admin_secret = secrets.token_urlsafe(32)
         self._host, self._port = host, port
-        self._state = State(self.storage, self.faults, verbose=verbose, tree_page_size=max(1, tree_page_size))
+        self._state = State(
+            self.storage,
+            self.faults,
+            verbose=verbose,
+            tree_page_size=max(1, tree_page_size),
+            admin_secret=self.admin_secret,
+        )
         self._server: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -95,6 +107,11 @@ class LocalHub:
     def url(self) -> str:
         """The endpoint to give the client, e.g. ``http://127.0.0.1:54321``. Raises ``RuntimeError`` if not running."""
         return f"http://{_url_host(self._host)}:{self.port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The header that authorises a request to the ``/_localhub`` control endpoints."""
+        return {ADMIN_HEADER: self.admin_secret}
 
     @property
     def requests(self) -> list[RequestRecord]:

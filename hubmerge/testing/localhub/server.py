@@ -1,7 +1,7 @@
 """The local Hub's HTTP layer: routes the Hub API that ``huggingface_hub`` uses onto :class:`HubStorage`.
 
 Standard library only (``http.server.ThreadingHTTPServer``, HTTP/1.1 keep-alive). See
-``/work/shared/reference/hub-api.md`` for the endpoint shapes; error statuses and ``X-Error-Code`` headers are chosen
+``docs/hub-api.md`` for the endpoint shapes; error statuses and ``X-Error-Code`` headers are chosen
 so that ``huggingface_hub.utils.hf_raise_for_status`` raises the same exception classes as against the real Hub.
 Xet is not implemented: clients must run with ``HF_HUB_DISABLE_XET=1`` (downloads then use plain HTTP, uploads the
 LFS "basic" transfer).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -50,7 +51,7 @@ from .storage import (
     now_iso,
 )
 
-__all__ = ["HubHTTPServer", "RequestRecord", "State", "URL_PREFIX"]
+__all__ = ["ADMIN_HEADER", "HubHTTPServer", "RequestRecord", "State", "URL_PREFIX"]
 
 _TYPE_BY_PLURAL = {f"{t}s": t for t in REPO_TYPES}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -59,6 +60,8 @@ _MAX_NDJSON_LINE = 64 * 1024 * 1024  # one regular (non-LFS) file, base64-encode
 _UPLOAD_TICKET_TTL = 3600.0
 _INVALID_CREDENTIALS = "Invalid credentials in Authorization header"  # exact text the client special-cases
 _LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+# The control endpoints that change accounts or behaviour need the admin secret the server was started with.
+ADMIN_HEADER = "X-Localhub-Admin"
 _SECRET_QUERY_RE = re.compile(r"(?i)((?:ticket|token|sig|signature)=)[^&]*")
 
 
@@ -85,8 +88,11 @@ class _Ticket:
 class State:
     """Everything the request handlers share; owned by :class:`~hubmerge.testing.localhub.hub.LocalHub`."""
 
-    def __init__(self, storage: HubStorage, faults: FaultInjector, *, verbose: bool, tree_page_size: int) -> None:
+    def __init__(
+        self, storage: HubStorage, faults: FaultInjector, *, verbose: bool, tree_page_size: int, admin_secret: str
+    ) -> None:
         self.storage = storage
+        self.admin_secret = admin_secret
         self.faults = faults
         self.verbose = verbose
         self.tree_page_size = tree_page_size
@@ -381,6 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.client_address[0] not in _LOOPBACK:
             raise Forbidden("The /_localhub control endpoints only answer loopback clients")
 
+    def _require_admin(self) -> None:
+        # Any local process can reach loopback: minting tokens and injecting faults also need the start-up secret.
+        given = (self.headers.get(ADMIN_HEADER) or "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, self.st.admin_secret.encode()):
+            raise Forbidden(f"The /_localhub control endpoints need the admin secret printed at start ({ADMIN_HEADER})")
+
     def _repo(
         self, repo_type: str, repo_id: str, who: Principal | None, *, write: bool = False, download: bool = False
     ) -> RepoMeta:
@@ -475,7 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._branch(repo_type, repo_id, joined)
         raise HubError(f"Not found: {m} {self._raw_path}", status=404)
 
-    # -- control endpoints (test-only, loopback-only) ------------------------------------------------------------------
+    # -- control endpoints (test-only, loopback-only; all but health need the admin secret) -----------------------------
     def _route_control(self, s: list[str]) -> None:
         m = self.command
         if s[:1] == ["lfs-upload"] and len(s) == 5 and m == "PUT":
@@ -485,6 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_loopback()
         if s == ["health"] and m == "GET":
             return self._send_json({"ok": True})
+        self._require_admin()
         if s == ["faults"]:
             if m == "GET":
                 return self._send_json({"faults": self.st.faults.list()})

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 
-from ..errors import InputError
-from ..inputs.hub import Hub, hub_errors
-from ..inputs.sources import resolve
-from ..output.recipe import RECIPE_NAME
-from .checklists import CheckRow, check_files, read_checklist
+from .errors import InputError
+from .inputs.hub import Hub, hub_errors
+from .inputs.sources import resolve
+from .output.recipe import RECIPE_NAME
+from .verification.checklists import CheckRow, check_files, read_checklist
 
 
 def _cache_expectations(folder: Path) -> tuple[dict[str, str], set[str]] | None:
@@ -30,7 +30,7 @@ def _cache_expectations(folder: Path) -> tuple[dict[str, str], set[str]] | None:
     return expected, blobs
 
 
-def verify_target(target: str, *, checklist: str | Path | None = None, hub=None) -> list[CheckRow]:
+def verify_target(target: str, *, checklist: str | Path | None = None, hub: Hub | None = None) -> list[CheckRow]:
     """Verify a local folder, an HF cache snapshot or a Hub repo (``org/name[@revision]``).
 
     A folder is checked against ``checklist`` when given, else its ``hubmerge.json``, else (a cache snapshot) the
@@ -66,15 +66,16 @@ def verify_target(target: str, *, checklist: str | Path | None = None, hub=None)
     return _verify_repo(target, hub)
 
 
-def _verify_repo(target: str, hub) -> list[CheckRow]:
+def _verify_repo(target: str, hub: Hub | None) -> list[CheckRow]:
     hub = hub or Hub()
     source = resolve(target, "base", hub)
+    repo_id = source.repo_id or target
     rows = []
     for name, record in sorted(source.remote.items()):
-        with hub_errors(hub, source.repo_id or target, revision=source.revision, filename=name):
+        with hub_errors(hub, repo_id, revision=source.revision, filename=name):
             local = Path(
                 hf_hub_download(
-                    source.repo_id,
+                    repo_id,
                     name,
                     revision=source.commit,
                     cache_dir=hub.cache_dir,
