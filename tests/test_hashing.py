@@ -171,9 +171,9 @@ def test_hub_download_is_hashed_once_across_runs(hub, tmp_path, reads):
         return sum(p.resolve() == blob for p in reads)
 
     first = resolve(repo, "adapter", settings)
-    fetch(first, settings, progress=False)
+    fetch(first, settings)
     assert weights_reads(first) == 1
     again = resolve(repo, "adapter", settings)
-    fetch(again, settings, progress=False)
+    fetch(again, settings)
     assert again.hashes["adapter_model.safetensors"] == first.hashes["adapter_model.safetensors"]
     assert weights_reads(again) == 1  # not read a second time
