@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hubmerge.model.layouts import hf_tensor_names
+from hubmerge.model.architectures import llama
 from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter
 from hubmerge.tensorio.source import Entry
 from hubmerge.testing.tinymodels import LLAMA_LINEAR, make_tokenizer
@@ -41,7 +41,7 @@ def base_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         "down_proj": (h, shape.intermediate),
     }
     shapes = {}
-    for name in hf_tensor_names(shape.config()):
+    for name in llama().tensor_names(shape.config()):
         module = name.rsplit(".", 2)[-2]
         if module in by_module:
             shapes[name] = by_module[module]
