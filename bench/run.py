@@ -23,6 +23,7 @@ warm. Results go to the terminal and to ``bench/results/<shape>-<date>.json`` (`
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import importlib.metadata
 import json
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cold and not can_drop_caches():
         p.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
     shape = SHAPES[args.shape]
+    # Byte-compiled as an install leaves it, even where PYTHONDONTWRITEBYTECODE keeps the runs from writing .pyc.
+    compileall.compile_dir(ROOT / "hubmerge", quiet=1)
     print(f"inputs: generating or reusing {args.work / shape.name} ...", flush=True)
     # In a child process: this one stays small (see run_child) and never imports torch before the runs.
     subprocess.run(
