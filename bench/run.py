@@ -10,6 +10,7 @@ then runs, round-robin and each ``--repeat`` times, every variant in a child pro
 * ``rerun``: the same command again over the same inputs: their SHA256 come from the hash cache (primed by one
   untimed run);
 * ``pth``: the same with ``--format pth`` (Meta/llama.cpp consolidated.NN.pth);
+* ``gguf``, ``gguf-q8_0``: the same with ``--format gguf`` (f16) and ``--format gguf:q8_0`` (quantized in the pass);
 * ``today``: the seed's script on current libraries (``bench/today.py``: transformers fp16 load + PEFT
   merge_and_unload + save_pretrained);
 * ``floor``: ``cp`` of the base's weight files + ``sync``, the time any merge needs to read and write that much.
@@ -40,7 +41,9 @@ from bench.shapes import SHAPES, folder_bytes, input_folders
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VARIANTS = ("hf", "rerun", "pth", "today", "floor")
+# hubmerge variants -> their --format ("rerun": hf again, over inputs the hash cache knows)
+FORMATS = {"hf": "hf", "rerun": "hf", "pth": "pth", "gguf": "gguf", "gguf-q8_0": "gguf:q8_0"}
+VARIANTS = (*FORMATS, "today", "floor")
 TARGETS = {  # issue 12: a first run within 2x the copy floor, warm or cold, a second run within 1.5x
     "1b": {"wall_over_floor": 2.0, "rerun_over_floor": 1.5, "peak_rss_gb": 0.8},
     "7b": {"wall_over_floor": 2.0, "rerun_over_floor": 1.5, "peak_rss_gb": 1.2},
@@ -93,7 +96,7 @@ def machine() -> dict:
 
 
 def commands(variant: str, base: Path, adapters: list[Path], out: Path) -> list[str]:
-    if variant in ("hf", "pth", "rerun"):
+    if variant in FORMATS:
         return [
             sys.executable,
             "-m",
@@ -104,7 +107,7 @@ def commands(variant: str, base: Path, adapters: list[Path], out: Path) -> list[
             "--out",
             str(out),
             "--format",
-            "hf" if variant == "rerun" else variant,
+            FORMATS[variant],
             "--quiet",
             "--overwrite",
         ]
@@ -220,6 +223,7 @@ def summarize(runs: list[dict], shape: str) -> dict:
     ratio("rerun_wall_over_floor", "rerun", "floor")
     ratio("pth_wall_over_floor", "pth", "floor")
     ratio("pth_wall_over_hf", "pth", "hf")
+    ratio("gguf_q8_0_wall_over_gguf_f16", "gguf-q8_0", "gguf")
     ratio("today_wall_over_hf", "today", "hf")
     ratio("today_rss_over_hf", "today", "hf", "peak_rss_mb")
     t = TARGETS[shape]
@@ -242,18 +246,18 @@ def table(result: dict) -> str:
         f"cache: {result['cache']}",
         "",
     ]
-    lines.append(f"{'round':>5}  {'variant':<7} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'load':>5}")
+    lines.append(f"{'round':>5}  {'variant':<9} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'load':>5}")
     for r in result["runs"]:
         flag = "" if r["exit"] == 0 else f"  FAILED (exit {r['exit']}, log {r['log']})"
         lines.append(
-            f"{r['round']:>5}  {r['variant']:<7} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
+            f"{r['round']:>5}  {r['variant']:<9} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
             f"{r['cpu_s']:>7.1f} {r['loadavg_before']:>5.1f}{flag}"
         )
-    lines += ["", f"{'median':<8} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'wall/floor':>11}"]
+    lines += ["", f"{'median':<10} {'wall s':>8} {'peak RSS MB':>12} {'CPU s':>7} {'wall/floor':>11}"]
     med = result["summary"]["medians"]
     for v, m in med.items():
         rel = f"{m['wall_s'] / med['floor']['wall_s']:.2f}" if "floor" in med else "-"
-        lines.append(f"{v:<8} {m['wall_s']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['cpu_s']:>7.1f} {rel:>11}")
+        lines.append(f"{v:<10} {m['wall_s']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['cpu_s']:>7.1f} {rel:>11}")
     lines += ["", "ratios: " + ", ".join(f"{k} {v}" for k, v in result["summary"]["ratios"].items())]
     lines += [
         "targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["summary"]["targets_met"].items())
@@ -279,7 +283,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, field, label in ((axes[0], "wall_s", "wall time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
         meds = [result["summary"]["medians"][v][field] for v in variants]
-        ax.bar(variants, meds, color=[{"today": "#c54", "floor": "#888"}.get(v, "#2a7") for v in variants], alpha=0.6)
+        colors = [{"today": "#c54", "floor": "#888"}.get(v, "#2a7") for v in variants]
+        ax.bar(variants, meds, color=colors, alpha=0.6)
         for i, v in enumerate(variants):
             ys = [r[field] for r in result["runs"] if r["variant"] == v and r["exit"] == 0]
             ax.scatter([i] * len(ys), ys, color="k", s=12, zorder=3)
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             runs.append(r)
             print(
-                f"round {rnd} {v:<6} {r['wall_s']:8.2f} s {r['peak_rss_mb']:8.0f} MB"
+                f"round {rnd} {v:<9} {r['wall_s']:8.2f} s {r['peak_rss_mb']:8.0f} MB"
                 f"{'' if r['exit'] == 0 else '  FAILED: see ' + str(log)}",
                 flush=True,
             )

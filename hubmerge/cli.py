@@ -43,8 +43,9 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         dest="formats",
         type=_formats,
         default=list(DEFAULT_FORMATS),
-        help="hf, pth, gguf or a list like hf,gguf (default: hf); with several, each goes to "
-        "OUT/<format>/; gguf writes OUT/model-<f16|bf16|f32>.gguf",
+        help="hf, pth, gguf, gguf:<type> or a list like hf,gguf:q8_0 (default: hf); with several, each goes to "
+        "OUT/<format>/; gguf writes OUT/model-<type>.gguf, its type following --dtype, or the type named as "
+        "llama.cpp's --outtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
     )
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument(

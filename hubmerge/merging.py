@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CorruptFileError, IncompatibleError
+from .model.adapters import LoraPair
 from .plan import MergePlan, TensorPlan
 from .tensorio.source import row_count
 
@@ -108,32 +109,99 @@ def block_rows(shape: tuple[int, ...], align: int, block_bytes: int) -> int:
     return min(rows, max(row_count(shape), 1))
 
 
-def _factors(plan: MergePlan, tensor: TensorPlan, join: bool) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Load each term's factors in fp32 as (left, right, scale) with delta[rows] = scale * left[rows] @ right.
+@dataclass
+class _Term:
+    """One adapter's change to a tensor, loaded in fp32, applied to rows a..b of the fp32 work block by
+    :func:`_apply`: ``rows += scale * left[a:b] @ right``, then with ``magnitude`` (DoRA) each row scaled to
+    magnitude / its norm, or with ``columns`` (DoRA on an embedding) each column to magnitude / its norm over all
+    rows (``column_factor``, found by :func:`_column_factors` first); without ``right``, ``rows += scale *
+    left[a:b]`` (a bias); with ``index`` (sorted token ids), the rows at those ids become the rows of ``left``."""
 
-    With ``join``, several terms become one (lefts scaled, ranks stacked): the same sum in another fp32 order, ~25%
-    faster for r=8 + r=64. Used for 16-bit outputs, where the order is invisible after the cast but for rare ties;
-    an fp32 output keeps PEFT's adapter-by-adapter order bit for bit."""
+    left: torch.Tensor
+    right: torch.Tensor | None
+    scale: float
+    magnitude: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    columns: bool = False
+    column_factor: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.right is not None and self.magnitude is None
+
+
+def _term(pair: LoraPair, tensors: list[torch.Tensor]) -> _Term:
+    if pair.kind == "linear":
+        a, b, *magnitude = tensors
+        return _Term(b, a, pair.scale, magnitude[0] if magnitude else None)
+    if pair.kind == "embedding":
+        a, b, *magnitude = tensors
+        return _Term(a.t(), b.t(), pair.scale, magnitude[0] if magnitude else None, columns=bool(magnitude))
+    if pair.kind == "bias":
+        return _Term(tensors[0], None, pair.scale)
+    order = sorted(range(len(pair.indices)), key=pair.indices.__getitem__)
+    return _Term(tensors[0][order], None, 1.0, index=torch.tensor([pair.indices[i] for i in order]))
+
+
+def _factors(plan: MergePlan, tensor: TensorPlan, join: bool) -> list[_Term]:
+    """Load each term's adapter tensors in fp32, in the order the adapters apply.
+
+    With ``join``, several plain LoRA terms become one (lefts scaled, ranks stacked): the same sum in another fp32
+    order, ~25% faster for r=8 + r=64. Used for 16-bit outputs, where the order is invisible after the cast but for
+    rare ties; an fp32 output keeps PEFT's adapter-by-adapter order bit for bit. DoRA, biases and trained rows keep
+    their order: each depends on what came before."""
     out = []
     for term in tensor.terms:
         pair = term.pair
-        a, b = pair.A.read().float(), pair.B.read().float()
-        if not (_finite(a) and _finite(b)):
+        tensors = [t.read().float() for t in pair.tensors]
+        if not all(_finite(t) for t in tensors):
             raise CorruptFileError(
-                f"{plan.adapters[term.adapter].weights}: LoRA weights of {pair.module} contain "
+                f"{plan.adapters[term.adapter].weights}: {pair.variant} weights of {pair.module} contain "
                 "NaN or Inf; the adapter is damaged, download or train it again"
             )
-        out.append((b, a, pair.scale) if pair.kind == "linear" else (a.t(), b.t(), pair.scale))
-    if len(out) > 1 and join:  # several adapters (Plus recipe): one GEMM of rank sum(r), not one pass per adapter
-        left = torch.cat([scale * left for left, _, scale in out], dim=1)
-        return [(left, torch.cat([right for _, right, _ in out], dim=0), 1.0)]
+        out.append(_term(pair, tensors))
+    if len(out) > 1 and join and all(t.plain for t in out):  # several adapters (Plus recipe): one GEMM of rank sum(r)
+        left = torch.cat([t.scale * t.left for t in out], dim=1)
+        return [_Term(left, torch.cat([t.right for t in out if t.right is not None], dim=0), 1.0)]
     return out
 
 
-def _add_factors(raw: torch.Tensor, out: torch.Tensor, factors: list, start: int, work: torch.Tensor) -> bool:
-    """``out = raw + sum scale * left[rows] @ right`` in fp32, a few rows at a time: each chunk is converted,
-    updated, cast and checked for NaN/Inf while it sits in the CPU's cache, instead of four passes over a block in
-    memory. Returns whether every value of ``out`` is finite."""
+def _apply(term: _Term, w: torch.Tensor, a: int, b: int) -> None:
+    """Apply ``term`` to ``w``, the rows a..b of a tensor in fp32 (see :class:`_Term`)."""
+    if term.index is not None:
+        lo, hi = (int(i) for i in torch.searchsorted(term.index, torch.tensor([a, b])))
+        if hi > lo:
+            w[term.index[lo:hi] - a] = term.left[lo:hi]
+    elif term.right is None:
+        w.add_(term.left[a:b], alpha=term.scale)
+    else:
+        w.addmm_(term.left[a:b], term.right, alpha=term.scale)
+        if term.column_factor is not None:
+            w.mul_(term.column_factor)
+        elif term.magnitude is not None and not term.columns:  # rows are whole: each row's norm is complete here
+            w.mul_((term.magnitude[a:b] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
+
+
+def _column_factors(source, terms: list[_Term], step: int) -> None:
+    """DoRA on an embedding scales each column by magnitude / that column's norm over every row: for each such term,
+    one pass over the tensor (with the terms before it applied) sums the squares first. Memory: one block."""
+    rows = row_count(source.shape)
+    for j, term in enumerate(terms):
+        if not term.columns or term.magnitude is None:
+            continue
+        squares = torch.zeros_like(term.magnitude)
+        for start in range(0, rows, step):
+            w = source.read(start, min(start + step, rows)).float()
+            for t in terms[: j + 1]:  # this term's factor is not set yet: W + delta
+                _apply(t, w, start, start + w.shape[0])
+            squares += w.square().sum(dim=0)
+        term.column_factor = term.magnitude / squares.sqrt()
+
+
+def _add_factors(raw: torch.Tensor, out: torch.Tensor, terms: list[_Term], start: int, work: torch.Tensor) -> bool:
+    """``out = raw`` changed by each term in turn, in fp32, a few rows at a time: each chunk is converted, updated,
+    cast and checked for NaN/Inf while it sits in the CPU's cache, instead of four passes over a block in memory.
+    Returns whether every value of ``out`` is finite."""
     rows = raw.shape[0]
     row_elems = raw.numel() // rows if rows else 0
     step = max(1, CHUNK_ELEMS // max(row_elems, 1))
@@ -142,8 +210,8 @@ def _add_factors(raw: torch.Tensor, out: torch.Tensor, factors: list, start: int
         hi = min(lo + step, rows)
         w = work[: (hi - lo) * row_elems].view(hi - lo, *raw.shape[1:])
         w.copy_(raw[lo:hi])
-        for left, right, scale in factors:
-            w.addmm_(left[start + lo : start + hi], right, alpha=scale)
+        for term in terms:
+            _apply(term, w, start + lo, start + hi)
         chunk = out[lo:hi]
         chunk.copy_(w)
         finite = finite and _finite(chunk)  # after the cast: a finite fp32 value can overflow fp16
@@ -164,7 +232,7 @@ def estimate_memory(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, dep
         n = block_rows(t.shape, align, block_bytes) * row_elems
         largest_out = max(largest_out, n * plan.out_dtype(t).itemsize)
         largest_in = max(largest_in, n * t.source.dtype.itemsize)
-        factors = max(factors, sum(4 * (_numel(x.pair.A.shape) + _numel(x.pair.B.shape)) for x in t.terms))
+        factors = max(factors, sum(4 * _numel(r.shape) for x in t.terms for r in x.pair.tensors))
     return RUNTIME_BYTES + (depth + 2) * largest_out + largest_in + CHUNK_ELEMS * 4 + 2 * factors
 
 
@@ -209,6 +277,8 @@ def merge_blocks(
         factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
         rows = row_count(tensor.shape)
         step = block_rows(tensor.shape, align, block_bytes)
+        if any(t.columns for t in factors):
+            _column_factors(source, factors, step)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()

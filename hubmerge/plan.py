@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleError, InputError
-from .model.adapters import Adapter, LoraPair
+from .model.adapters import CONTEXT_KEYS, SHAPE_KEYS, Adapter, LoraPair
 from .model.architectures import Architecture
 from .model.base import BaseModel
 from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
@@ -115,6 +115,12 @@ class MergePlan:
         copied = {p.name for p in self.base.extra_files + self.tokenizer_files()}
         return {name: doc for name, doc in self.base.generated.items() if name not in copied}
 
+    def side_files(self) -> dict[str, Path | dict[str, Any]]:
+        """The non-weight files of an HF output, by name: a copied file as its path, a generated one as its JSON.
+        What llama.cpp's converter would read beside the weights (tokenizer config, generation config)."""
+        files: dict[str, Path | dict[str, Any]] = {p.name: p for p in self.base.extra_files + self.tokenizer_files()}
+        return {**files, **self.generated_files()}
+
     def describe(self) -> list[str]:
         """Human-readable lines: base, each adapter in order, and the output."""
         b = self.base
@@ -123,13 +129,14 @@ class MergePlan:
             f"{b.num_heads} heads, {b.num_kv_heads} kv heads, vocab {b.vocab_size}, {dtype_name(b.dtype)})"
         ]
         for i, a in enumerate(self.adapters, 1):
-            scales = sorted({round(p.scale, 6) for p in a.lora.values()})
+            scales = sorted({round(s, 6) for s in a.scales})
             replaced = ", ".join(n.rsplit(".", 2)[-2] for n in a.replacements) or "nothing"
             vocab = f" -> vocab {a.vocab_size}" if a.vocab_size else ""
+            context = "".join(f", {k} {v}" for k, v in a.model_config.items() if k in CONTEXT_KEYS)
             lines.append(
                 f"adapter {i}: {a.label} ({a.layout} layout) r={a.r} alpha={a.lora_alpha:g}"
                 f"{' rslora' if a.use_rslora else ''} scale={'/'.join(f'{s:g}' for s in scales) or '-'}, "
-                f"{len(a.lora)} LoRA modules, replaces {replaced}{vocab}"
+                f"{len(a.lora)} LoRA modules ({', '.join(a.kinds) or 'none'}), replaces {replaced}{vocab}{context}"
             )
         changed = sum(t.changed for t in self.tensors)
         lines.append(
@@ -155,17 +162,43 @@ def vocab_shrink_message(label: str, rows: int, previous: str, prev_rows: int) -
 
 
 def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) -> None:
-    a, b = tuple(pair.A.shape), tuple(pair.B.shape)
+    """The adapter's tensors for ``pair`` fit a base tensor of ``shape``; refuse with the likely cause."""
+    got = [tuple(t.shape) for t in pair.tensors]
+    want: list[tuple[int, ...]]
     if pair.kind == "linear":
-        want_a, want_b = (pair.r, shape[1]), (shape[0], pair.r)
+        want = [(pair.r, shape[1]), (shape[0], pair.r)] + ([(shape[0],)] if pair.magnitude is not None else [])
+    elif pair.kind == "embedding":
+        want = [(pair.r, shape[0]), (shape[1], pair.r)] + ([(shape[1],)] if pair.magnitude is not None else [])
+    elif pair.kind == "bias":
+        want = [tuple(shape)]
     else:
-        want_a, want_b = (pair.r, shape[0]), (shape[1], pair.r)
-    if a != want_a or b != want_b:
+        want = [(len(pair.indices), *shape[1:])]
+        if max(pair.indices) >= shape[0]:
+            raise IncompatibleError(
+                f"adapter {adapter.label}: trains the rows of token ids up to {max(pair.indices)} in {pair.module}, "
+                f"which has {shape[0]} rows; the adapter was trained with a larger vocabulary: use its base"
+            )
+    if got != want:
+        names = {"linear": "lora_A / lora_B / magnitude", "embedding": "lora_embedding_A / lora_embedding_B"}
         raise IncompatibleError(
-            f"adapter {adapter.label}: {pair.module} has lora_A {list(a)} / lora_B {list(b)} but the base tensor is "
-            f"{list(shape)} (needs {list(want_a)} / {list(want_b)}); the adapter was trained for a different model "
-            "size, e.g. a 7B adapter on a 13B base: use the matching base"
+            f"adapter {adapter.label}: {pair.module} has {names.get(pair.kind, pair.variant)} "
+            f"{' / '.join(str(list(g)) for g in got)} but the base tensor is {list(shape)} (needs "
+            f"{' / '.join(str(list(w)) for w in want)}); the adapter was trained for a different model size, "
+            "e.g. a 7B adapter on a 13B base: use the matching base"
         )
+
+
+def _take_model_config(adapter: Adapter, config: dict[str, Any]) -> None:
+    """Apply an adapter's config.json long-context settings to the output ``config``, once its shape keys are checked
+    against the base's (the project's merge script copies that config.json whole)."""
+    for key in SHAPE_KEYS:
+        mine, base = adapter.model_config.get(key), config.get(key)
+        if mine is not None and base is not None and mine != base:
+            raise IncompatibleError(
+                f"adapter {adapter.label}: its config.json says {key} {mine} but the base has {base}; the adapter "
+                "was trained for another model: use the matching base"
+            )
+    config.update({k: v for k, v in adapter.model_config.items() if k in CONTEXT_KEYS})
 
 
 def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: bool, padding: bool) -> None:
@@ -241,6 +274,7 @@ def build_plan(
     warnings: list[str] = []
     for index, adapter in enumerate(adapters):
         warnings += adapter.warnings
+        _take_model_config(adapter, config)
         _check_targets(adapter, arch)
         replacements, keep_tie = _tied_replacements(adapter, arch, config)
         for name, ref in replacements.items():
@@ -276,6 +310,11 @@ def build_plan(
                 _check_tokenizer(adapter.tokenizer, rows, f"adapter {adapter.label}", True, arch.vocab_padding)
             vocab_rows, vocab_owner = rows, f"adapter {adapter.label}"
         for name, pair in adapter.lora.items():
+            if name not in plans and pair.kind == "bias":
+                raise IncompatibleError(
+                    f"adapter {adapter.label} has lora_bias on {pair.module}, whose base layer has no bias; PEFT "
+                    "cannot merge that either: use the base the adapter was trained on"
+                )
             if name not in plans:
                 raise IncompatibleError(
                     f"adapter {adapter.label} adapts {pair.module}, which this base does not have "

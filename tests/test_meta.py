@@ -449,7 +449,10 @@ def test_gguf_from_a_meta_checkpoint_holds_the_meta_weights_unchanged(metas, tmp
 
     folder, weights, _ = metas("gqa-8-shards")
     result = convert(folder, tmp_path / "gguf", formats=["gguf"], progress=False)
-    _, tensors = read_gguf(result.out / "model-f16.gguf")
+    fields, tensors = read_gguf(result.out / "model-f16.gguf")
+    # the special tokens and flags an HF conversion of the same checkpoint carries
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert (fields["tokenizer.ggml.add_bos_token"], fields["tokenizer.ggml.add_eos_token"]) == (True, False)
     assert len(tensors) == len(weights)
     for name, want in weights.items():  # llama.cpp keeps Meta's rotary order: q/k come out exactly as stored
         stem = name.removesuffix(".weight")

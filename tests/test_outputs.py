@@ -80,7 +80,8 @@ def test_pth_output_rejoins_to_hf_tensors(models, tmp_path, shards, kv_heads):
     result = hubmerge.merge(adapters, base, tmp_path / "out", formats=["hf", "pth"], pth_shards=shards, progress=False)
     pth, hf = result.folders["pth"], hf_tensors(result.folders["hf"])
     files = sorted(p.name for p in pth.iterdir())
-    assert files == [f"consolidated.{k:02d}.pth" for k in range(shards)] + ["params.json", "tokenizer.model"]
+    tokenizer = ["special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+    assert files == [f"consolidated.{k:02d}.pth" for k in range(shards)] + ["params.json", *tokenizer]
     config = result.plan.config
     params = json.loads((pth / "params.json").read_text())
     assert params["dim"] == config["hidden_size"] and params["n_layers"] == config["num_hidden_layers"]

@@ -23,7 +23,7 @@ Role = Literal["adapter", "base"]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
 # What each kind of input needs, by file name; weights are the first layout present.
-ADAPTER_NEEDS = ("adapter_config.json",)
+ADAPTER_NEEDS = ("adapter_config.json", "config.json")  # config.json: long-context LoRAs ship one
 ADAPTER_WEIGHTS = (("adapter_model.safetensors",), ("adapter_model.bin",))
 BASE_NEEDS = ("config.json", "generation_config.json", "params.json", "checklist.chk")
 BASE_WEIGHTS = (

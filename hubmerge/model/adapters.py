@@ -21,42 +21,69 @@ from . import architectures
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
+# A model config.json beside the adapter (Chinese-LLaMA-Alpaca-2's 16K/64K LoRAs ship one, and the project's merge
+# script copies it): the merge takes its long-context settings, and the shape keys must match the base.
+CONTEXT_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings")
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 # Adapter tensor keys, tried in order. An adapter name may sit before ".weight".
-# - LoRA factors of a Linear, of an Embedding;
+# - LoRA factors of a Linear, of an Embedding; DoRA's magnitude vector; the bias on lora_B (lora_bias);
+# - trained rows of an embedding (trainable_token_indices): the rows only, their ids are in the config;
 # - "original": the pre-training copy PEFT saves beside a module it trained whole (save_embedding_layers): unused;
+# - "base_layer": the base layer under a LoRA or token wrapper, saved when the vocabulary was resized: it replaces
+#   the base's matrix, as PEFT loads it;
 # - "wrapped": a whole module under its ModulesToSaveWrapper name; "whole": the same under its plain name, which is
 #   the key PEFT loads (it wins when both are present; 2023 adapters only have the plain one).
-_KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("linear", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")),
-    ("embedding", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$")),
-    ("original", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.original_module\.(?P<part>weight|bias)$")),
-    (
-        "wrapped",
-        re.compile(
-            r"^(?:base_model\.model\.)?(?P<module>.+)\.modules_to_save(?:\.[^.]+)?"
-            r"\.(?P<part>weight|bias)$"
-        ),
-    ),
-    ("whole", re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>weight|bias)$")),
+_PREFIX = r"^(?:base_model\.model\.)?(?P<module>.+?)"
+_KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(_PREFIX + tail))
+    for kind, tail in (
+        ("linear", r"\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"),
+        ("embedding", r"\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$"),
+        ("magnitude", r"\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"),
+        ("bias", r"\.lora_B(?:\.[^.]+)?\.bias$"),
+        ("tokens", r"\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"),
+        ("original", r"\.original_module\.(?P<part>weight|bias)$"),
+        ("base_layer", r"(?:\.token_adapter)?\.base_layer\.(?P<part>weight|bias)$"),
+        ("wrapped", r"\.modules_to_save(?:\.[^.]+)?\.(?P<part>weight|bias)$"),
+        ("whole", r"\.(?P<part>weight|bias)$"),
+    )
 )
 
 
 @dataclass
 class LoraPair:
-    """The two LoRA factors of one module and the scale they merge with.
+    """One adapter's change to one tensor, as PEFT's ``merge_and_unload()`` makes it.
 
-    ``linear``: delta = scale * B @ A, A [r, in], B [out, r]. ``embedding``: delta = scale * (B @ A).T, A [r, vocab],
-    B [hidden, r].
+    ``linear``: delta = scale * B @ A, A [r, in], B [out, r]; with a DoRA ``magnitude`` [out], each row of W + delta
+    is then scaled to magnitude[row] / ||(W + delta)[row]||. ``embedding``: delta = scale * (B @ A).T, A [r, vocab],
+    B [hidden, r]; with a DoRA ``magnitude`` [hidden], each column of E + delta is scaled to magnitude[column] / its
+    norm over the whole vocabulary (as PEFT's DoRA embedding merge). ``bias`` (lora_bias): delta = scale * B, B [out], no A. ``rows`` (trainable_token_indices): the
+    rows ``indices`` become B [len(indices), hidden], no A, scale 1.
     """
 
     module: str
-    kind: Literal["linear", "embedding"]
-    A: TensorRef
+    kind: Literal["linear", "embedding", "bias", "rows"]
+    A: TensorRef | None
     B: TensorRef
     r: int
     alpha: float
     scale: float
+    magnitude: TensorRef | None = None
+    indices: tuple[int, ...] = ()
+
+    @property
+    def tensors(self) -> list[TensorRef]:
+        """The adapter tensors this change reads."""
+        return [t for t in (self.A, self.B, self.magnitude) if t is not None]
+
+    @property
+    def variant(self) -> str:
+        """The adapter kind's name, as the README and the recipe list it."""
+        if self.kind in ("linear", "embedding"):
+            name = "dora" if self.magnitude is not None else "lora"
+            return name if self.kind == "linear" else f"embedding_{name}"
+        return {"bias": "lora_bias", "rows": "trainable_tokens"}[self.kind]
 
 
 @dataclass
@@ -72,6 +99,14 @@ class Adapter:
     replacements: dict[str, TensorRef]
     tokenizer: TokenizerInfo | None
     warnings: list[str] = field(default_factory=list)
+    # What the adapter's own config.json sets for the output (long-context LoRAs: rope scaling, context length).
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the adapter the merge reads: weights, configs, tokenizer files."""
+        configs = [self.path / "adapter_config.json"] + ([self.path / "config.json"] if self.model_config else [])
+        return [self.weights, *configs, *(self.tokenizer.files if self.tokenizer else [])]
 
     @property
     def r(self) -> int:
@@ -84,6 +119,16 @@ class Adapter:
     @property
     def use_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
+
+    @property
+    def kinds(self) -> list[str]:
+        """The adapter kinds this adapter uses (``lora``, ``dora``, ``lora_bias``, ...), sorted."""
+        return sorted({p.variant for p in self.lora.values()})
+
+    @property
+    def scales(self) -> list[float]:
+        """The distinct LoRA scales of its factor pairs."""
+        return sorted({p.scale for p in self.lora.values() if p.kind in ("linear", "embedding")})
 
     @property
     def vocab_size(self) -> int | None:
@@ -137,7 +182,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """Read and check ``adapter_config.json``.
 
     Raises:
-        InputError: missing, unreadable, not LoRA, or using a LoRA variant whose merge differs (DoRA, biases).
+        InputError: missing, unreadable, not LoRA, or with values PEFT would refuse.
     """
     path = folder / "adapter_config.json"
     if not path.is_file():
@@ -146,8 +191,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(f"{path}: peft_type {peft_type} is not supported; hubmerge merges LoRA adapters")
-    if config.get("use_dora"):
-        raise InputError(f"{path}: DoRA adapters (use_dora) are not supported; merge them with PEFT")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise InputError(f"{path}: use_dora with lora_bias is a combination PEFT refuses to load; fix the config")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -161,6 +206,80 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
                 f"({architectures.supported()}); this adapter was trained for another architecture"
             )
     return config
+
+
+def _attach_variants(
+    pair: LoraPair,
+    extras: dict[str, dict[str, TensorRef]],
+    config: dict[str, Any],
+    config_file: Path,
+    weights: Path,
+    lora: dict[str, LoraPair],
+) -> None:
+    """Give ``pair`` its DoRA magnitude and add its lora_bias change to ``lora``, checking both against the config
+    (PEFT loads only what the config announces, so a contradiction means a mismatched config)."""
+    module = pair.module
+    magnitude, bias = extras["magnitude"].pop(module, None), extras["bias"].pop(module, None)
+    if bool(config.get("use_dora")) != (magnitude is not None):
+        raise InputError(
+            f"{config_file}: says use_dora={bool(config.get('use_dora'))} but {module} "
+            f"{'has a' if magnitude is not None else 'has no'} lora_magnitude_vector in {weights.name}; "
+            "the config belongs to another adapter, use the one published with these weights"
+        )
+    pair.magnitude = magnitude
+    if bias is not None:
+        if not config.get("lora_bias"):
+            raise InputError(
+                f"{config_file}: says lora_bias=false but {module} has a lora_B bias in {weights.name}; "
+                "the config belongs to another adapter, use the one published with these weights"
+            )
+        lora[f"{module}.bias"] = LoraPair(module, "bias", None, bias, pair.r, pair.alpha, pair.scale)
+
+
+def _token_indices(config: dict[str, Any], module: str, config_file: Path) -> tuple[int, ...]:
+    """The token ids whose rows an adapter trained in ``module`` (PEFT's ``trainable_token_indices``: a list for
+    the input embeddings, or ``{module name: ids}``).
+
+    Raises:
+        InputError: no ids for that module, or ids that are not distinct non-negative integers.
+    """
+    spec = config.get("trainable_token_indices")
+    ids: Any = None
+    if isinstance(spec, list) and module.rsplit(".", 1)[-1] == "embed_tokens":
+        ids = spec
+    elif isinstance(spec, dict):
+        ids = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    valid = isinstance(ids, list) and ids and all(type(i) is int and i >= 0 for i in ids)
+    if not valid or len(set(ids)) != len(ids):
+        raise InputError(
+            f"{config_file}: trainable_token_indices gives {ids!r} for {module}, but its weights hold trained "
+            "rows for it: distinct token ids are needed; use the config published with these weights"
+        )
+    return tuple(ids)
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The :data:`CONTEXT_KEYS` and :data:`SHAPE_KEYS` of the adapter folder's config.json, if it has one.
+
+    Raises:
+        InputError: not a JSON object, or values of the wrong type.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    doc = load_json(path)
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not a JSON object; remove it or use the one published with the adapter")
+    out = {k: doc[k] for k in CONTEXT_KEYS + SHAPE_KEYS if doc.get(k) is not None}
+    for key, value in out.items():
+        ok = (
+            isinstance(value, dict)
+            if key.startswith("rope_") and key != "rope_theta"
+            else (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        )
+        if not ok:
+            raise InputError(f"{path}: {key} is {value!r}; fix it or use the config.json published with the adapter")
+    return out
 
 
 def open_adapter(folder: Path, label: str | None = None) -> Adapter:
@@ -189,6 +308,7 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
     tensors = reader(weights)
 
     factors: dict[tuple[str, str], dict[str, TensorRef]] = {}
+    extras: dict[str, dict[str, TensorRef]] = {"magnitude": {}, "bias": {}, "tokens": {}}  # by module
     replacements: dict[str, TensorRef] = {}
     wrapped: dict[str, TensorRef] = {}
     for key, ref in tensors.items():
@@ -199,16 +319,18 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         else:
             raise InputError(
                 f"{weights}: tensor {key} is not a LoRA weight hubmerge understands "
-                "(only plain LoRA factors and whole replaced modules can be merged)"
+                "(only LoRA, DoRA, lora_bias, trainable-token rows and whole replaced modules can be merged)"
             )
-        if kind == "whole":
+        if kind in ("whole", "base_layer"):
             replacements[f"{m['module']}.{m['part']}"] = ref
         elif kind == "wrapped":
             wrapped[f"{m['module']}.{m['part']}"] = ref
+        elif kind in extras:
+            extras[kind][m["module"]] = ref
         elif kind != "original":
             factors.setdefault((m["module"], kind), {})[m["part"]] = ref
     replacements = {**wrapped, **replacements}
-    if not factors and not replacements:
+    if not factors and not replacements and not extras["tokens"]:
         raise InputError(
             f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
             "adapter, save it again from the trained model"
@@ -218,6 +340,7 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
     if config.get("fan_in_fan_out"):
         warnings.append(f"{label}: fan_in_fan_out=true ignored, as PEFT does for LLaMA's nn.Linear layers")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    config_file = folder / "adapter_config.json"
     lora: dict[str, LoraPair] = {}
     skipped = []
     for (module, kind), parts in factors.items():
@@ -233,16 +356,41 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
             found = a.shape[0] if len(a.shape) == 2 else list(a.shape)
             raise InputError(
-                f"{folder / 'adapter_config.json'}: says r={r} for {module} but its lora_A has "
+                f"{config_file}: says r={r} for {module} but its lora_A has "
                 f"{found} rows; the config belongs to another adapter, use the one published with "
                 "these weights"
             )
         scale = lora_scale(config, r, alpha)
-        lora[f"{module}.weight"] = LoraPair(module, kind, a, b, r, alpha, scale)  # type: ignore[arg-type]
+        pair = LoraPair(module, kind, a, b, r, alpha, scale)  # type: ignore[arg-type]
+        _attach_variants(pair, extras, config, config_file, weights, lora)
+        lora[f"{module}.weight"] = pair
+    for kind, refs in extras.items():  # what no LoRA pair claimed
+        left = [m for m in refs if m not in skipped and kind != "tokens"]
+        if left:
+            raise InputError(
+                f"{weights}: {left[0]} has a {kind} tensor but no lora_A/lora_B; the adapter file is damaged"
+            )
+    for module, ref in extras["tokens"].items():
+        indices = _token_indices(config, module, config_file)
+        if f"{module}.weight" in lora:
+            raise InputError(
+                f"{config_file}: {module} has both LoRA factors and trainable token rows, which PEFT cannot combine "
+                "either; the config belongs to another adapter"
+            )
+        lora[f"{module}.weight"] = LoraPair(module, "rows", None, ref, 0, 0.0, 1.0, indices=indices)
     if skipped:
         warnings.append(
             f"{label}: {len(skipped)} LoRA modules not in target_modules ignored, as PEFT does (e.g. {skipped[0]})"
         )
     return Adapter(
-        label, folder, config, config_layout(config), weights, lora, replacements, read_tokenizer(folder), warnings
+        label,
+        folder,
+        config,
+        config_layout(config),
+        weights,
+        lora,
+        replacements,
+        read_tokenizer(folder),
+        warnings,
+        read_model_config(folder),
     )

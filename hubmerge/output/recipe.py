@@ -67,7 +67,7 @@ def input_files(plan: MergePlan) -> list[list[Path]]:
     """The files each input contributes, base first: what the recipe hashes."""
     files = [list(plan.base.files)]
     for a in plan.adapters:
-        files.append([a.weights, a.path / "adapter_config.json"] + (a.tokenizer.files if a.tokenizer else []))
+        files.append(a.files)
     return files
 
 
@@ -100,7 +100,8 @@ def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) ->
             r=a.r,
             lora_alpha=a.lora_alpha,
             use_rslora=a.use_rslora,
-            scaling=sorted({round(p.scale, 8) for p in a.lora.values()}),
+            kinds=a.kinds,
+            scaling=sorted({round(scale, 8) for scale in a.scales}),
             replaces=sorted(a.replacements),
             vocab_size=a.vocab_size,
         )

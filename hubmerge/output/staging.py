@@ -41,7 +41,7 @@ from ..resources import check_disk, check_memory
 from ..sizes import format_size
 from ..verification.hashing import file_digest
 from .recipe import RECIPE_NAME, build_recipe, hash_inputs, input_files, tool_versions, write_recipe
-from .writers import Writer, make_writer
+from .writers import Writer, format_folder, make_writer
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
@@ -323,7 +323,7 @@ def write_outputs(
     background = ThreadPoolExecutor(max_workers=1)
     pending = background.submit(hash_inputs, plan, inputs.sources)
     try:
-        folders = {f: staging / f if len(formats) > 1 else staging for f in formats}
+        folders = {f: staging / format_folder(f) if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
             writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
         skip = set(range(len(plan.tensors)))

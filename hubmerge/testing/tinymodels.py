@@ -330,6 +330,8 @@ def _randomize_adapter(peft_model: torch.nn.Module, gen: torch.Generator) -> Non
             continue
         if "lora_A" in name:
             p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+        elif "lora_embedding_" in name:  # PEFT starts one of the two at zero: both random here
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "lora_embedding_B" in name else 1.0))
         elif "lora_B" in name:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         else:  # a modules_to_save copy, "trained": even the base's rows change
@@ -354,6 +356,9 @@ def make_adapter(
     seed: int = 1,
     dtype: str = "float16",
     ensure_weight_tying: bool = False,
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
 ) -> Path:
     """Write a real PEFT LoRA adapter for the model in ``base_dir`` into ``out_dir`` and return it.
 
@@ -363,7 +368,9 @@ def make_adapter(
     ``vocab_from`` instead ships the tokenizer files of that folder (e.g. from make_tokenizer).
     A larger vocab resizes the embeddings (new rows random); with ``modules_to_save=("embed_tokens",
     "lm_head")`` the adapter holds those whole [V, H] matrices (all rows perturbed), like
-    Chinese-LLaMA/Alpaca.
+    Chinese-LLaMA/Alpaca. ``use_dora``, ``lora_bias`` and ``trainable_token_indices`` are PEFT's LoraConfig
+    options (current layout only; their tensors are randomized too: DoRA magnitudes, lora_B biases, the trained
+    token rows). Put "embed_tokens" in ``target_modules`` for an embedding LoRA.
 
     layout="current": get_peft_model + save_pretrained -> adapter_model.safetensors and the
     current adapter_config.json. layout="2023": adapter_model.bin (torch.save, 2023 keys, see the
@@ -376,8 +383,10 @@ def make_adapter(
 
     if layout not in ("2023", "current") or dtype not in _DTYPES:
         raise ValueError(f"unsupported layout {layout!r} or dtype {dtype!r}")
-    if layout == "2023" and (use_rslora or rank_pattern or alpha_pattern):
-        raise ValueError("use_rslora, rank_pattern and alpha_pattern did not exist in the 2023 layout")
+    if layout == "2023" and (use_rslora or rank_pattern or alpha_pattern or use_dora or lora_bias):
+        raise ValueError("use_rslora, rank/alpha patterns, DoRA and lora_bias did not exist in the 2023 layout")
+    if layout == "2023" and trainable_token_indices:
+        raise ValueError("trainable_token_indices did not exist in the 2023 layout")
     if tokenizer and vocab_from:
         raise ValueError("give tokenizer or vocab_from, not both")
     out, base = Path(out_dir), Path(base_dir)
@@ -417,10 +426,14 @@ def make_adapter(
         alpha_pattern=dict(alpha_pattern or {}),
         modules_to_save=list(modules_to_save) or None,
         ensure_weight_tying=ensure_weight_tying,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
+        trainable_token_indices=trainable_token_indices,
     )
     with warnings.catch_warnings():  # both documented above, and expected here
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True")
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+        warnings.filterwarnings("ignore", message=".*LoRA tensor.s. have invalid shape")  # PEFT on lora_B biases
         peft_model = get_peft_model(model, config)
         _randomize_adapter(peft_model, gen)
         peft_model.to(_DTYPES[dtype])
@@ -459,7 +472,11 @@ def _adapter_vocab(adapter_dir: Path) -> int | None:
     else:
         state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", mmap=True, weights_only=True)
         shapes = {k: list(v.shape) for k, v in state.items()}
-    rows = [s[0] for k, s in shapes.items() if k.endswith("embed_tokens.weight")]
+    rows = [
+        s[0]
+        for k, s in shapes.items()
+        if k.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight", "token_adapter.base_layer.weight"))
+    ]
     return rows[0] if rows else None
 
 

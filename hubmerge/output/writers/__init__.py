@@ -4,7 +4,7 @@ creating any file), then receives the merge's blocks in order, and on ``close()`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # the registry stays importable without torch, so `hubmerge -
     from ...plan import MergePlan
 
 FORMATS = ("hf", "pth", "gguf")
+# GGUF tensor types, spelled as llama.cpp's --outtype spells them: "gguf:<type>". Plain "gguf" follows --dtype.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 class Writer:
@@ -50,21 +52,31 @@ class Writer:
         """Stop after a failure; the caller removes the folder."""
 
 
-def check_formats(formats: Sequence[str]) -> list[str]:
-    """The requested output formats, deduplicated in order.
+def check_formats(formats: str | Iterable[str]) -> list[str]:
+    """The requested output formats, from ``--format`` text (``"hf,gguf:q8_0"``) or a list, deduplicated in order:
+    each one of ``hf``, ``pth``, ``gguf`` or ``gguf:<type>`` with a type of :data:`GGUF_TYPES`.
 
     Raises:
-        InputError: an unknown format or an empty list.
+        InputError: an unknown format or type, or none at all (one line, naming the choices).
     """
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise InputError(f"unknown format {unknown or formats}; choose from {', '.join(FORMATS)}")
-    return formats
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    found = list(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    bad = [f for f in found if f not in FORMATS and not (f.startswith("gguf:") and f[5:] in GGUF_TYPES)]
+    if bad or not found:
+        raise InputError(
+            f"unknown format {', '.join(bad) or repr(formats)}; choose from {', '.join(FORMATS)} or "
+            f"gguf:<type> with a type of {', '.join(GGUF_TYPES)} (as llama.cpp's --outtype)"
+        )
+    return found
+
+
+def format_folder(fmt: str) -> str:
+    """The folder a format writes into when several are written: ``hf``, ``pth`` or ``gguf`` (every GGUF type)."""
+    return fmt.partition(":")[0]
 
 
 def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int, pth_shards: int | None) -> Writer:
-    """The writer of one format (``hf``, ``pth`` or ``gguf``) for ``plan`` into ``folder``."""
+    """The writer of one format (``hf``, ``pth``, ``gguf`` or ``gguf:<type>``) for ``plan`` into ``folder``."""
     if fmt == "hf":
         from .hf import HFWriter
 
@@ -73,8 +85,8 @@ def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int,
         from .meta import MetaWriter
 
         return MetaWriter(folder, plan, pth_shards)
-    if fmt == "gguf":
+    if format_folder(fmt) == "gguf":
         from .gguf import GGUFOutput
 
-        return GGUFOutput(folder, plan)
+        return GGUFOutput(folder, plan, fmt.partition(":")[2] or None)
     raise ValueError(f"unknown format {fmt!r}")

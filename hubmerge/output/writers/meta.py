@@ -19,11 +19,22 @@ from ...errors import IncompatibleError
 from ...merging import Block
 from ...model import layouts
 from ...model.architectures import DEFAULT_ROPE_THETA, rope_parameters
+from ...model.tokenizer import CONFIG_ONLY_FILES
 from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
 from ...verification.known import known_hashes
 from . import Writer
+
+
+def write_side_file(folder: Path, name: str, source: Path | dict[str, Any]) -> Path:
+    """Write a side file of :meth:`~hubmerge.plan.MergePlan.side_files` into ``folder``: copied, or dumped as JSON."""
+    path = folder / name
+    if isinstance(source, Path):
+        shutil.copyfile(source, path)
+    else:
+        path.write_text(json.dumps(source, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def default_shards(hidden_size: int) -> int:
@@ -172,6 +183,10 @@ class MetaWriter(Writer):
             ordered = dict(sorted(self.plan.tokenizer.added.items(), key=lambda kv: kv[1]))
             added.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             files.append(added)
+        # llama.cpp's legacy converter reads the special tokens and add_bos/add_eos from these, beside the .pth
+        for name, source in self.plan.side_files().items():
+            if name in CONFIG_ONLY_FILES:
+                files.append(write_side_file(self.folder, name, source))
         return files
 
     def describe(self) -> dict:
