@@ -11,6 +11,7 @@ generation is redone, a complete one reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import zlib
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hubmerge.model.architectures import llama
+from hubmerge.model.architectures import for_config
 from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter
 from hubmerge.tensorio.source import Entry
 from hubmerge.testing.tinymodels import LLAMA_LINEAR, make_tokenizer
@@ -41,7 +42,8 @@ def base_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         "down_proj": (h, shape.intermediate),
     }
     shapes = {}
-    for name in llama().tensor_names(shape.config()):
+    config = shape.config()
+    for name in for_config(config, "bench").tensor_names(config):
         module = name.rsplit(".", 2)[-2]
         if module in by_module:
             shapes[name] = by_module[module]
@@ -190,8 +192,12 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.gen", description="generate (or reuse) the benchmark's inputs")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
+    p.add_argument("--shard-bytes", type=int, help="base shard size (default: the shape's)")
     args = p.parse_args()
-    base, adapters = generate(args.work, SHAPES[args.shape])
+    shape = SHAPES[args.shape]
+    if args.shard_bytes:
+        shape = dataclasses.replace(shape, shard_bytes=args.shard_bytes)
+    base, adapters = generate(args.work, shape)
     print(base, *adapters)
 
 

@@ -63,9 +63,12 @@ class Shape:
 
 
 def input_folders(work: Path, shape: Shape) -> tuple[Path, list[Path]]:
-    """Where the base and the adapters of ``shape`` live under the work folder."""
+    """Where the base and the adapters of ``shape`` live under the work folder (a base sharded other than the
+    shape's default, e.g. for the hub benchmark, gets a folder of its own)."""
     root = work / shape.name
-    return root / "base", [root / spec.name for spec in shape.adapters]
+    default = SHAPES[shape.name].shard_bytes == shape.shard_bytes
+    base = root / ("base" if default else f"base-{shape.shard_bytes // 10**6}MB")
+    return base, [root / spec.name for spec in shape.adapters]
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:

@@ -28,11 +28,13 @@ _LAZY = {
     "merge": "pipeline",
     "convert": "conversion",
     "plan_merge": "pipeline",
-    "MergeResult": "pipeline",
+    "MergeResult": "result",
     "MergePlan": "plan",
     "preview": "dryrun",
     "push": "publish",
     "PushResult": "publish",
+    "check_push_target": "publish",
+    "PushTarget": "publish",
     "verify_target": "verify",
     "Hub": "inputs.hub",
 }
@@ -41,9 +43,10 @@ if TYPE_CHECKING:
     from .conversion import convert
     from .dryrun import preview
     from .inputs.hub import Hub
-    from .pipeline import MergeResult, merge, plan_merge
+    from .pipeline import merge, plan_merge
     from .plan import MergePlan
-    from .publish import PushResult, push
+    from .publish import PushResult, PushTarget, check_push_target, push
+    from .result import MergeResult
     from .verify import verify_target
 
 
@@ -62,6 +65,8 @@ __all__ = [
     "convert",
     "push",
     "PushResult",
+    "check_push_target",
+    "PushTarget",
     "verify_target",
     "Hub",
     "HubmergeError",

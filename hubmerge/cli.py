@@ -10,11 +10,12 @@ import argparse
 import gc
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
 from .errors import HubmergeError, Interrupted
-from .output.writers import check_formats
+from .output.formats import check_formats
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -50,8 +51,8 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="output dtype: float16, bfloat16 or float32 (default: the base's)")
     p.add_argument(
         "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"largest HF safetensors shard (default: {DEFAULT_MAX_SHARD_SIZE})",
+        help=f"largest HF safetensors shard (default: {DEFAULT_MAX_SHARD_SIZE}; with --push-to, a sixteenth of the "
+        "model within 200MB..2GB)",
     )
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
     p.add_argument(
@@ -83,6 +84,13 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--push-to", metavar="ORG/NAME", help="publish the HF output to this Hub repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to: create the repo public")
+    p.add_argument(
+        "--no-keep-downloads",
+        dest="keep_downloads",
+        action="store_false",
+        help="with --push-to: remove each base shard this run downloads once it is merged (by default they stay "
+        "in the cache when the disk holds them; files cached before are never touched)",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -123,12 +131,23 @@ def _run_merge(args: argparse.Namespace) -> int:
             token=args.token,
             cache_dir=args.cache_dir,
             progress=not args.quiet,
+            push_to=args.push_to,
+            max_shard_size=args.max_shard_size,
+            keep_downloads=args.keep_downloads,
+            overwrite=args.overwrite,
+            public=args.public,
         ):
             print(line)
         return 0
     from .verification.hashing import prehash
 
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
+    if args.push_to:  # a streamed push: the first base shard downloads meanwhile too
+        from .headstart import head_start
+        from .inputs.hub import Hub
+
+        hub = Hub(token=args.token, cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)
+        head_start(args.base, hub, args.push_to, overwrite=args.overwrite)
     # torch's import makes a few hundred thousand objects that the collector would walk again and again as they
     # are made (~0.25 s of CPU); none of them is garbage, so it is off meanwhile, and they are frozen after.
     gc.disable()
@@ -152,9 +171,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         verify=args.verify,
         progress=not args.quiet,
+        keep_downloads=args.keep_downloads,
     )
-    for w in result.plan.warnings:
-        say(f"warning: {w}")
     for line in result.summary():
         say(line)
     return 0
@@ -243,7 +261,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.out,
         formats=args.formats,
         dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
         pth_shards=args.pth_shards,
         verify=args.verify,
         overwrite=args.overwrite,

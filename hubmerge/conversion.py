@@ -18,11 +18,11 @@ from .inputs.loading import Inputs, PathLike
 from .inputs.sources import Source
 from .merging import DEFAULT_BLOCK_BYTES
 from .model.loader import open_base
+from .output.formats import check_formats
 from .output.staging import check_output, write_outputs
-from .output.writers import check_formats
-from .pipeline import MergeResult
 from .plan import build_plan
 from .progress import Progress, ProgressCallback
+from .result import MergeResult
 from .sizes import parse_size
 
 

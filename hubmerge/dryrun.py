@@ -17,14 +17,16 @@ from typing import Any
 from .constants import DEFAULT_FORMATS, default_out_name
 from .errors import IncompatibleError
 from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
-from .inputs.sources import Source, fetch, needed_files, not_cached
+from .inputs.sources import Source, download_files, fetch, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.architectures import Architecture
 from .model.base import read_config
 from .model.tokenizer import read_tokenizer
 from .plan import build_plan, dtype_name, parse_dtype, vocab_shrink_message
 from .progress import Progress, ProgressCallback
+from .publish import check_push_target
 from .sizes import format_size
+from .stream import preview_lines
 from .verification.known import check_tokenizer_matches
 
 
@@ -34,7 +36,7 @@ def estimate_nbytes(arch: Architecture, config: dict[str, Any], vocab: int, item
 
 
 def _download_line(src: Source, hub) -> str:
-    names = needed_files(src)
+    names = download_files(src, hub)
     todo = not_cached(src, hub)
     size = sum(src.remote[n].size for n in todo)
     return f"{len(names)} files, {format_size(size)} to download ({len(names) - len(todo)} cached)"
@@ -52,8 +54,15 @@ def preview(
     endpoint: str | None = None,
     progress: bool = False,
     progress_callback: ProgressCallback | None = None,
+    push_to: str | None = None,
+    max_shard_size: str | int | None = None,
+    keep_downloads: bool = True,
+    overwrite: bool = False,
+    public: bool = False,
 ) -> list[str]:
-    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights.
+    """Describe the merge ``hubmerge.merge`` would run with these arguments, downloading no weights. With
+    ``push_to``: what the push will do to that repo (checked first, as the merge does) and how it streams (peak
+    disk, whether downloaded base shards stay in the cache).
 
     Returns:
         human-readable lines (the same the CLI's ``--dry-run`` and the Space's Check step show).
@@ -61,6 +70,7 @@ def preview(
         HubmergeError subclasses for anything already known to be wrong (missing repos, reversed order...).
     """
     hub = hub_from_args(token, cache_dir, endpoint)
+    target = check_push_target(push_to, hub, overwrite=overwrite, private=not public).require() if push_to else None
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
     out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     reporter = Progress(progress_callback, bars=progress)
@@ -74,6 +84,20 @@ def preview(
         for src in (base_src, *adapter_srcs):
             fetch(src, hub, weights=False, progress=reporter)
         lines, nbytes = _light_plan(base_src, adapter_srcs, out_dtype, hub)
+    if target is not None:
+        keep_output = out is not None or list(formats) != ["hf"]
+        lines += preview_lines(
+            base_src,
+            adapter_srcs,
+            hub,
+            nbytes,
+            max_shard_size=max_shard_size,
+            keep_downloads=keep_downloads,
+            out=out_dir,
+            keep_output=keep_output,
+        )
+        lines.append(f"push: {target.message}")
+        return lines
     need = nbytes * len(formats)
     free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
     lines.append(

@@ -20,6 +20,7 @@ from .model.architectures import Architecture
 from .model.base import BaseModel
 from .model.tokenizer import CONFIG_ONLY_FILES, TokenizerInfo
 from .tensorio import TensorRef, TensorSource
+from .verification.hashing import file_digest
 
 DTYPE_NAMES = {  # what --dtype accepts
     "float16": torch.float16,
@@ -84,6 +85,11 @@ class MergePlan:
     config: dict[str, Any]  # the output config.json
     tokenizer: TokenizerInfo
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def dtype_name(self) -> str:
+        """The output dtype as configs and recipes spell it (``float16``)."""
+        return dtype_name(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -179,10 +185,13 @@ def _check_lora_shape(adapter: Adapter, pair: LoraPair, shape: tuple[int, ...]) 
                 f"which has {shape[0]} rows; the adapter was trained with a larger vocabulary: use its base"
             )
     if got != want:
-        names = {"linear": "lora_A / lora_B / magnitude", "embedding": "lora_embedding_A / lora_embedding_B"}
+        names = {
+            "linear": ["lora_A", "lora_B", "magnitude"],
+            "embedding": ["lora_embedding_A", "lora_embedding_B", "magnitude"],
+        }.get(pair.kind, [pair.variant] * len(got))
+        have = ", ".join(f"{n} {list(g)}" for n, g in zip(names, got))
         raise IncompatibleError(
-            f"adapter {adapter.label}: {pair.module} has {names.get(pair.kind, pair.variant)} "
-            f"{' / '.join(str(list(g)) for g in got)} but the base tensor is {list(shape)} (needs "
+            f"adapter {adapter.label}: {pair.module} has {have} but the base tensor is {list(shape)} (needs "
             f"{' / '.join(str(list(w)) for w in want)}); the adapter was trained for a different model size, "
             "e.g. a 7B adapter on a 13B base: use the matching base"
         )
@@ -218,6 +227,44 @@ def _check_tokenizer(tok: TokenizerInfo, rows: int, owner: str, vocab_changed: b
         f"{tok.model_file or tok.folder / 'tokenizer.json'}: the tokenizer has {tok.size} tokens but {owner}'s "
         f"embeddings have {rows} rows{hint}; use the tokenizer published with that model"
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.stat().st_size == b.stat().st_size and file_digest(a) == file_digest(b)
+
+
+def adapter_warnings(base: BaseModel, adapters: Sequence[Adapter]) -> list[str]:
+    """Check each adapter's depth against the base's and look for an adapter given twice.
+
+    Returns:
+        warnings: an adapter covering fewer layers than the base (without ``layers_to_transform`` to explain it),
+        the same adapter weights given more than once (their changes would add up).
+    Raises:
+        IncompatibleError: an adapter with weights for more layers than the base has.
+    """
+    layers = base.arch.dims(base.config)["layers"]
+    warnings = []
+    for i, adapter in enumerate(adapters):
+        if adapter.layers > layers:
+            raise IncompatibleError(
+                f"adapter {adapter.label} has weights for {adapter.layers} layers (up to model.layers."
+                f"{adapter.layers - 1}) but the base has {layers}: it was made for a deeper model, so merging only "
+                "the layers that exist would give a broken model; use the base it was trained on"
+            )
+        if 0 < adapter.layers < layers and not adapter.config.get("layers_to_transform"):
+            warnings.append(
+                f"{adapter.label}: adapts only the first {adapter.layers} of the base's {layers} layers; "
+                "check it was made for this base (a smaller model's adapter would merge without error)"
+            )
+        earlier = next((a for a in adapters[:i] if _same_file(a.weights, adapter.weights)), None)
+        if earlier is not None:
+            warnings.append(
+                f"{adapter.label}: the same adapter weights as {earlier.label}, given before it: its changes are "
+                "applied twice; name it once unless that is what you want"
+            )
+    return warnings
 
 
 def _tied_replacements(
@@ -272,6 +319,7 @@ def build_plan(
     plans: dict[str, TensorPlan] = {n: TensorPlan(n, src, "base") for n, src in base.tensors.items()}
     vocab_rows, vocab_owner = base.vocab_size, "the base"
     warnings: list[str] = []
+    warnings += adapter_warnings(base, adapters)
     for index, adapter in enumerate(adapters):
         warnings += adapter.warnings
         _take_model_config(adapter, config)

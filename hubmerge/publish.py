@@ -3,12 +3,14 @@ its ``hubmerge.json`` recipe: sources pinned to commits, the merge recipe, and t
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InputError, OutputError, UnsafeFileError, VerificationError
+from .errors import HubAccessError, InputError, OutputError, UnsafeFileError, VerificationError
 from .inputs.hub import Hub, hub_errors
 from .output.recipe import RECIPE_NAME, read_recipe
 from .progress import Progress
@@ -27,6 +29,119 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """What a push to ``repo_id`` would do, found before anything is downloaded or created.
+
+    ``exists``/``files``: the repo's state (its file count, .gitattributes aside); ``will_create``: the push creates
+    it (with visibility ``private``; for an existing repo, ``private`` is its visibility); ``can_write``: the push
+    may go ahead (the token can write that namespace, and an existing repo is empty or ``overwrite`` was given);
+    ``message``: one line saying what will happen, or why not.
+    """
+
+    repo_id: str
+    exists: bool
+    files: int
+    will_create: bool
+    private: bool
+    can_write: bool
+    message: str
+
+    def require(self) -> PushTarget:
+        """This target when the push may go ahead.
+
+        Raises:
+            OutputError: the repo has files and no overwrite was given. HubAccessError: the token cannot write there.
+        """
+        if self.can_write:
+            return self
+        if self.exists and self.files:
+            raise OutputError(self.message, repo_id=self.repo_id, remedy="overwrite")
+        raise HubAccessError(self.message, repo_id=self.repo_id, remedy="login")
+
+
+_WRITE_ROLES = {"admin", "write", "contributor"}
+_WRITE_SCOPES = {"repo.write", "repo.content.write"}
+
+
+def _namespace_problem(whoami: dict[str, Any], namespace: str) -> str | None:
+    """Why the token of this ``whoami`` answer cannot write repos of ``namespace`` (None: it can)."""
+    user = str(whoami.get("name") or "")
+    token = (whoami.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    if role == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        if not any(
+            (s.get("entity") or {}).get("name") == namespace and _WRITE_SCOPES & set(s.get("permissions") or [])
+            for s in scoped
+        ):
+            return f"your fine-grained token has no write permission on {namespace}; add it, or use a write token"
+    elif role != "write":
+        return f"your token may not write (role {role!r}); use a token with write access to {namespace}"
+    if namespace == user:
+        return None
+    org = next((o for o in whoami.get("orgs") or [] if o.get("name") == namespace), None)
+    if org is None:
+        return f"you ({user}) may not write to {namespace}: not your namespace nor one of your organizations"
+    if str(org.get("roleInOrg", "")).lower() not in _WRITE_ROLES:
+        return f"you ({user}) may not write to {namespace}: your role in it is {org.get('roleInOrg')!r}"
+    return None
+
+
+def check_push_target(repo_id: str, hub: Hub, *, overwrite: bool = False, private: bool = True) -> PushTarget:
+    """Find out, before any download, whether a push to ``repo_id`` can succeed and what it will do: whoami, the
+    token's role for the namespace (its own user or an organization it can write), and the repo's state (absent: it
+    will be created, private unless ``private`` is False; exists and empty; exists with files: refused unless
+    ``overwrite``). Creates nothing.
+
+    Returns:
+        a :class:`PushTarget` (``can_write`` False with the reason in ``message`` when the push would be refused;
+        ``.require()`` turns that into the error).
+    Raises:
+        InputError: ``repo_id`` is not ``namespace/name``. HubAccessError: the Hub could not be asked, or refused
+        the token (401).
+    """
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    namespace, _, name = repo_id.partition("/")
+    if not namespace or not name or "/" in name:
+        raise InputError(f"{repo_id}: a repo to push to is named namespace/name, e.g. your-name/merged-model")
+    if not hub.has_token():
+        return PushTarget(
+            repo_id, False, 0, False, private, False,
+            f"{repo_id}: pushing needs a token with write access; log in (`hf auth login` or HF_TOKEN)",
+        )  # fmt: skip
+    api = hub.api()
+    with hub_errors(hub, repo_id, action="write to"):
+        problem = _namespace_problem(api.whoami(), namespace)
+    if problem:
+        return PushTarget(repo_id, False, 0, False, private, False, f"{repo_id}: {problem}")
+    with hub_errors(hub, repo_id, action="write to"):
+        try:
+            info = api.model_info(repo_id)
+        except RepositoryNotFoundError as exc:
+            if isinstance(exc, GatedRepoError):
+                raise
+            info = None
+    if info is None:
+        visibility = "private" if private else "public"
+        return PushTarget(repo_id, False, 0, True, private, True, f"{repo_id}: will be created ({visibility})")
+    files = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
+    state = f"{repo_id}: exists ({'private' if info.private else 'public'})"
+    if not files:
+        return PushTarget(repo_id, True, 0, False, bool(info.private), True, f"{state} and is empty; will be filled")
+    if not overwrite:
+        return PushTarget(
+            repo_id, True, len(files), False, bool(info.private), False,
+            f"{repo_id}: the repository already has {len(files)} files; pass --overwrite to replace them, "
+            "or choose another name",
+        )  # fmt: skip
+    return PushTarget(
+        repo_id, True, len(files), False, bool(info.private), True,
+        f"{state} with {len(files)} files; --overwrite replaces them",
+    )  # fmt: skip
 
 
 def _link(hub_url: str, record: dict[str, Any]) -> str:
@@ -133,9 +248,9 @@ def _inside(root: Path, rel: object) -> Path:
     return path
 
 
-def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+def _hf_files(folder: Path, recipe: dict[str, Any], uploaded: Collection[str] = ()) -> tuple[Path, dict[str, str]]:
     """The HF-format folder of a merge output and ``{name in repo: sha256}`` of what to upload, from the recipe:
-    only regular files inside ``folder``, whatever the recipe names.
+    only regular files inside ``folder``, whatever the recipe names (the ``uploaded`` ones may be gone already).
 
     Raises:
         InputError: no HF format, or a listed file is missing. UnsafeFileError: the recipe names a path outside
@@ -152,7 +267,7 @@ def _hf_files(folder: Path, recipe: dict[str, Any]) -> tuple[Path, dict[str, str
     for rel, digest in listed.items():
         path = _inside(root, rel)
         if path.parent == hf_dir:
-            if not path.is_file():
+            if not path.is_file() and path.name not in uploaded:
                 raise InputError(f"{path}: listed in {RECIPE_NAME} but missing; merge again", path=path)
             files[path.name] = digest
     return hf_dir, files
@@ -167,11 +282,14 @@ def push(
     hub: Hub | None = None,
     verify: bool = True,
     progress: Progress | None = None,
+    uploaded: Mapping[str, Any] | None = None,
 ) -> PushResult:
     """Publish the HF output of a hubmerge result folder to ``repo_id``.
 
     The repo is created private unless ``private=False``. Pushing into a repo that already has files needs
     ``overwrite=True``; the files it holds that the merge did not write are then deleted in the same commit.
+    ``uploaded`` maps file names to ``CommitOperationAdd`` operations already pre-uploaded (a streamed push): they
+    join the commit as they are (their local files may be gone), checked against the recipe's SHA256.
 
     Returns:
         a :class:`PushResult`.
@@ -193,46 +311,66 @@ def push(
         raise InputError(
             f"{folder}: no readable {RECIPE_NAME}; `hubmerge push` publishes folders written by hubmerge"
         ) from None
-    hf_dir, files = _hf_files(folder, recipe)
+    uploaded = dict(uploaded or {})
+    hf_dir, files = _hf_files(folder, recipe, uploaded)
+    for name, op in uploaded.items():
+        if files.get(name) != op.upload_info.sha256.hex():
+            raise VerificationError(
+                f"{name}: the uploaded file's SHA256 differs from {RECIPE_NAME}; merge again", repo_id=repo_id
+            )
     if verify:
         for name, digest in files.items():
-            if file_digest(hf_dir / name) != digest:
+            if name not in uploaded and file_digest(hf_dir / name) != digest:
                 raise VerificationError(
                     f"{hf_dir / name}: SHA256 differs from {RECIPE_NAME}; the file changed since the merge, merge again"
                 )
     files[RECIPE_NAME] = file_digest(folder / RECIPE_NAME)
+    target = check_push_target(repo_id, hub, overwrite=overwrite, private=private).require()
     api = hub.api()
     with hub_errors(hub, repo_id, action="create or write to"):
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.model_info(repo_id)
-        existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
-    if existing and not overwrite:
-        raise OutputError(
-            f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
-            "them, or choose another name",
-            repo_id=repo_id,
-            remedy="overwrite",
-        )
-    card = model_card(recipe, repo_id, hub.url, files)
-    ops: list[Any] = [
-        CommitOperationAdd(
-            path_in_repo=name, path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name)
-        )
-        for name in files
-    ]
-    progress = progress or Progress()
-    for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
-        size = Path(str(op.path_or_fileobj)).stat().st_size
-        with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
-            api.preupload_lfs_files(repo_id, additions=[op])
-            update(size)
-    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    ops += [CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"]
-    with hub_errors(hub, repo_id, action="write to"):
-        commit = api.create_commit(
-            repo_id,
-            ops,
-            commit_message="Upload model merged by hubmerge",
-            commit_description=json.dumps({"hubmerge_recipe_sha256": files[RECIPE_NAME]}),
-        )
+        # exist_ok only for a repo that was there: one this run creates is deleted again if the push fails
+        api.create_repo(repo_id, private=private, exist_ok=not target.will_create)
+    try:
+        with hub_errors(hub, repo_id, action="create or write to"):
+            info = api.model_info(repo_id)
+            existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
+        if existing and not overwrite:
+            raise OutputError(
+                f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
+                "them, or choose another name",
+                repo_id=repo_id,
+                remedy="overwrite",
+            )
+        card = model_card(recipe, repo_id, hub.url, files)
+        ops: list[Any] = [
+            CommitOperationAdd(
+                path_in_repo=name,
+                path_or_fileobj=str(folder / RECIPE_NAME if name == RECIPE_NAME else hf_dir / name),
+            )
+            for name in files
+            if name not in uploaded
+        ]
+        progress = progress or Progress()
+        for op in ops:  # uploaded one by one so each file reports; the commit below then only names them
+            size = Path(str(op.path_or_fileobj)).stat().st_size
+            with progress.task("upload", op.path_in_repo, size) as update, hub_errors(hub, repo_id, action="write to"):
+                api.preupload_lfs_files(repo_id, additions=[op])
+                update(size)
+        ops += uploaded.values()
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+        ops += [
+            CommitOperationDelete(path_in_repo=name) for name in existing if name not in files and name != "README.md"
+        ]
+        with hub_errors(hub, repo_id, action="write to"):
+            commit = api.create_commit(
+                repo_id,
+                ops,
+                commit_message="Upload model merged by hubmerge",
+                commit_description=json.dumps({"hubmerge_recipe_sha256": files[RECIPE_NAME]}),
+            )
+    except BaseException:  # a failed or cancelled (Ctrl-C) push leaves no empty repo that it created
+        if target.will_create:
+            with contextlib.suppress(Exception), hub_errors(hub, repo_id, action="delete"):
+                api.delete_repo(repo_id)
+        raise
     return PushResult(repo_id, f"{hub.url}/{repo_id}", getattr(commit, "oid", None), bool(info.private), files, card)

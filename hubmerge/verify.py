@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
@@ -10,7 +9,8 @@ from huggingface_hub import hf_hub_download
 from .errors import InputError
 from .inputs.hub import Hub, hub_errors
 from .inputs.sources import resolve
-from .output.recipe import RECIPE_NAME
+from .jsonio import json_field
+from .output.recipe import RECIPE_NAME, read_recipe
 from .verification.checklists import CheckRow, check_files, read_checklist
 
 
@@ -47,12 +47,9 @@ def verify_target(target: str, *, checklist: str | Path | None = None, hub: Hub 
         return check_files(folder, read_checklist(Path(checklist)))
     if folder.is_dir():
         if (folder / RECIPE_NAME).is_file():
-            try:
-                files = json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))["files"]
-            except (ValueError, KeyError):
-                raise InputError(
-                    f"{folder / RECIPE_NAME}: not a hubmerge recipe; restore it or use --checklist"
-                ) from None
+            files = json_field(read_recipe(folder), "files", dict, folder / RECIPE_NAME)
+            if not files or not all(isinstance(d, str) for d in files.values()):
+                raise InputError(f"{folder / RECIPE_NAME}: not a hubmerge recipe; restore it or use --checklist")
             return check_files(folder, files)
         cached = _cache_expectations(folder)
         if cached is not None:
@@ -72,7 +69,7 @@ def _verify_repo(target: str, hub: Hub | None) -> list[CheckRow]:
     repo_id = source.repo_id or target
     rows = []
     for name, record in sorted(source.remote.items()):
-        with hub_errors(hub, repo_id, revision=source.revision, filename=name):
+        with hub_errors(hub, repo_id, revision=source.revision, filename=name, expected=record.expected):
             local = Path(
                 hf_hub_download(
                     repo_id,

@@ -289,7 +289,7 @@ def test_q8_0_gguf_is_about_half_the_f16_size(models, tmp_path):
 
 
 def test_format_spelling_is_checked_in_one_line(models, tmp_path):
-    from hubmerge.output.writers import check_formats
+    from hubmerge.output.formats import check_formats
 
     assert check_formats("hf, GGUF:Q8_0,gguf:q8_0,pth") == ["hf", "gguf:q8_0", "pth"]
     assert check_formats(["gguf"]) == ["gguf"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..model.adapters import Adapter, open_adapter
-from ..model.base import BaseModel
+from ..model.base import ArrivingWeights, BaseModel
 from ..model.loader import open_base
 from ..progress import Progress
 from ..resources import check_disk
@@ -59,23 +59,31 @@ def _check_download_space(sources: Sequence[Source], hub: Hub) -> None:
 
 
 def open_inputs(
-    base_src: Source, adapter_srcs: Sequence[Source], hub: Hub, *, progress: Progress, verify: bool = True
+    base_src: Source,
+    adapter_srcs: Sequence[Source],
+    hub: Hub,
+    *,
+    progress: Progress,
+    verify: bool = True,
+    arriving: ArrivingWeights | None = None,
 ) -> Inputs:
     """Download and verify what comes from the Hub (adapters first: they are small and fail fast), check tokenizers
     by hash, and open everything lazily. A Meta checkpoint base is verified by its checklists and the known-hash
-    table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe.
+    table (unless ``verify`` is false); the SHA256 computed for that are kept for the recipe. With ``arriving``
+    (a streamed push, :mod:`hubmerge.stream`), the base's weights are not downloaded here: they arrive while the
+    merge runs.
 
     Raises:
         HubmergeError subclasses with a one-line message.
     """
-    _check_download_space([*adapter_srcs, base_src], hub)
+    _check_download_space([*adapter_srcs, base_src] if arriving is None else adapter_srcs, hub)
     for src in [*adapter_srcs, base_src]:
-        fetch(src, hub, progress=progress)
+        fetch(src, hub, progress=progress, weights=arriving is None or src is not base_src)
     opened = [open_adapter(s.local, s.label) for s in adapter_srcs]
     for src, adapter in zip(adapter_srcs, opened):
         sha = adapter.tokenizer.sha256() if adapter.tokenizer else None
         check_tokenizer_matches(adapter.label, src.repo_id, sha, adapter.vocab_size)
-    base_model = open_base(base_src.local, verify=verify)
+    base_model = open_base(base_src.local, verify=verify, arriving=arriving)
     for name, digest in base_model.hashes.items():
         base_src.hashes.setdefault(name, digest)
     return Inputs(base_src, base_model, list(adapter_srcs), opened)

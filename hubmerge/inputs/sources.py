@@ -5,18 +5,19 @@ against the Hub's record as it arrives.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from ..errors import InputError, UnsafeFileError, VerificationError
+from ..errors import HubAccessError, InputError, UnsafeFileError, VerificationError
+from ..jsonio import index_weight_map
 from ..model.tokenizer import TOKENIZER_FILES
 from ..progress import Progress
 from ..verification.hashing import file_digest, git_blob_sha1
 from ..verification.known import check_known_file
+from .guard import COMMIT_ID, Expected, refuse, valid_digest
 from .hub import Hub, hub_errors
 
 Role = Literal["adapter", "base"]
@@ -34,6 +35,11 @@ BASE_WEIGHTS = (
     ("consolidated.*.pth",),
 )
 COMMON = TOKENIZER_FILES + ("tokenizer_checklist.chk", "README.md")
+# The weight files a sharded layout's index names, when the index itself has not been read yet (download sizes).
+SHARDS_OF_INDEX = {
+    "model.safetensors.index.json": "*.safetensors",
+    "pytorch_model.bin.index.json": "pytorch_model*.bin",
+}
 _VERIFY_BAR_BYTES = 64 * 2**20
 
 
@@ -44,6 +50,11 @@ class RemoteFile:
     size: int
     sha256: str | None
     blob_id: str | None
+
+    @property
+    def expected(self) -> Expected:
+        """What a download of this file must match (size, and the digest the Hub serves as its ETag)."""
+        return Expected(self.size, self.sha256 or self.blob_id)
 
 
 @dataclass
@@ -106,13 +117,73 @@ def resolve(spec: str | Path, role: Role, hub: Hub) -> Source:
     if parsed is None or spec.startswith((".", "/", "~")):
         raise InputError(f"{spec}: {role} folder not found, and not a Hub ID (org/name[@revision]); check the path")
     repo_id, revision = parsed
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return _resolve_cached(spec, role, repo_id, revision, hub)
     with hub_errors(hub, repo_id, revision=revision):
         info = hub.api().model_info(repo_id, revision=revision, files_metadata=True)
+    if not isinstance(info.sha, str) or not COMMIT_ID.fullmatch(info.sha):
+        raise refuse(hub.url, f"an invalid commit id for {repo_id}")
     remote = {}
     for s in info.siblings or []:
         _check_name(repo_id, s.rfilename)
-        remote[s.rfilename] = RemoteFile(int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
+        remote[s.rfilename] = _remote_file(hub, repo_id, s)
     return Source(spec, role, None, repo_id, revision, info.sha, remote)
+
+
+def _remote_file(hub: Hub, repo_id: str, sibling) -> RemoteFile:
+    """A listed file's record, once its size and digests are shown to be what the Hub sends (they name cache files
+    and decide what is downloaded)."""
+    name, size, lfs = sibling.rfilename, sibling.size, sibling.lfs
+    if type(size) is not int or not 0 <= size < 2**50:
+        raise refuse(hub.url, f"an invalid size for {repo_id}/{name}")
+    if sibling.blob_id is not None and not valid_digest(sibling.blob_id, (40,)):
+        raise refuse(hub.url, f"an invalid blob id for {repo_id}/{name}")
+    if lfs is not None and (not valid_digest(lfs.sha256, (64,)) or lfs.size != size):
+        raise refuse(hub.url, f"an invalid LFS record (sha256 or size) for {repo_id}/{name}")
+    return RemoteFile(size, lfs.sha256 if lfs else None, sibling.blob_id)
+
+
+def _repo_cache(hub: Hub, repo_id: str) -> Path:
+    return hub.cache_root / f"models--{repo_id.replace('/', '--')}"
+
+
+def _resolve_cached(spec: str, role: Role, repo_id: str, revision: str | None, hub: Hub) -> Source:
+    """Resolve a Hub ID from the cache alone (HF_HUB_OFFLINE=1): a branch or tag through the cache's ``refs``, then
+    the snapshot's files, each recorded by the blob it links to (named by the digest the Hub served it with)."""
+    folder = _repo_cache(hub, repo_id)
+    rev = revision or "main"
+    offline = f"{spec}: HF_HUB_OFFLINE=1 is set and the cache ({hub.cache_root}) holds no"
+    if COMMIT_ID.fullmatch(rev):
+        commit = rev
+    else:
+        if not _safe_revision(rev):
+            raise InputError(f"{spec}: {rev!r} is not a branch, tag or commit name")
+        ref = folder / "refs" / rev
+        commit = ref.read_text(encoding="ascii", errors="replace")[:64].strip() if ref.is_file() else ""
+        if not COMMIT_ID.fullmatch(commit):
+            raise HubAccessError(f"{offline} {repo_id} at {rev}; unset HF_HUB_OFFLINE to download it")
+    snapshot = folder / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise HubAccessError(f"{offline} {repo_id} at {commit[:12]}; unset HF_HUB_OFFLINE to download it")
+    blobs = (folder / "blobs").resolve()
+    remote = {}
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_dir():
+            continue
+        name = path.relative_to(snapshot).as_posix()
+        _check_name(repo_id, name)
+        blob = path.resolve()
+        if blob.parent != blobs or not blob.is_file():
+            raise UnsafeFileError(f"{path}: a cache entry that points outside the cache's blobs; remove it")
+        digest = blob.name
+        remote[name] = RemoteFile(
+            blob.stat().st_size,
+            digest if valid_digest(digest, (64,)) else None,
+            digest if valid_digest(digest, (40,)) else None,
+        )
+    return Source(spec, role, None, repo_id, revision, commit, remote)
 
 
 def _check_name(repo_id: str, name: str) -> None:
@@ -154,19 +225,39 @@ def needed_files(source: Source, *, weights: bool = True) -> list[str]:
     return chosen
 
 
-def not_cached(source: Source, hub: Hub) -> list[str]:
-    """The needed files of a Hub source that are not in the cache yet at its commit (nothing for local sources)."""
-    if source.repo_id is None:
-        return []
+def download_files(source: Source, hub: Hub) -> list[str]:
+    """Every file a merge downloads from a Hub source: :func:`needed_files` and, for a sharded layout, the shards its
+    index names (when the index is cached; else every file of the listing that looks like one of its shards)."""
+    names = needed_files(source)
+    index = next((n for n in names if n in SHARDS_OF_INDEX), None)
+    if index is None:
+        return names
+    cached = _cached(source, index, hub)
+    shards = None
+    if cached is not None:
+        try:
+            shards = _index_shards(source, Path(cached))
+        except InputError:
+            pass  # a bad index is reported by fetch; for sizes, the listing serves
+    if shards is None:
+        shards = [n for n in sorted(source.remote) if "/" not in n and PurePosixPath(n).match(SHARDS_OF_INDEX[index])]
+    return names + [s for s in shards if s not in names]
+
+
+def _cached(source: Source, name: str, hub: Hub) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
-    return [
-        n
-        for n in needed_files(source)
-        if not isinstance(
-            try_to_load_from_cache(source.repo_id, n, cache_dir=hub.cache_dir, revision=source.commit), str
-        )
-    ]
+    found = try_to_load_from_cache(source.repo_id or "", name, cache_dir=hub.cache_dir, revision=source.commit)
+    return found if isinstance(found, str) else None
+
+
+def not_cached(source: Source, hub: Hub, names: Iterable[str] | None = None) -> list[str]:
+    """The files of a Hub source a merge downloads (or ``names``) that are not in the cache yet at its commit
+    (nothing for local sources)."""
+    if source.repo_id is None:
+        return []
+    todo = download_files(source, hub) if names is None else names
+    return [n for n in todo if _cached(source, n, hub) is None]
 
 
 def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: Progress | None = None) -> Path:
@@ -186,44 +277,85 @@ def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: Progress 
         path = _download_verified(source, name, hub, progress)
         source.path = path.parent
         if name.endswith(".index.json") and weights:
-            for shard in _index_shards(source, path):
+            for shard in [s for s in _index_shards(source, path) if s not in source.hashes]:
                 _download_verified(source, shard, hub, progress)
+    _remember_revision(source, hub)
     return source.local
 
 
+def streamable_shards(source: Source) -> list[str]:
+    """The safetensors weight files of a Hub base fetched without weights (its index is local), sorted by name;
+    [] when its weights are in another format."""
+    weights = _first_layout(set(source.remote), BASE_WEIGHTS)
+    if weights == ["model.safetensors"]:
+        return weights
+    if weights == ["model.safetensors.index.json"] and source.path is not None:
+        return _index_shards(source, source.path / weights[0])
+    return []
+
+
+def _remember_revision(source: Source, hub: Hub) -> None:
+    """Record in the cache's ``refs`` which commit the branch or tag asked for resolved to (downloads pinned to the
+    commit do not), so that an offline run resolves ``org/name[@revision]`` the same way."""
+    rev = source.revision or "main"
+    if COMMIT_ID.fullmatch(rev) or not _safe_revision(rev) or source.commit is None:
+        return
+    ref = _repo_cache(hub, source.repo_id or "") / "refs" / rev
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(source.commit, encoding="ascii")
+
+
+def _safe_revision(rev: str) -> bool:
+    """A branch or tag name that stays inside the cache's ``refs`` folder as a path."""
+    return not rev.startswith("/") and ".." not in rev.split("/") and "\\" not in rev
+
+
 def _index_shards(source: Source, index: Path) -> list[str]:
-    try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{source.label}: {index.name} is not a valid weight index") from None
+    shards = sorted(set(index_weight_map(index).values()))
     for shard in shards:
         _check_name(source.repo_id or "", shard)
         if shard not in source.remote:
             raise InputError(f"{source.label}: {index.name} lists {shard}, which the repository does not have")
-    return [s for s in shards if s not in source.hashes]
+    return shards
+
+
+def fetch_file(source: Source, name: str, hub: Hub, progress: Progress, *, verify: bool = True) -> Path:
+    """Download one file of a Hub source into the cache and verify it as :func:`fetch` does; returns its path.
+    With ``verify=False`` it is only downloaded (a later call verifies it, e.g. on another thread, while the next
+    file downloads): nothing may read it before then.
+
+    Raises:
+        HubAccessError, VerificationError.
+    """
+    return _download_verified(source, name, hub, progress) if verify else _download(source, name, hub, progress)
+
+
+def _download(source: Source, name: str, hub: Hub, progress: Progress, force: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    record = source.remote[name]
+    with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name, expected=record.expected):
+        return Path(
+            hf_hub_download(
+                source.repo_id or "",
+                name,
+                revision=source.commit,
+                cache_dir=hub.cache_dir,
+                token=hub.token,
+                endpoint=hub.url,
+                force_download=force,
+                tqdm_class=progress.tqdm_class("download", name),
+            )
+        )
 
 
 def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
-    from huggingface_hub import hf_hub_download
-
     for attempt in (1, 2):
-        with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
-            local = Path(
-                hf_hub_download(
-                    source.repo_id,
-                    name,
-                    revision=source.commit,
-                    cache_dir=hub.cache_dir,
-                    token=hub.token,
-                    endpoint=hub.url,
-                    force_download=attempt == 2,
-                    tqdm_class=progress.tqdm_class("download", name),
-                )
-            )
+        local = _download(source, name, hub, progress, force=attempt == 2)
         problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local
-        _discard(local)
+        _discard(local, _repo_cache(hub, source.repo_id or ""))
         if attempt == 2:
             raise VerificationError(
                 f"{source.label}/{name}: {problem} even after downloading it again; the copy "
@@ -260,9 +392,12 @@ def _mismatch(source: Source, name: str, local: Path, progress: Progress) -> str
     return None
 
 
-def _discard(local: Path) -> None:
-    """Remove a bad download from the cache: the snapshot link and the blob it points to."""
-    blob = local.resolve()
-    local.unlink(missing_ok=True)
-    if blob != local:
-        blob.unlink(missing_ok=True)
+def _discard(local: Path, repo_cache: Path) -> None:
+    """Remove a bad download from the cache: the snapshot link and the blob it points to, and only when both are
+    where the client puts them inside ``repo_cache`` (a link to anywhere else is left alone)."""
+    root = repo_cache.resolve()
+    link, blob = local.parent.resolve() / local.name, local.resolve()
+    if link.is_relative_to(root / "snapshots"):
+        if blob != link and blob.parent == root / "blobs":
+            blob.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)

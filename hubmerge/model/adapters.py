@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
+from ..jsonio import json_field
 from ..tensorio import TensorRef, read_safetensors, read_torch_zip
 from . import architectures
+from .patterns import MAX_NAME, Deadline, compile_pattern
 from .tokenizer import TokenizerInfo, load_json, read_tokenizer
 
 WEIGHT_FILES = (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch_zip))
@@ -49,6 +51,8 @@ _KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("whole", r"\.(?P<part>weight|bias)$"),
     )
 )
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d{1,6})\.")
 
 
 @dataclass
@@ -108,6 +112,8 @@ class Adapter:
         configs = [self.path / "adapter_config.json"] + ([self.path / "config.json"] if self.model_config else [])
         return [self.weights, *configs, *(self.tokenizer.files if self.tokenizer else [])]
 
+    layers: int = 0  # 1 + the highest layer index any of its tensors names (0: none names a layer)
+
     @property
     def r(self) -> int:
         return int(self.config.get("r", 8))
@@ -137,35 +143,54 @@ class Adapter:
         return ref.shape[0] if ref is not None else None
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: the first pattern that matches the end of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+class ModuleRules:
+    """PEFT's rules for one adapter config: which modules carry LoRA (``target_modules`` as names or a regex,
+    ``exclude_modules``, ``layers_to_transform``) and the rank / alpha of each (``rank_pattern``, ``alpha_pattern``).
+    Every regex is compiled and checked once (:mod:`hubmerge.model.patterns`) and all matching shares a deadline."""
 
+    def __init__(self, config: dict[str, Any], where: Path):
+        self.config, self.where = config, where
+        self.deadline = Deadline(where)
+        targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+        self.target_regex = compile_pattern(targets, where, "target_modules") if isinstance(targets, str) else None
+        self.targets = None if targets is None or isinstance(targets, str) else list(targets)
+        self.exclude_regex = compile_pattern(exclude, where, "exclude_modules") if isinstance(exclude, str) else None
+        self.exclude = [] if not exclude or isinstance(exclude, str) else list(exclude)
+        layers = config.get("layers_to_transform")
+        self.layers = [layers] if isinstance(layers, int) else (layers or None)
+        self.patterns = {
+            key: [(compile_pattern(k, where, key, r"(.*\.)?({})$"), v) for k, v in (config.get(key) or {}).items()]
+            for key in ("rank_pattern", "alpha_pattern")
+        }
 
-def _targeted(config: dict[str, Any], module: str) -> bool:
-    """Whether PEFT would have put a LoRA layer on ``module`` for this config."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str) and re.fullmatch(exclude, module):
+    def _match(self, pattern: re.Pattern[str], module: str, full: bool) -> bool:
+        self.deadline.check()
+        return (pattern.fullmatch(module) if full else pattern.match(module)) is not None
+
+    def targeted(self, module: str) -> bool:
+        """Whether PEFT would have put a LoRA layer on ``module`` for this config."""
+        if self.exclude_regex is not None and self._match(self.exclude_regex, module, True):
             return False
-        if not isinstance(exclude, str) and any(module == e or module.endswith("." + e) for e in exclude):
+        if any(module == e or module.endswith("." + e) for e in self.exclude):
             return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return True  # PEFT filled in the architecture's defaults; the tensors say which modules were adapted
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if not any(module == t or module.endswith("." + t) for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is not None and layers != []:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
-        layers = [layers] if isinstance(layers, int) else layers
-        return found is not None and int(found.group(1)) in layers
-    return True
+        if self.target_regex is not None:
+            return self._match(self.target_regex, module, True)
+        if self.targets is None:
+            return True  # PEFT filled in the architecture's defaults; the tensors say which modules were adapted
+        if not any(module == t or module.endswith("." + t) for t in self.targets):
+            return False
+        if self.layers:
+            found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
+            return found is not None and int(found.group(1)) in self.layers
+        return True
+
+    def value(self, key: str, module: str, default: Any) -> Any:
+        """PEFT's rank/alpha pattern lookup (``key``: rank_pattern or alpha_pattern): the value of the first pattern
+        that matches the end of the module name, else ``default``."""
+        for pattern, value in self.patterns[key]:
+            if self._match(pattern, module, False):
+                return value
+        return default
 
 
 def lora_scale(config: dict[str, Any], r: float, alpha: float) -> float:
@@ -178,11 +203,28 @@ def config_layout(config: dict[str, Any]) -> Literal["2023", "current"]:
     return "2023" if "enable_lora" in config or "merge_weights" in config else "current"
 
 
+# Types of the config keys hubmerge reads (PEFT writes these; anything else is a damaged or foreign file).
+_CONFIG_TYPES: dict[str, type | tuple[type, ...]] = {
+    "peft_type": str,
+    "target_modules": (str, list),
+    "exclude_modules": (str, list),
+    "layers_to_transform": (int, list),
+    "modules_to_save": (str, list),
+    "rank_pattern": dict,
+    "alpha_pattern": dict,
+    "use_rslora": bool,
+    "use_dora": bool,
+    "lora_bias": bool,
+    "fan_in_fan_out": bool,
+}
+
+
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """Read and check ``adapter_config.json``.
 
     Raises:
-        InputError: missing, unreadable, not LoRA, or with values PEFT would refuse.
+        InputError: missing, unreadable, not LoRA, values of the wrong type, an unsafe or invalid regex, or
+        values PEFT would refuse.
     """
     path = folder / "adapter_config.json"
     if not path.is_file():
@@ -190,13 +232,24 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     config = load_json(path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise InputError(f"{path}: peft_type {peft_type} is not supported; hubmerge merges LoRA adapters")
+        raise InputError(f"{path}: peft_type {peft_type[:40]} is not supported; hubmerge merges LoRA adapters")
     if config.get("use_dora") and config.get("lora_bias"):
         raise InputError(f"{path}: use_dora with lora_bias is a combination PEFT refuses to load; fix the config")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise InputError(f"{path}: {key} must be a positive number, found {value!r}")
+    for key, kinds in _CONFIG_TYPES.items():
+        json_field(config, key, kinds, path)
+    for key in ("target_modules", "exclude_modules", "layers_to_transform"):
+        value = config.get(key)
+        item = int if key == "layers_to_transform" else str
+        if isinstance(value, list) and not all(type(v) is item for v in value):
+            raise InputError(f"{path}: {key} must list {'layer numbers' if item is int else 'module names'}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        values = (config.get(key) or {}).values()
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise InputError(f"{path}: {key} must map module patterns to positive numbers")
     targets = config.get("target_modules")
     if isinstance(targets, list):
         unknown = [t for t in targets if str(t).rsplit(".", 1)[-1] not in architectures.lora_modules()]
@@ -278,7 +331,9 @@ def read_model_config(folder: Path) -> dict[str, Any]:
             else (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
         )
         if not ok:
-            raise InputError(f"{path}: {key} is {value!r}; fix it or use the config.json published with the adapter")
+            raise InputError(
+                f"{path}: {key} is {value!r:.80}; fix it or use the config.json published with the adapter"
+            )
     return out
 
 
@@ -296,6 +351,7 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
     if not folder.is_dir():
         raise InputError(f"{folder}: adapter folder not found; give a LoRA adapter folder or a Hub ID")
     config = read_adapter_config(folder)
+    rules = ModuleRules(config, folder / "adapter_config.json")
     for name, reader in WEIGHT_FILES:
         weights = folder / name
         if weights.is_file():
@@ -318,9 +374,11 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
                 break
         else:
             raise InputError(
-                f"{weights}: tensor {key} is not a LoRA weight hubmerge understands "
+                f"{weights}: tensor {key[:200]} is not a LoRA weight hubmerge understands "
                 "(only LoRA, DoRA, lora_bias, trainable-token rows and whole replaced modules can be merged)"
             )
+        if len(m["module"]) > MAX_NAME:
+            raise InputError(f"{weights}: tensor {key[:200]}... does not name a module of a known model")
         if kind in ("whole", "base_layer"):
             replacements[f"{m['module']}.{m['part']}"] = ref
         elif kind == "wrapped":
@@ -330,6 +388,8 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         elif kind != "original":
             factors.setdefault((m["module"], kind), {})[m["part"]] = ref
     replacements = {**wrapped, **replacements}
+    named = [*(m for m, _ in factors), *replacements, *(m for refs in extras.values() for m in refs)]
+    layers = 1 + max((int(x[1]) for x in map(_LAYER.search, named) if x), default=-1)
     if not factors and not replacements and not extras["tokens"]:
         raise InputError(
             f"{weights}: holds no LoRA tensors ({size} bytes); the training run saved an empty "
@@ -339,7 +399,6 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
     warnings: list[str] = []
     if config.get("fan_in_fan_out"):
         warnings.append(f"{label}: fan_in_fan_out=true ignored, as PEFT does for LLaMA's nn.Linear layers")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     config_file = folder / "adapter_config.json"
     lora: dict[str, LoraPair] = {}
     skipped = []
@@ -347,11 +406,11 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         if set(parts) != {"A", "B"}:
             missing = ({"A", "B"} - set(parts)).pop()
             raise InputError(f"{weights}: {module} has no lora_{missing} tensor; the adapter file is damaged")
-        if not _targeted(config, module):
+        if not rules.targeted(module):
             skipped.append(module)
             continue
-        r = int(_pattern_value(rank_pattern, module, config.get("r", 8)))
-        alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
+        r = int(rules.value("rank_pattern", module, config.get("r", 8)))
+        alpha = float(rules.value("alpha_pattern", module, config.get("lora_alpha", 8)))
         a, b = parts["A"], parts["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
             found = a.shape[0] if len(a.shape) == 2 else list(a.shape)
@@ -392,5 +451,6 @@ def open_adapter(folder: Path, label: str | None = None) -> Adapter:
         replacements,
         read_tokenizer(folder),
         warnings,
-        read_model_config(folder),
+        model_config=read_model_config(folder),
+        layers=layers,
     )

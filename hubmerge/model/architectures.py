@@ -38,6 +38,7 @@ from . import layouts
 
 DIMENSIONS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "vocab", "intermediate")
 DEFAULT_ROPE_THETA = 10000.0
+MAX_LAYERS = 1024  # the deepest released models of these families have ~130 layers
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,13 @@ class Architecture:
                 raise InputError(
                     f"{path}: missing or invalid {self.keys[dim]!r}; restore the original config.json", path=path
                 )
-        for dim in ("kv_heads", "head_dim"):
+        if config[self.keys["layers"]] > MAX_LAYERS:  # every list of tensor names grows with it
+            raise InputError(
+                f"{path}: {self.keys['layers']} {config[self.keys['layers']]} is far beyond any real model (at most "
+                f"{MAX_LAYERS}); restore the original config.json",
+                path=path,
+            )
+        for dim in ("kv_heads", "head_dim", "vocab"):
             value = config.get(self.keys[dim])
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise InputError(

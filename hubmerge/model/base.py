@@ -3,19 +3,19 @@ loaded. Which tensors it must hold comes from its family's table (:mod:`hubmerge
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import CorruptFileError, InputError
+from ..jsonio import index_weight_map, load_json
 from ..tensorio import TensorSource, read_safetensors, read_torch_zip
 from ..verification.checklists import CheckRow
 from .architectures import Architecture, for_config, llama, supported
-from .tokenizer import TokenizerInfo, load_json, read_tokenizer
+from .tokenizer import TokenizerInfo, read_tokenizer
 
 # Weight layouts of an HF folder, in order of preference: (index file, single file, reader).
 _WEIGHT_LAYOUTS = (
@@ -89,24 +89,41 @@ def read_config(folder: Path) -> tuple[dict[str, Any], Architecture]:
     return config, arch
 
 
-def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
-    """Index the weights of an HF folder (single or sharded safetensors, else single or sharded .bin).
+class ArrivingWeights(Protocol):
+    """safetensors files of a base that are still being downloaded: their headers are known, their bytes not yet."""
+
+    def has(self, path: Path) -> bool:
+        """Whether ``path`` is one of the arriving files."""
+
+    def read(self, path: Path) -> dict[str, TensorSource]:
+        """The tensors of an arriving file (reading them waits for the file)."""
+
+
+def open_checkpoint(
+    folder: Path, arriving: ArrivingWeights | None = None
+) -> tuple[dict[str, TensorSource], list[Path]]:
+    """Index the weights of an HF folder (single or sharded safetensors, else single or sharded .bin), some of which
+    may be ``arriving``.
 
     Returns:
         ``(tensors, files)``.
     Raises:
         InputError: no weights, or an index naming a missing file. CorruptFileError: a damaged shard.
     """
-    for index_name, single_name, reader in _WEIGHT_LAYOUTS:
+
+    def present(path: Path) -> bool:
+        return path.is_file() or (arriving is not None and arriving.has(path))
+
+    for index_name, single_name, layout_reader in _WEIGHT_LAYOUTS:
+        reader: Callable[[Path], Mapping[str, TensorSource]] = layout_reader
+        if arriving is not None and layout_reader is read_safetensors:
+            reader = arriving.read
         index_path, single_path = folder / index_name, folder / single_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise CorruptFileError(f"{index_path}: not a valid weight index; restore the original file") from None
+            weight_map = index_weight_map(index_path)
             files = list(dict.fromkeys(folder / f for f in weight_map.values()))
             for f in files:
-                if f.parent != folder or not f.is_file():
+                if f.parent != folder or not present(f):
                     raise InputError(
                         f"{index_path}: lists {f.name}, which is not in {folder}; download the missing shard"
                     )
@@ -120,7 +137,7 @@ def open_checkpoint(folder: Path) -> tuple[dict[str, TensorSource], list[Path]]:
                     "the shard or the index is damaged, download both again"
                 )
             return tensors, files
-        if single_path.is_file():
+        if present(single_path):
             return dict(reader(single_path)), [single_path]
     raise InputError(
         f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded index); "
@@ -134,11 +151,12 @@ def check_tensor_names(names: Iterable[str], expected: Sequence[str], *, unknown
     have = set(names)
     for found, message in ((sorted(have - set(expected)), unknown), ([n for n in expected if n not in have], missing)):
         if found:
-            raise InputError(message.format(name=found[0], count=len(found)))
+            raise InputError(message.format(name=found[0][:200], count=len(found)))
 
 
-def open_hf(folder: Path) -> BaseModel:
-    """Open an HF base folder and check it holds exactly the tensors its config implies.
+def open_hf(folder: Path, arriving: ArrivingWeights | None = None) -> BaseModel:
+    """Open an HF base folder and check it holds exactly the tensors its config implies (some of its safetensors
+    files may be ``arriving``).
 
     Returns:
         a :class:`BaseModel`.
@@ -147,7 +165,7 @@ def open_hf(folder: Path) -> BaseModel:
         to a model of this family and config.
     """
     config, arch = read_config(folder)
-    tensors, files = open_checkpoint(folder)
+    tensors, files = open_checkpoint(folder, arriving)
     expected = arch.tensor_names(config)
     head = arch.role("head")
     for name in list(tensors):

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .base import BaseModel, open_hf
+from .base import ArrivingWeights, BaseModel, open_hf
 from .meta import is_meta_folder, open_meta
 
 
-def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
-    """Open a base model lazily. A Meta checkpoint folder (``consolidated.*.pth``, no config.json) is verified first
-    unless ``verify`` is false, then joined and permuted on the fly (:func:`hubmerge.model.meta.open_meta`).
+def open_base(folder: Path, *, verify: bool = True, arriving: ArrivingWeights | None = None) -> BaseModel:
+    """Open a base model lazily (an HF folder's safetensors files may be ``arriving``: see
+    :class:`~hubmerge.model.base.ArrivingWeights`). A Meta checkpoint folder (``consolidated.*.pth``, no config.json)
+    is verified first unless ``verify`` is false, then joined and permuted on the fly
+    (:func:`hubmerge.model.meta.open_meta`).
 
     Returns:
         a :class:`~hubmerge.model.base.BaseModel`.
@@ -24,4 +26,4 @@ def open_base(folder: Path, *, verify: bool = True) -> BaseModel:
         raise InputError(f"{folder}: base folder not found; give --base an existing folder or a Hub ID")
     if is_meta_folder(folder):
         return open_meta(folder, verify=verify)
-    return open_hf(folder)
+    return open_hf(folder, arriving)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, IncompatibleError, InputError, VerificationError
-from ..tensorio import TensorRef, read_torch_zip
+from ..tensorio import TensorRef, TensorSource, read_torch_zip
 from ..tensorio.source import read_rows_into
 from ..verification.checklists import CheckRow, read_checklist
 from ..verification.hashing import file_digests
@@ -65,7 +65,11 @@ def read_params(folder: Path) -> dict[str, Any]:
         )
     params = load_json(path)
     for key in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if not isinstance(params.get(key), int) or params[key] <= 0:
+        if (
+            type(params.get(key)) is not int
+            or params[key] <= 0
+            or (key == "n_layers" and params[key] > architectures.MAX_LAYERS)
+        ):
             raise InputError(f"{path}: missing or invalid {key!r}; restore the original params.json")
     kv = params.get("n_kv_heads")
     if kv is not None and (not isinstance(kv, int) or kv <= 0 or params["n_heads"] % kv):
@@ -140,7 +144,7 @@ def verify_checklists(folder: Path, tokenizer_folder: Path, cache: dict[Path, di
     for checklist, where in lists:
         if not checklist.is_file():
             continue
-        for name, want in read_checklist(checklist).items():
+        for name, want in read_checklist(checklist, plain=True).items():
             path = where / name
             if not path.is_file():
                 raise VerificationError(
@@ -246,7 +250,7 @@ def _joined_shape(name: str, parts: Sequence[TensorRef], split: int | None, file
     ok = len(dims) == 1 and len({p.dtype for p in parts}) == 1
     if ok and split is None:
         ok = len(set(shapes)) == 1
-    elif ok:
+    elif ok and split is not None:
         ok = next(iter(dims)) == 2 and len({s[1 - split] for s in shapes}) == 1
     if not ok:
         listing = ", ".join(f"{f.name} {list(s)}" for f, s in zip(files, shapes))
@@ -345,10 +349,11 @@ def special_tokens(tokenizer: TokenizerInfo) -> tuple[dict[str, str], dict[str, 
     """The sentencepiece model's special pieces (``{"bos_token": "<s>", ...}``) and their ids (``{"bos": 1, ...}``)."""
     import sentencepiece
 
+    assert tokenizer.model_file is not None  # find_tokenizer only returns folders with a tokenizer.model
     sp = sentencepiece.SentencePieceProcessor()
     sp.LoadFromSerializedProto(tokenizer.model_file.read_bytes())
-    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
-    ids = {k: (v if 0 <= v < sp.get_piece_size() else None) for k, v in ids.items()}
+    found = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    ids: dict[str, int | None] = {k: (v if 0 <= v < sp.get_piece_size() else None) for k, v in found.items()}
     return {f"{k}_token": sp.id_to_piece(v) for k, v in ids.items() if v is not None}, ids
 
 
@@ -426,6 +431,7 @@ def open_meta(folder: Path, *, verify: bool = True) -> BaseModel:
     _, ids = special_tokens(tokenizer)
     config = hf_config(params, rows, context, ids, tensors["model.embed_tokens.weight"].dtype)
     hashes = {p.name: d["sha256"] for p, d in cache.items() if p in files and "sha256" in d}
+    sources: dict[str, TensorSource] = dict(tensors)
     return BaseModel(
-        folder, config, tensors, list(files), tokenizer, [], hf_documents(tokenizer, context), hashes, checks
+        folder, config, sources, list(files), tokenizer, [], hf_documents(tokenizer, context), hashes, checks
     )

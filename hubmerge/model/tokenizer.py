@@ -7,12 +7,12 @@ ids defined on top of it (``added_tokens.json``, ``tokenizer_config.json``'s ``a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonio import json_field, load_json
 from ..verification.hashing import file_digest
 
 # Files copied into an HF output, in the order they are looked for. The first two carry the vocabulary.
@@ -51,17 +51,6 @@ class TokenizerInfo:
         return file_digest(self.model_file)
 
 
-def load_json(path: Path) -> dict:
-    """A JSON object from a file; InputError (naming the file) when unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); restore the original file") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object; restore the original file")
-    return data
-
-
 def read_tokenizer(folder: Path) -> TokenizerInfo | None:
     """Describe the tokenizer in ``folder``.
 
@@ -81,6 +70,11 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         import sentencepiece
 
         path = folder / "tokenizer.model"
+        if path.stat().st_size > _MAX_SP_MODEL:
+            raise InputError(
+                f"{path}: larger than {_MAX_SP_MODEL >> 20} MiB, far beyond any real sentencepiece model; "
+                "use the tokenizer.model published with this model"
+            )
         data = path.read_bytes()
         sp = sentencepiece.SentencePieceProcessor()
         try:
@@ -100,18 +94,25 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
         sp_size = sp.get_piece_size()
         base_size = sp_size
     else:
-        data = load_json(folder / "tokenizer.json")
-        vocab = data.get("model", {}).get("vocab", {})
+        path = folder / "tokenizer.json"
+        doc = load_json(path)
+        vocab = json_field(json_field(doc, "model", dict, path, {}), "vocab", (dict, list), path, {})
         base_size = len(vocab)
         if isinstance(vocab, dict) and vocab:
-            base_size = max(int(i) for i in vocab.values()) + 1
-        for tok in data.get("added_tokens", []):
-            ids[str(tok.get("content"))] = int(tok["id"])
+            base_size = max(_token_id(i, path) for i in vocab.values()) + 1
+        for tok in json_field(doc, "added_tokens", list, path, []):
+            if not isinstance(tok, dict):
+                raise InputError(f"{path}: an added_tokens entry is not an object; restore the original file")
+            ids[str(tok.get("content"))[:1000]] = _token_id(tok.get("id"), path)
     if "added_tokens.json" in names:
-        ids.update({str(k): int(v) for k, v in load_json(folder / "added_tokens.json").items()})
+        path = folder / "added_tokens.json"
+        ids.update({k: _token_id(v, path) for k, v in load_json(path).items()})
     if "tokenizer_config.json" in names:
-        decoder = load_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
-        ids.update({str(v.get("content")): int(k) for k, v in decoder.items() if isinstance(v, dict)})
+        path = folder / "tokenizer_config.json"
+        decoder = json_field(load_json(path), "added_tokens_decoder", dict, path, {})
+        ids.update(
+            {str(v.get("content"))[:1000]: _token_id(k, path) for k, v in decoder.items() if isinstance(v, dict)}
+        )
     added = {tok: i for tok, i in ids.items() if i >= base_size}
     extra = sorted(set(added.values()))
     if extra and extra != list(range(base_size, base_size + len(extra))):
@@ -120,3 +121,18 @@ def read_tokenizer(folder: Path) -> TokenizerInfo | None:
             "without gaps; fix added_tokens.json"
         )
     return TokenizerInfo(folder, files, base_size + len(extra), sp_size, added)
+
+
+_MAX_SP_MODEL = 64 << 20  # real ones are 0.5-5 MB
+_MAX_TOKENS = 1 << 24  # 16M ids: 60x the largest real vocabularies, and far below an embedding nobody could store
+
+
+def _token_id(value: object, path: Path) -> int:
+    """A token id from a tokenizer file: a non-negative integer (or its decimal string, as JSON object keys are)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10:
+        value = int(value)
+    if type(value) is not int or not 0 <= value < _MAX_TOKENS:
+        raise InputError(
+            f"{path}: token id {str(value)[:40]!r} is not an id below {_MAX_TOKENS}; restore the original file"
+        )
+    return value

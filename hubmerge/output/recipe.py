@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
+from ..jsonio import load_json
 from ..verification.hashing import file_digest
 
 if TYPE_CHECKING:
@@ -46,8 +48,15 @@ def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
 
 
 def read_recipe(folder: Path) -> dict[str, Any]:
-    """Read ``hubmerge.json`` from ``folder`` (raises OSError / ValueError as json does)."""
-    return json.loads((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+    """Read ``hubmerge.json`` from ``folder``.
+
+    Raises:
+        InputError: naming the file, when it is missing, unreadable, too large or malformed JSON.
+    """
+    path = folder / RECIPE_NAME
+    if not path.is_file():
+        raise InputError(f"{folder}: no {RECIPE_NAME}; only folders written by hubmerge have one")
+    return load_json(path)
 
 
 def source_license(folder: Path | None) -> str | None:
@@ -81,7 +90,6 @@ def hash_inputs(plan: MergePlan, sources: Sequence[Source]) -> None:
 
 def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) -> dict[str, Any]:
     """The recipe of a finished write: every input pinned and hashed, the scaling, the formats, each file's SHA256."""
-    from ..plan import dtype_name
 
     def source_record(src: Source, files_in: Sequence[Path]) -> dict:
         record: dict[str, Any] = {"source": src.spec}
@@ -112,7 +120,7 @@ def build_recipe(plan: MergePlan, inputs: Inputs, formats: dict, files: dict) ->
         "adapters": adapters,
         "merge": {
             "family": plan.base.arch.model_type,
-            "dtype": dtype_name(plan.dtype),
+            "dtype": plan.dtype_name,
             "vocab_size": plan.vocab_size,
             "tokenizer": tokenizer,
             "tensors": len(plan.tensors),

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +40,9 @@ from ..progress import Progress
 from ..resources import check_disk, check_memory
 from ..sizes import format_size
 from ..verification.hashing import file_digest
+from .formats import format_folder
 from .recipe import RECIPE_NAME, build_recipe, hash_inputs, input_files, tool_versions, write_recipe
-from .writers import Writer, format_folder, make_writer
+from .writers import Writer, make_writer
 
 if TYPE_CHECKING:
     from ..inputs.loading import Inputs
@@ -201,6 +202,8 @@ def fingerprint(plan: MergePlan, input_files: Iterable[Path], options: Mapping[s
     """SHA256 of what decides the output bytes: the inputs' identity, the plan, the output options, the versions."""
 
     def stat(path: Path) -> list:
+        if not path.exists():  # a Hub file still to download: its cache path names the commit, verified on arrival
+            return [str(path)]
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
@@ -291,6 +294,14 @@ class Written:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _both(first: Callable[[Path, str], None], then: Callable[[Path, str], None]) -> Callable[[Path, str], None]:
+    def call(path: Path, digest: str) -> None:
+        first(path, digest)
+        then(path, digest)
+
+    return call
+
+
 def write_outputs(
     plan: MergePlan,
     inputs: Inputs,
@@ -301,20 +312,23 @@ def write_outputs(
     pth_shards: int | None,
     progress: Progress,
     block_bytes: int,
+    disk_needed: int | None = None,
+    on_file_done: Callable[[Path, str], None] | None = None,
 ) -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
     Everything goes to a hidden sibling folder first; each file is hashed, the hubmerge.json recipe is written, and
     only then is the folder moved into place (replacing ``out_dir``). The inputs' SHA256 for the recipe are computed
     on the other core meanwhile. The sibling folder carries a journal of finished files: after a kill or Ctrl-C,
-    the same command on the same inputs keeps them and writes only the rest.
+    the same command on the same inputs keeps them and writes only the rest. ``on_file_done(path, sha256)`` is also
+    called as each HF shard is finished (a streamed push uploads it); ``disk_needed`` replaces the room checked.
 
     Raises:
         OutputError: no room (before writing, or the disk filled up meanwhile); any writer's IncompatibleError:
         the sibling folder is removed. Interrupted (Ctrl-C): the finished files are kept for a rerun.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20)
+    check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20 if disk_needed is None else disk_needed)
     check_memory(estimate_memory(plan, block_bytes))
     staging = partial_folder(out_dir)
     options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
@@ -327,9 +341,10 @@ def write_outputs(
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
             writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
         skip = set(range(len(plan.tensors)))
-        for w in writers:  # a tensor is skipped only when no writer needs it any more
+        for fmt, w in zip(formats, writers):  # a tensor is skipped only when no writer needs it any more
             skip &= w.resume(journal.done)
-            w.on_file_done = journal.record
+            hf_hook = on_file_done if fmt == "hf" else None
+            w.on_file_done = journal.record if hf_hook is None else _both(journal.record, hf_hook)
         done_bytes = sum(math.prod(plan.tensors[i].shape) * plan.out_dtype(plan.tensors[i]).itemsize for i in skip)
         with progress.task("merge", out_dir.name, plan.nbytes, initial=done_bytes) as update:
             merge_into(plan, writers, block_bytes, update, skip=skip)

@@ -8,6 +8,7 @@ streaming way; tests read every file written here back with the ``safetensors`` 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError, InputError
+from ..jsonio import parse_json
 from .output import OutputFile
 from .source import Entry, StreamingTensorWriter, TensorRef, close_written
 
@@ -34,16 +36,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+# The format allows 100 MB; a header takes ~100 bytes per tensor and LLaMA shards hold under 10k tensors, so 16 MiB
+# leaves room while bounding what parsing a hostile header can cost (Python's JSON objects take up to ~20x the text).
+_MAX_HEADER = 16 * 1024 * 1024
 
 
 def read_safetensors(path: Path) -> dict[str, TensorRef]:
-    """Parse a safetensors file's header.
+    """Parse a safetensors file's header, as strictly as the reference reader: what it refuses is refused here.
 
     Returns:
         ``{name: TensorRef}`` in the header's order.
     Raises:
-        CorruptFileError: truncated file, unreadable header, offsets outside the data or not matching the shape.
+        CorruptFileError: truncated file, unreadable header (bad JSON, a key twice, Infinity/NaN, shapes or offsets
+        that are not non-negative integers), tensors that overlap, leave holes or do not cover the data exactly.
+        InputError: a dtype hubmerge does not handle.
     """
     path = Path(path)
     fix = "download or copy it again"
@@ -62,33 +68,69 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             raw = f.read(hlen)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({exc}); {fix}") from None
-    data_start = 8 + hlen
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> dict[str, TensorRef]:
+    """The ``{name: TensorRef}`` of the JSON header ``raw`` of a safetensors file of ``size`` bytes at ``path``
+    (which need not exist yet: the header can come from elsewhere, e.g. the first bytes of a file on the Hub), read
+    as strictly as the reference reader.
+
+    Raises:
+        CorruptFileError: see :func:`read_safetensors`. InputError: a dtype hubmerge does not handle.
+    """
+    fix = "download or copy it again"
+    header = parse_json(raw, f"{path}: safetensors header", unique_keys=True, corrupt=True)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CorruptFileError(f"{path}: safetensors __metadata__ is not a map of strings; {fix}")
+    data_start = 8 + len(raw)
     refs: dict[str, TensorRef] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{path}: header entry for {name!r} is malformed; {fix}") from None
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != nbytes or data_start + end > size:
+        if not (
+            isinstance(info, dict)
+            and _counts(info.get("shape"))
+            and _counts(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2
+            and isinstance(info.get("dtype"), str)
+        ):
             raise CorruptFileError(
-                f"{path}: tensor {name!r} lies outside the file or does not match its shape "
-                f"{list(shape)}: the file is truncated or damaged; {fix}"
+                f"{path}: header entry for {name[:200]!r} is malformed (dtype, shape and data_offsets must be a "
+                f"string and lists of non-negative integers); {fix}"
             )
-        refs[name] = TensorRef(path, data_start + begin, dtype, shape)
+        if info["dtype"] not in DTYPES:
+            raise InputError(
+                f"{path}: tensor {name[:200]!r} has dtype {info['dtype'][:20]!r}, which hubmerge does "
+                f"not handle ({', '.join(DTYPES)})"
+            )
+        dtype, shape, offsets = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CorruptFileError(
+                f"{path}: tensor {name[:200]!r} has data_offsets {offsets} that do not match its shape {shape}; {fix}"
+            )
+        refs[name] = TensorRef(path, data_start + begin, dtype, tuple(shape))
+        spans.append((begin, end, name))
+    covered = 0
+    for begin, end, name in sorted(spans):  # the reference reader's rule: back to back, no holes, no overlaps
+        if begin != covered:
+            raise CorruptFileError(
+                f"{path}: tensor {name[:200]!r} {'overlaps another' if begin < covered else 'leaves a hole'} in the "
+                f"data: the file is damaged or not written by a safetensors writer; {fix}"
+            )
+        covered = end
+    if data_start + covered != size:
+        raise CorruptFileError(
+            f"{path}: the tensors cover {covered} bytes but the file holds {size - data_start} after the header: "
+            f"truncated or damaged; {fix}"
+        )
     return refs
+
+
+def _counts(value: object) -> bool:
+    """A list of non-negative integers (never bools or floats, as the reference reader's usize)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v < 1 << 64 for v in value)
 
 
 class SafetensorsWriter(StreamingTensorWriter):

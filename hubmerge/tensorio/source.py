@@ -132,7 +132,7 @@ def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> to
 def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
     """Fill the uint8 tensor ``out`` with the bytes of ``path`` at ``offset`` (positioned reads, no mmap)."""
     nbytes = out.numel()
-    view = memoryview(out.numpy())
+    view = out.numpy().data
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -166,7 +166,7 @@ def close_written(file, complete: bool) -> None:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 @dataclass(frozen=True)

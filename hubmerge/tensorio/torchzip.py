@@ -12,15 +12,17 @@ The writer produces the layout ``torch.save`` does (``<root>/data.pkl``, ``<root
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -42,7 +44,12 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "UntypedStorage": torch.uint8,
 }
 _STORAGE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items() if k != "UntypedStorage"}
-_MAX_PICKLE = 256 * 1024 * 1024
+# Real data.pkl files take ~150 bytes and ~15 values per tensor: these allow ~30k tensors per file (LLaMA shards hold
+# under 1000) and bound what a hostile pickle can make the reader hold (~100 bytes per value) or do (a step per byte).
+_MAX_PICKLE = 4 * 1024 * 1024
+_MAX_OBJECTS = 500_000
+_MAX_DIMS = 64  # torch's own limit on tensor dimensions
+_MAX_DIM = 1 << 48
 _ALIGN = 64  # torch.save aligns record data so that mmap loading works
 
 
@@ -65,20 +72,47 @@ class _Marker:
     """Stands for a class the pickle may name only as an argument (torch.Tensor, nn.Parameter)."""
 
 
+class _Damaged(Exception):
+    """The pickle is malformed or outside what torch.save writes; the message says where, in a few words."""
+
+
+def _sizes(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or len(value) > _MAX_DIMS:
+        raise _Damaged(f"tensor {what} is not a tuple of at most {_MAX_DIMS} numbers")
+    if not all(type(d) is int and 0 <= d < _MAX_DIM for d in value):
+        raise _Damaged(f"tensor {what} holds a value that is not a plausible size")
+    return value
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _Storage):
-        raise pickle.UnpicklingError("tensor without storage")
-    return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+        raise _Damaged("tensor without storage")
+    if type(storage_offset) is not int or not 0 <= storage_offset < _MAX_DIM:
+        raise _Damaged("tensor offset is not a plausible number")
+    shape, strides = _sizes(size, "size"), _sizes(stride, "stride")
+    if len(shape) != len(strides):
+        raise _Damaged("tensor size and stride differ in length")
+    return _LazyTensor(storage, storage_offset, shape, strides)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    if not isinstance(data, _LazyTensor):
+        raise _Damaged("parameter without tensor")
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     if func not in (_rebuild_tensor_v2, _rebuild_parameter) or not isinstance(new_type, _Marker):
-        raise pickle.UnpicklingError("unexpected tensor subclass")
+        raise _Damaged("unexpected tensor subclass")
+    if not isinstance(args, tuple):
+        raise _Damaged("tensor arguments are not a tuple")
     return func(*args)
+
+
+def _ordered_dict(*args):
+    if args:  # torch.save reduces an OrderedDict to OrderedDict() and adds its items afterwards
+        raise _Damaged("OrderedDict with arguments")
+    return collections.OrderedDict()
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
@@ -88,39 +122,303 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Tensor"): _Marker(),
     ("torch.nn.parameter", "Parameter"): _Marker(),
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _ordered_dict,
 }
+_CALLABLE = (_rebuild_tensor_v2, _rebuild_parameter, _rebuild_from_type_v2, _ordered_dict)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path):
-        super().__init__(file)
-        self.path = path
+class _PickleReader:
+    """A pickle machine for exactly what ``torch.save`` writes (protocols 2 to 5), and nothing more.
 
-    def find_class(self, module: str, name: str) -> Any:
+    Python's unpickler cannot be bounded: one memo index makes it allocate gigabytes, BUILD sets attributes on any
+    object (even this module's functions), and a value repeated through the memo can make a repr or a hash take
+    exponential time. This reader keeps the memo in a dict, admits only the opcodes and callables tensor
+    rebuilding needs, accepts BUILD only as the attribute dict torch.save adds to an OrderedDict (and ignores it),
+    allows only string and integer dict keys, and stops after ``_MAX_OBJECTS`` values, so its work is linear in
+    the pickle and its memory bounded.
+    """
+
+    def __init__(self, data: bytes, path: Path):
+        self.data, self.path, self.pos = data, path, 0
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+        self.made = 0
+
+    def load(self) -> Any:
+        data = self.data
+        while True:
+            if self.pos >= len(data):
+                raise _Damaged("truncated")
+            code = data[self.pos]
+            self.pos += 1
+            op = _OPS.get(code)
+            if op is None:
+                raise _Damaged(f"opcode {code:#04x} at byte {self.pos - 1}, which torch.save never writes")
+            if op is _PickleReader._stop:
+                if len(self.stack) != 1 or self.marks:
+                    raise _Damaged("unbalanced stack at the end")
+                return self.stack.pop()
+            op(self)
+
+    # --------------------------------------------------------------------------------------------- primitives
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise _Damaged("truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def _uint(self, n: int) -> int:
+        return int.from_bytes(self._take(n), "little")
+
+    def _push(self, value: Any) -> None:
+        self.made += 1
+        if self.made > _MAX_OBJECTS:
+            raise _Damaged(f"more than {_MAX_OBJECTS} values")
+        self.stack.append(value)
+
+    def _pop(self) -> Any:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Damaged("stack underflow")
+        return self.stack.pop()
+
+    def _top(self) -> Any:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Damaged("stack underflow")
+        return self.stack[-1]
+
+    def _pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise _Damaged("no mark")
+        at = self.marks.pop()
+        items = self.stack[at:]
+        del self.stack[at:]
+        return items
+
+    def _text(self, n: int) -> str:
+        try:
+            return self._take(n).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise _Damaged("a string is not UTF-8") from None
+
+    # ---------------------------------------------------------------------------------------------- opcodes
+    def _stop(self) -> None:  # handled in load()
+        pass
+
+    def _proto(self) -> None:
+        if self._uint(1) > 5:
+            raise _Damaged("unknown pickle protocol")
+
+    def _frame(self) -> None:
+        if self._uint(8) > len(self.data) - self.pos:  # frames only group opcodes: check the length, read on
+            raise _Damaged("frame longer than the pickle")
+
+    def _mark(self) -> None:
+        self.marks.append(len(self.stack))
+
+    def _pop_op(self) -> None:
+        self._pop()
+
+    def _pop_mark_op(self) -> None:
+        self._pop_mark()
+
+    def _dup(self) -> None:
+        self._push(self._top())
+
+    def _long1(self) -> None:
+        n = self._uint(1)
+        if n > 8:
+            raise _Damaged("integer longer than 8 bytes")
+        self._push(int.from_bytes(self._take(n), "little", signed=True))
+
+    def _binfloat(self) -> None:
+        self._push(struct.unpack(">d", self._take(8))[0])
+
+    def _tuple(self) -> None:
+        self._push(tuple(self._pop_mark()))
+
+    def _list(self) -> None:
+        self._push(self._pop_mark())
+
+    def _dict(self) -> None:
+        items = self._pop_mark()
+        self._push({})
+        self._set_items(self.stack[-1], items)
+
+    def _append(self) -> None:
+        value = self._pop()
+        self._append_to(self._top(), [value])
+
+    def _appends(self) -> None:
+        items = self._pop_mark()
+        self._append_to(self._top(), items)
+
+    def _setitem(self) -> None:
+        value, key = self._pop(), self._pop()
+        self._set_items(self._top(), [key, value])
+
+    def _setitems(self) -> None:
+        items = self._pop_mark()
+        self._set_items(self._top(), items)
+
+    def _append_to(self, target: Any, items: list[Any]) -> None:
+        if type(target) is not list:
+            raise _Damaged("append to something that is not a list")
+        target.extend(items)
+
+    def _set_items(self, target: Any, items: list[Any]) -> None:
+        if not isinstance(target, dict) or len(items) % 2:
+            raise _Damaged("items set on something that is not a dict")
+        for i in range(0, len(items), 2):
+            if type(items[i]) not in (str, int):  # hashing anything else can take exponential time
+                raise _Damaged("a dict key that is not a string or an integer")
+            target[items[i]] = items[i + 1]
+
+    def _line(self) -> str:
+        end = self.data.find(b"\n", self.pos, self.pos + 256)
+        if end < 0:
+            raise _Damaged("malformed global name")
+        text = self._text(end - self.pos)
+        self.pos += 1
+        return text
+
+    def _global(self) -> None:
+        module = self._line()
+        self._push(self._find_class(module, self._line()))
+
+    def _stack_global(self) -> None:
+        name, module = self._pop(), self._pop()
+        if type(module) is not str or type(name) is not str:
+            raise _Damaged("malformed global name")
+        self._push(self._find_class(module, name))
+
+    def _find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         raise UnsafeFileError(
-            f"{self.path}: the pickle references {module}.{name}, which is not plain tensor data; hubmerge refuses "
-            "to run code from weight files: get this file from its original publisher or as safetensors"
+            f"{self.path}: the pickle references {module[:100]}.{name[:100]}, which is not plain tensor data; "
+            "hubmerge refuses to run code from weight files: get this file from its original publisher or as "
+            "safetensors"
         )
 
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
-        return _Storage(str(pid[2]), pid[1].dtype, int(pid[4]))
+    def _reduce(self) -> None:
+        args, func = self._pop(), self._pop()
+        if not any(func is f for f in _CALLABLE) or type(args) is not tuple:
+            raise _Damaged("a call that is not tensor rebuilding")
+        try:
+            self._push(func(*args))
+        except TypeError:  # too many or too few arguments
+            raise _Damaged("tensor rebuilding with the wrong arguments") from None
+
+    def _build(self) -> None:
+        state = self._pop()
+        if type(self._top()) is not collections.OrderedDict or type(state) is not dict:
+            raise UnsafeFileError(
+                f"{self.path}: the pickle sets attributes of an object (BUILD), which plain tensor data never "
+                "needs; hubmerge refuses it: get this file from its original publisher or as safetensors"
+            )
+        # state_dict()'s ``_metadata`` attribute: not tensor data, and never applied
+
+    def _persid(self) -> None:
+        pid = self._pop()
+        if not (
+            type(pid) is tuple
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and type(pid[2]) is str
+            and len(pid[2]) <= 64
+            and type(pid[4]) is int
+            and 0 <= pid[4] < _MAX_DIM
+        ):
+            raise _Damaged("a persistent id that is not a tensor storage")
+        self._push(_Storage(pid[2], pid[1].dtype, pid[4]))
+
+    def _memo_put(self, index: int) -> None:
+        if index > len(self.data):  # indices count up from 0: a real one never exceeds the pickle's length
+            raise _Damaged("memo index beyond the pickle's size")
+        self.memo[index] = self._top()
+
+    def _memo_get(self, index: int) -> None:
+        if index not in self.memo:
+            raise _Damaged("memo index never stored")
+        self._push(self.memo[index])
+
+
+_Op = Callable[[_PickleReader], None]
+
+
+def _pushes(make: Callable[[_PickleReader], Any]) -> _Op:
+    return lambda r: r._push(make(r))
+
+
+def _tuple_of(n: int) -> _Op:
+    return lambda r: r._push(tuple(reversed([r._pop() for _ in range(n)])))
+
+
+# opcode -> action (the opcodes torch.save writes with protocols 2 to 5); anything else is refused.
+_OPS: dict[int, _Op] = {
+    ord(code): op
+    for code, op in {
+        ".": _PickleReader._stop,
+        "\x80": _PickleReader._proto,
+        "\x95": _PickleReader._frame,
+        "(": _PickleReader._mark,
+        "0": _PickleReader._pop_op,
+        "1": _PickleReader._pop_mark_op,
+        "2": _PickleReader._dup,
+        "N": _pushes(lambda r: None),
+        "\x88": _pushes(lambda r: True),
+        "\x89": _pushes(lambda r: False),
+        "J": _pushes(lambda r: int.from_bytes(r._take(4), "little", signed=True)),
+        "K": _pushes(lambda r: r._uint(1)),
+        "M": _pushes(lambda r: r._uint(2)),
+        "\x8a": _PickleReader._long1,
+        "G": _PickleReader._binfloat,
+        "X": _pushes(lambda r: r._text(r._uint(4))),
+        "\x8c": _pushes(lambda r: r._text(r._uint(1))),
+        "\x8d": _pushes(lambda r: r._text(r._uint(8))),
+        "}": _pushes(lambda r: {}),
+        "]": _pushes(lambda r: []),
+        ")": _pushes(lambda r: ()),
+        "t": _PickleReader._tuple,
+        "\x85": _tuple_of(1),
+        "\x86": _tuple_of(2),
+        "\x87": _tuple_of(3),
+        "l": _PickleReader._list,
+        "d": _PickleReader._dict,
+        "a": _PickleReader._append,
+        "e": _PickleReader._appends,
+        "s": _PickleReader._setitem,
+        "u": _PickleReader._setitems,
+        "q": lambda r: r._memo_put(r._uint(1)),
+        "r": lambda r: r._memo_put(r._uint(4)),
+        "\x94": lambda r: r._memo_put(len(r.memo)),
+        "h": lambda r: r._memo_get(r._uint(1)),
+        "j": lambda r: r._memo_get(r._uint(4)),
+        "c": _PickleReader._global,
+        "\x93": _PickleReader._stack_global,
+        "R": _PickleReader._reduce,
+        "b": _PickleReader._build,
+        "Q": _PickleReader._persid,
+    }.items()
+}
 
 
 def read_torch_zip(path: Path) -> dict[str, TensorRef]:
     """Index the tensors of a ``torch.save`` zip file without loading them or executing anything.
 
+    Everything ``torch.load(weights_only=True)`` would read differently is refused: a record stored twice, big-endian
+    data, a storage named with two dtypes, a view reaching past its storage or repeating elements beyond it.
+
     Returns:
         ``{name: TensorRef}`` for a top-level dict of tensors (non-tensor values are ignored).
     Raises:
-        UnsafeFileError: the pickle names a global outside plain tensor rebuilding.
-        CorruptFileError: truncated or damaged zip / pickle, tensor outside its storage.
+        UnsafeFileError: the pickle names a global outside plain tensor rebuilding, or sets attributes.
+        CorruptFileError: truncated, damaged or ambiguous zip / pickle, tensor outside its storage.
         InputError: the legacy (pre-1.6) format, or compressed records.
     """
     path = Path(path)
@@ -134,39 +432,60 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{path}: legacy (pre-1.6) torch pickle; re-save it with a current torch or use safetensors")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
         raise CorruptFileError(f"{path}: not a complete torch zip file (truncated or damaged); {fix}") from None
     with zf, open(path, "rb") as raw:
-        pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-        if len(pkl_names) != 1:
+        names = zf.namelist()
+        twice = next((n for n, count in collections.Counter(names).items() if count > 1), None)
+        if twice is not None:
+            raise CorruptFileError(
+                f"{path}: the zip holds the record {twice[:200]!r} twice; torch.load would read only one of them, "
+                f"so hubmerge refuses to guess; {fix}"
+            )
+        # torch.load reads the records under the first entry's folder
+        prefix = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+        if not prefix or prefix + "data.pkl" not in names:
             raise CorruptFileError(f"{path}: zip file without a torch data.pkl; {fix}")
-        prefix = pkl_names[0][: -len("data.pkl")]
-        info = zf.getinfo(pkl_names[0])
-        if info.file_size > _MAX_PICKLE:
-            raise CorruptFileError(f"{path}: data.pkl is implausibly large ({info.file_size} bytes); {fix}")
+        if prefix + "byteorder" in names and _small_record(zf, prefix + "byteorder", path) != b"little":
+            raise InputError(f"{path}: big-endian tensor data is not supported; re-save it on a little-endian machine")
+        data = _small_record(zf, prefix + "data.pkl", path, _MAX_PICKLE)
         try:
-            with zf.open(info) as f:
-                obj = _SafeUnpickler(f, path).load()
-        except UnsafeFileError:
-            raise
-        except Exception as exc:  # any unpickling failure means damaged data, never a reason to execute more
-            raise CorruptFileError(f"{path}: damaged pickle ({type(exc).__name__}); {fix}") from None
+            obj = _PickleReader(data, path).load()
+        except _Damaged as exc:
+            raise CorruptFileError(f"{path}: damaged or unsupported pickle in data.pkl ({exc}); {fix}") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
         refs: dict[str, TensorRef] = {}
-        starts: dict[str, tuple[int, int]] = {}
+        starts: dict[str, tuple[int, _Storage]] = {}
         for name, value in obj.items():
             if not isinstance(value, _LazyTensor):
                 continue
             st = value.storage
             if st.key not in starts:
-                starts[st.key] = _record_start(zf, raw, f"{prefix}data/{st.key}", st, path)
-            start, _ = starts[st.key]
+                starts[st.key] = (_record_start(zf, raw, f"{prefix}data/{st.key}", st, path), st)
+            start, first = starts[st.key]
+            if (first.dtype, first.numel) != (st.dtype, st.numel):
+                raise CorruptFileError(
+                    f"{path}: storage {st.key} is named with two dtypes or sizes; torch.load would read it as the "
+                    f"first; {fix}"
+                )
             refs[str(name)] = _tensor_ref(path, start, value)
     return refs
 
 
-def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: Path) -> tuple[int, int]:
+def _small_record(zf: zipfile.ZipFile, name: str, path: Path, limit: int = 64) -> bytes:
+    """A metadata record's bytes, read (and decompressed, when it is) no further than ``limit``."""
+    try:
+        with zf.open(name) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error):
+        raise CorruptFileError(f"{path}: {name} is damaged in the zip; download or copy it again") from None
+    if len(data) > limit:
+        raise CorruptFileError(f"{path}: {name} is implausibly large (over {limit} bytes); the file is damaged")
+    return data
+
+
+def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: Path) -> int:
     """Absolute file offset of a stored record's data, checked against the storage size."""
     try:
         info = zf.getinfo(name)
@@ -184,20 +503,28 @@ def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: 
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
         raise CorruptFileError(f"{path}: broken zip entry {name}; the file is damaged")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
+    if raw.read(name_len) != info.orig_filename.encode():  # the local header must be this record's own
+        raise CorruptFileError(f"{path}: zip entry {name} points at another record; the file is damaged")
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > os.fstat(raw.fileno()).st_size:
         raise CorruptFileError(f"{path}: file is truncated inside {name}; download or copy it again")
-    return start, info.file_size
+    return start
 
 
 def _tensor_ref(path: Path, start: int, t: _LazyTensor) -> TensorRef:
     st = t.storage
+    numel = math.prod(t.shape)
     contiguous = tuple(math.prod(t.shape[i + 1 :]) for i in range(len(t.shape)))
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if all(t.shape) else 0
-    if t.offset < 0 or t.offset + extent > st.numel or any(s < 0 for s in t.stride):
-        raise CorruptFileError(f"{path}: a tensor reaches outside its storage; the file is damaged")
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if numel else 0
+    # A view may select, reorder or overlap elements, but never hold more than its storage: a stride-0 view of
+    # a few bytes would otherwise expand to gigabytes in the output.
+    if t.offset + extent > st.numel or numel > st.numel:
+        raise CorruptFileError(
+            f"{path}: a tensor of shape {list(t.shape)} reaches outside its storage or holds more elements than it "
+            f"({st.numel}); the file is damaged"
+        )
     offset = start + t.offset * st.dtype.itemsize
-    if t.stride == contiguous or math.prod(t.shape) <= 1:
+    if t.stride == contiguous or numel <= 1:
         return TensorRef(path, offset, st.dtype, t.shape)
     return TensorRef(path, offset, st.dtype, t.shape, stride=t.stride, span=extent)
 
@@ -239,7 +566,7 @@ class TorchZipWriter(StreamingTensorWriter):
         self._root = self.path.name.rsplit(".", 1)[0]
         self._file = OutputFile(self.path)
         self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._handle = None
+        self._handle: IO[bytes] | None = None
         buf = io.BytesIO()
         _PlaceholderPickler(buf, protocol=2).dump(
             {e.name: _TensorPlaceholder(str(i), e) for i, e in enumerate(self.entries)}
@@ -268,9 +595,11 @@ class TorchZipWriter(StreamingTensorWriter):
         self._handle = self._zip.open(self._zipinfo(f"data/{index}", self.entries[index].nbytes), "w")
 
     def _put(self, data: memoryview) -> None:
+        assert self._handle is not None  # between _begin and _finish
         self._handle.write(data)
 
     def _finish(self, index: int) -> None:
+        assert self._handle is not None
         self._handle.close()
         self._handle = None
         self._file.release()
@@ -281,4 +610,11 @@ class TorchZipWriter(StreamingTensorWriter):
         if complete:
             self._record("version", b"3\n")
             self._zip.close()
+        else:
+            # Closed now, or zipfile writes its directory when collected, into the closed file (a stray traceback
+            # on stderr). The aborted file is deleted, so what this writes does not matter, nor does it failing.
+            for finish in (self._handle, self._zip):
+                with contextlib.suppress(OSError, ValueError):
+                    if finish is not None:
+                        finish.close()
         close_written(self._file, complete)

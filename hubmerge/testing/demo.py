@@ -159,7 +159,7 @@ def _privacy(root: Path, state: dict):
     info = HfApi(endpoint=url, token=state["token"]).model_info(RESULT)
     if not info.private:
         raise RuntimeError(f"{RESULT} is public")
-    yield f"owner: sees {len(info.siblings)} files, private={info.private}"
+    yield f"owner: sees {len(info.siblings or [])} files, private={info.private}"
 
 
 def _oracle(root: Path, state: dict):

@@ -64,11 +64,14 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from ..model.architectures import families
+
+if TYPE_CHECKING:  # transformers loads lazily: the demo imports this module before it needs the oracle
+    from transformers import PreTrainedModel
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -438,7 +441,7 @@ def make_adapter(
         _randomize_adapter(peft_model, gen)
         peft_model.to(_DTYPES[dtype])
         if layout == "current":
-            peft_model.save_pretrained(out)
+            peft_model.save_pretrained(str(out))
             return out
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     torch.save({k: v.contiguous() for k, v in state.items()}, out / "adapter_model.bin")
@@ -485,7 +488,7 @@ def peft_merged_model(
     adapter_dirs: Sequence[str | Path],
     *,
     dtype: torch.dtype = torch.float32,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """THE ORACLE: the base merged with each adapter in order by PEFT, as a transformers model.
 
     The base is loaded by transformers in ``dtype``; for each adapter the embeddings are resized
@@ -503,10 +506,10 @@ def peft_merged_model(
         raw = json.loads((adapter / "adapter_config.json").read_text())
         config = LoraConfig(**{k: v for k, v in raw.items() if k in known})
         vocab = _adapter_vocab(adapter)
-        if vocab and vocab > model.get_input_embeddings().num_embeddings:
+        if vocab and vocab > model.config.vocab_size:
             model.resize_token_embeddings(vocab, mean_resizing=False)  # rows replaced by the adapter's
         model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
-    return model
+    return cast("PreTrainedModel", model)  # merge_and_unload hands back the transformers model it wrapped
 
 
 def peft_merged_logits(
@@ -565,7 +568,7 @@ def check_against_peft(
     ref = peft_merged_model(base_dir, adapter_dirs, dtype=torch.float32)
     ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref_logits = ref.to(dtype).float()(ids).logits
+        ref_logits = cast(torch.nn.Module, ref).to(dtype).float()(ids).logits  # transformers types .to oddly
     got = model_logits(merged_dir, ids)
     base_vocab = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
     base_ids = ids % base_vocab

@@ -33,7 +33,7 @@ from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
-from . import Writer
+from .base import Writer
 
 # llama.cpp's --outtype spelling -> (GGML tensor type, llama.cpp file type), as the gguf package names them.
 TYPES = {
@@ -122,9 +122,9 @@ def sentencepiece_vocabulary(tokenizer: TokenizerInfo, configs: Mapping[str, Any
 
     if tokenizer.model_file is None:
         raise IncompatibleError(f"{tokenizer.folder}: no tokenizer.model, which the gguf format needs; use --format hf")
-    proto = pb.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module: no stubs
+    proto = pb.ModelProto()
     proto.ParseFromString(tokenizer.model_file.read_bytes())
-    piece_type = pb.ModelProto.SentencePiece.Type  # type: ignore[attr-defined]
+    piece_type = pb.ModelProto.SentencePiece.Type
     tokens = [p.piece.encode("utf-8") for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(gguf.TokenType[piece_type.Name(p.type)]) for p in proto.pieces]

@@ -11,7 +11,7 @@ from ...merging import Block
 from ...plan import MergePlan
 from ...tensorio import SafetensorsWriter
 from ...tensorio.source import Entry
-from . import Writer
+from .base import Writer
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -79,6 +79,7 @@ class HFWriter(Writer):
         self._open[1].write(block.data)
 
     def _close_shard(self) -> None:
+        assert self._open is not None  # called only while a shard is open
         shard = self._open[1]
         self._open = None
         shard.close()

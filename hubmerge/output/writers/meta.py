@@ -24,7 +24,7 @@ from ...plan import MergePlan
 from ...tensorio import TorchZipWriter
 from ...tensorio.source import Entry
 from ...verification.known import known_hashes
-from . import Writer
+from .base import Writer
 
 
 def write_side_file(folder: Path, name: str, source: Path | dict[str, Any]) -> Path:
@@ -116,6 +116,7 @@ class MetaWriter(Writer):
                 f"{plan.tokenizer.folder}: the pth format needs tokenizer.model, this tokenizer "
                 "has only tokenizer.json; use --format hf"
             )
+        self._tokenizer_model: Path = plan.tokenizer.model_file
         for what, value in (
             ("attention heads", plan.base.num_heads),
             ("kv heads", plan.base.num_kv_heads),
@@ -176,7 +177,7 @@ class MetaWriter(Writer):
         params.write_text(json.dumps(params_json(self.plan), indent=2) + "\n", encoding="utf-8")
         files.append(params)
         tokenizer = self.folder / "tokenizer.model"
-        shutil.copyfile(self.plan.tokenizer.model_file, tokenizer)
+        shutil.copyfile(self._tokenizer_model, tokenizer)
         files.append(tokenizer)
         if self.plan.tokenizer.added:
             added = self.folder / "added_tokens.json"

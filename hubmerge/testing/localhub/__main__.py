@@ -1,7 +1,7 @@
 """Command line: run the local Hub until SIGINT/SIGTERM.
 
     python -m hubmerge.testing.localhub --port 0 --root DIR [--host 127.0.0.1] [--user NAME:TOKEN[:ROLE]]... \
-        [--org ORG:MEMBER,MEMBER]... [--verbose]
+        [--org ORG:MEMBER,MEMBER]... [--bandwidth RATE] [--verbose]
 
 Prints exactly two lines on stdout once it is listening: the endpoint URL (``http://127.0.0.1:PORT``), then the
 admin secret, new at every start, that requests to the control endpoints (``/_localhub/users``, ``/_localhub/faults``)
@@ -36,6 +36,21 @@ def _parse_org(spec: str) -> tuple[str, list[str]]:
     return org, [m for m in members.split(",") if m] if sep else []
 
 
+_RATE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _rate(spec: str) -> int:
+    number = spec.rstrip("KMGBkmgb")
+    unit = spec[len(number) :].upper()
+    try:
+        rate = int(float(number) * _RATE_UNITS[unit])
+    except (KeyError, ValueError):
+        rate = 0
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"expected bytes per second like 80MB or 80000000, got {spec!r}")
+    return rate
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m hubmerge.testing.localhub``."""
     p = argparse.ArgumentParser(
@@ -61,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add an organisation and its members; repeatable",
     )
     p.add_argument("--tree-page-size", type=int, default=1000, help="entries per page of tree listings")
+    p.add_argument(
+        "--bandwidth",
+        type=_rate,
+        metavar="RATE",
+        help="throttle like a network link: RATE (bytes/s, or e.g. 80MB) in each direction, shared by all transfers",
+    )
     p.add_argument("--verbose", action="store_true", help="log METHOD PATH STATUS of each request to stderr")
     return p
 
@@ -68,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; return the process exit code (0 after SIGINT/SIGTERM)."""
     args = build_parser().parse_args(argv)
-    hub = LocalHub(args.root, host=args.host, port=args.port, verbose=args.verbose, tree_page_size=args.tree_page_size)
+    hub = LocalHub(
+        args.root,
+        host=args.host,
+        port=args.port,
+        verbose=args.verbose,
+        tree_page_size=args.tree_page_size,
+        bandwidth=args.bandwidth,
+    )
     try:
         for name, token, role in args.user:
             hub.storage.auth.add_user(name, role=role, token=token)

@@ -33,7 +33,8 @@ class LocalHub:
 
     Use as a context manager (``with LocalHub(root) as hub: ...``) or call :meth:`start`/:meth:`stop`. State lives on
     disk, so a new ``LocalHub`` on the same ``root`` serves the same users, repos and files. Faults for tests are set
-    through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`).
+    through :attr:`faults` (a :class:`~hubmerge.testing.localhub.faults.FaultInjector`). ``bandwidth`` (bytes/s)
+    throttles it like a network link: that rate in each direction, shared by all transfers at once.
 
     The HTTP control endpoints (``/_localhub/users``, ``/_localhub/faults``) answer only requests carrying
     :attr:`admin_headers`: a secret made for each server, so that no other local process can mint a token or inject a
@@ -48,6 +49,7 @@ class LocalHub:
         port: int = 0,
         verbose: bool = False,
         tree_page_size: int = 1000,
+        bandwidth: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.storage = HubStorage(self.root)
@@ -60,6 +62,7 @@ class LocalHub:
             verbose=verbose,
             tree_page_size=max(1, tree_page_size),
             admin_secret=self.admin_secret,
+            bandwidth=bandwidth,
         )
         self._server: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None

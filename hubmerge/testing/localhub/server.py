@@ -50,6 +50,7 @@ from .storage import (
     git_blob_sha1,
     now_iso,
 )
+from .throttle import Link, ThrottledReader, ThrottledWriter
 
 __all__ = ["ADMIN_HEADER", "HubHTTPServer", "RequestRecord", "State", "URL_PREFIX"]
 
@@ -89,10 +90,19 @@ class State:
     """Everything the request handlers share; owned by :class:`~hubmerge.testing.localhub.hub.LocalHub`."""
 
     def __init__(
-        self, storage: HubStorage, faults: FaultInjector, *, verbose: bool, tree_page_size: int, admin_secret: str
+        self,
+        storage: HubStorage,
+        faults: FaultInjector,
+        *,
+        verbose: bool,
+        tree_page_size: int,
+        admin_secret: str,
+        bandwidth: int | None = None,
     ) -> None:
         self.storage = storage
         self.admin_secret = admin_secret
+        # (client -> server, server -> client), each shared by all connections; None: unthrottled
+        self.links = (Link(bandwidth), Link(bandwidth)) if bandwidth else None
         self.faults = faults
         self.verbose = verbose
         self.tree_page_size = tree_page_size
@@ -236,6 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def st(self) -> State:
         return self.server.state
+
+    def setup(self) -> None:
+        super().setup()
+        if self.st.links is not None:
+            self.rfile = ThrottledReader(self.rfile, self.st.links[0])  # type: ignore[assignment]
+            self.wfile = ThrottledWriter(self.wfile, self.st.links[1])  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
         # The default logger prints the raw request line (which can hold an upload ticket): only masked, only verbose.

@@ -1,0 +1,652 @@
+"""Merge-and-push as one stream: download, merge and upload overlap, and the disk holds a few shards at a time.
+
+``hubmerge ADAPTER... --base org/base --push-to you/out`` runs here (:func:`merge_push`):
+
+* the base's safetensors shards are downloaded on a thread of their own, in the order the merge reads them and at
+  most a couple ahead of it (:class:`ShardFeed`); their headers are read from the Hub first (two small range
+  requests each) so the merge can be planned before any weight arrives. A shard's tensors are read only once the
+  whole shard is downloaded, its SHA256 checked against the Hub's record and its header found identical to the one
+  planned with. Shards this run downloaded are removed from the cache once merged when the disk cannot keep them
+  (or with ``keep_downloads=False``); files that were in the cache before the run are never touched;
+* each output shard is pre-uploaded (LFS) as soon as it is written (:class:`ShardUploader`) and, without ``--out``,
+  deleted once the Hub has it. One commit at the end adds every file with the model card, so the repo never shows
+  half a model; a rerun after an interruption finds the shards already on the Hub (their LFS objects exist) and does
+  not send them again. A repo this run created is deleted if the run fails before the commit (not when it is
+  interrupted: its uploaded shards are what a rerun resumes from).
+
+The output bytes are the ones a non-streaming run with the same ``max_shard_size`` writes: the same writers write
+them; only where they go afterwards differs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import default_out_name
+from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
+from .headstart import fresh
+from .inputs.hub import Hub, hub_errors
+from .inputs.loading import open_inputs, resolve_inputs
+from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
+from .output.staging import Written, check_output, partial_folder, write_outputs
+from .plan import MergePlan, build_plan
+from .progress import Progress
+from .publish import PushTarget, check_push_target, push
+from .result import MergeResult
+from .sizes import format_size, parse_size
+from .tensorio.safetensors import parse_header, read_safetensors
+from .tensorio.source import TensorRef, TensorSource
+
+# Output shards of a streamed push: about a sixteenth of the model, so the first upload starts early and the last
+# one is a short tail, but never smaller than 200 MB (no flood of small files) nor larger than 2 GB (disk).
+STREAM_SHARD_MIN, STREAM_SHARD_MAX, STREAM_SHARD_PARTS = 200 * 10**6, 2 * 10**9, 16
+AHEAD = 1  # base shards downloaded beyond those the merge is reading
+OUTPUT_IN_FLIGHT = 2  # output shards on disk at once: one uploading, one being written
+_HEADER_PROBE = 64 * 1024  # first range request of a remote header; LLaMA shard headers are a few tens of kB
+_MAX_REMOTE_HEADER = 16 * 2**20
+_MARGIN = 64 * 2**20  # small files (config, tokenizer, recipe) and filesystem slack
+
+
+def stream_shard_size(nbytes: int) -> int:
+    """The default output shard size of a streamed push for a model of ``nbytes``."""
+    return min(STREAM_SHARD_MAX, max(STREAM_SHARD_MIN, nbytes // STREAM_SHARD_PARTS))
+
+
+# -- download ahead ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Shard:
+    name: str
+    path: Path  # where the download lands (the cache snapshot)
+    size: int
+    fresh: bool  # not in the cache before this run: this run downloads it and may remove it
+    refs: dict[str, TensorRef]  # from the Hub's copy of its header
+    ready: threading.Event
+    error: BaseException | None = None
+    first: int = -1  # plan positions of its first and last tensor the merge reads; -1: none
+    last: int = -1
+    released: bool = False
+
+
+class _Arriving:
+    """A base tensor whose shard is still arriving: reading it waits until the shard is downloaded and verified."""
+
+    def __init__(self, feed: ShardFeed, shard: _Shard, ref: TensorRef) -> None:
+        self._feed, self._shard, self._ref = feed, shard, ref
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._ref.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref.dtype
+
+    @property
+    def label(self) -> str:
+        return self._shard.name
+
+    def _ready(self) -> TensorRef:
+        self._feed.reached(self)
+        while not self._shard.ready.wait(0.2):  # a timed wait keeps Ctrl-C working
+            pass
+        if self._shard.error is not None:
+            raise self._shard.error
+        return self._ref
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._ready().read(start, stop)
+
+    def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._ready().read_into(buffer, start, stop)
+
+    def prefetch(self) -> None:
+        if self._shard.ready.is_set() and self._shard.error is None:
+            self._ref.prefetch()
+
+
+class ShardFeed:
+    """The safetensors shards of a Hub base, downloaded on a thread in the order the merge reads them, a bounded
+    number ahead of it, each verified before any of its tensors is read (see the module docstring).
+
+    Use: :meth:`open` (headers from the Hub; None when the base is not safetensors), ``open_base(...,
+    arriving=feed)``, :meth:`start` with the plan, then :meth:`close` once the merge is done (or failed).
+    """
+
+    def __init__(self, source: Source, hub: Hub, shards: list[_Shard], progress: Progress) -> None:
+        self.source, self.hub, self.shards, self.progress = source, hub, shards, progress
+        self._by_path = {s.path: s for s in shards}
+        self._positions: dict[int, list[int]] = {}  # id(arriving tensor) -> its plan positions, ascending
+        self._cursor = 0  # the plan position the merge is at
+        self._cond = threading.Condition()
+        self._live = 0  # shards downloading or downloaded and not yet merged
+        self.window = AHEAD + 1
+        self.remove = False
+        self.removed = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def open(cls, source: Source, hub: Hub, progress: Progress) -> ShardFeed | None:
+        """Read the headers of a Hub base's safetensors shards from the Hub (``source`` fetched without weights).
+
+        Returns:
+            the feed, or None for a local base or weights in another format (downloaded whole, as before).
+        Raises:
+            HubAccessError, CorruptFileError (a header that is not safetensors).
+        """
+        if source.repo_id is None or source.path is None:
+            return None
+        names = streamable_shards(source)
+        if not names:
+            return None
+        shards = []
+        for name in names:
+            record = source.remote[name]
+            path = source.path / name
+            head = _remote_header(source, name, hub)
+            new = fresh(source, name, hub)
+            shards.append(
+                _Shard(name, path, record.size, new, parse_header(path, head, record.size), threading.Event())
+            )
+            if record.sha256:  # what verification will confirm before any of its bytes is used
+                source.hashes.setdefault(name, record.sha256)
+        return cls(source, hub, shards, progress)
+
+    # ArrivingWeights, for open_base
+    def has(self, path: Path) -> bool:
+        return path in self._by_path
+
+    def read(self, path: Path) -> dict[str, TensorSource]:
+        shard = self._by_path[path]
+        return {name: _Arriving(self, shard, ref) for name, ref in shard.refs.items()}
+
+    @property
+    def fresh_bytes(self) -> int:
+        return sum(s.size for s in self.shards if s.fresh)
+
+    def in_flight_bytes(self) -> int:
+        """The most base bytes on disk at once when merged shards are removed: the ``window`` largest shards."""
+        return sum(sorted((s.size for s in self.shards if s.fresh), reverse=True)[: self.window])
+
+    def schedule(self, plan: MergePlan) -> None:
+        """Learn the order the merge reads the shards in (``plan``) and size the window: the most shards the merge
+        needs at once, plus those downloaded ahead."""
+        self._positions.clear()
+        for pos, t in enumerate(plan.tensors):
+            if isinstance(t.source, _Arriving):
+                self._positions.setdefault(id(t.source), []).append(pos)
+                shard = t.source._shard
+                shard.first = pos if shard.first < 0 else shard.first
+                shard.last = pos
+        used = [s for s in self.shards if s.first >= 0]
+        overlap = max((sum(s.first <= p <= s.last for s in used) for p in range(len(plan.tensors))), default=1)
+        self.window = max(overlap, 1) + AHEAD
+
+    def start(self, remove: bool) -> None:
+        """Start downloading; ``remove``: delete each shard this run downloaded once it is merged."""
+        self.remove = remove
+        order = sorted((s for s in self.shards if s.first >= 0), key=lambda s: s.first)
+        self._thread = threading.Thread(target=self._run, args=(order,), name="hubmerge-download", daemon=True)
+        self._thread.start()
+
+    def _run(self, order: list[_Shard]) -> None:
+        # Shards are verified (SHA256: a second read, CPU-bound) on another thread while the next one downloads.
+        verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-verify")
+        failure: BaseException | None = None
+        try:
+            for shard in order:
+                with self._cond:
+                    while self._live >= self.window and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._live += 1
+                if failure is None:
+                    try:
+                        fetch_file(self.source, shard.name, self.hub, self.progress, verify=False)
+                    except BaseException as exc:  # handed to the merge, which raises it where it reads the shard
+                        failure = exc
+                verifier.submit(self._verify, shard, failure)
+        finally:
+            verifier.shutdown(wait=False)
+
+    def _verify(self, shard: _Shard, failure: BaseException | None) -> None:
+        try:
+            if failure is not None:
+                raise failure
+            self._check(shard)
+        except BaseException as exc:
+            shard.error = exc
+        finally:
+            shard.ready.set()
+
+    def _check(self, shard: _Shard) -> None:
+        local = fetch_file(self.source, shard.name, self.hub, self.progress)  # in the cache now: verifies it
+        if read_safetensors(local) != shard.refs:
+            raise VerificationError(
+                f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "
+                "download; the repository changed or the Hub is inconsistent: run again",
+                repo_id=self.source.repo_id,
+            )
+
+    def reached(self, tensor: _Arriving) -> None:
+        """The merge starts reading ``tensor`` (on the merge thread): shards it is past are merged."""
+        positions = self._positions.get(id(tensor), [])
+        pos = next((p for p in positions if p >= self._cursor), None)
+        if pos is None or pos <= self._cursor:
+            return
+        self._cursor = pos
+        self._release(lambda s: s.last < pos)
+
+    def _release(self, done: Callable[[_Shard], bool]) -> None:
+        for shard in self.shards:
+            if shard.released or shard.first < 0 or not done(shard):
+                continue
+            shard.released = True
+            if self.remove and shard.fresh and shard.ready.is_set():
+                _remove_download(shard.path)
+                self.removed += 1
+            with self._cond:
+                self._live -= 1
+                self._cond.notify_all()
+
+    def close(self, *, merged: bool) -> None:
+        """Stop downloading; with ``merged`` (the merge read everything) release every shard as merged."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if merged:
+            if self._thread is not None:
+                self._thread.join()
+            self._release(lambda s: True)
+
+
+def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
+    """The JSON header of a safetensors file on the Hub, from range requests (bounded, never the whole file)."""
+    size = source.remote[name].size
+    first = _get_range(source, name, hub, 0, min(size, _HEADER_PROBE))
+    fix = "the file on the Hub is not a valid safetensors file: report it to the repository owner"
+    if len(first) < 8:
+        raise CorruptFileError(
+            f"{source.label}/{name}: too short to be a safetensors file; {fix}", repo_id=source.repo_id
+        )
+    (hlen,) = struct.unpack("<Q", first[:8])
+    if hlen > _MAX_REMOTE_HEADER or 8 + hlen > size:
+        raise CorruptFileError(
+            f"{source.label}/{name}: safetensors header length {hlen} does not fit; {fix}", repo_id=source.repo_id
+        )
+    if len(first) >= 8 + hlen:
+        return first[8 : 8 + hlen]
+    return first[8:] + _get_range(source, name, hub, len(first), 8 + hlen)
+
+
+def _get_range(source: Source, name: str, hub: Hub, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a Hub file (reads no more than that even if the server sends more)."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(source.repo_id or "", name, revision=source.commit, endpoint=hub.url)
+    headers = {**build_hf_headers(token=hub.token), "Range": f"bytes={start}-{end - 1}"}
+    data = bytearray()
+    with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
+        with get_session().stream(
+            "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+        ) as response:
+            hf_raise_for_status(response)
+            skip = start if response.status_code == 200 else 0  # a server ignoring Range sends the whole file
+            for chunk in response.iter_bytes():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                data += chunk
+                if len(data) >= end - start:
+                    break
+    return bytes(data[: end - start])
+
+
+def _remove_download(path: Path) -> None:
+    """Remove a file this run downloaded into the HF cache: the snapshot link and the blob it points to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    if blob != path:
+        blob.unlink(missing_ok=True)
+
+
+# -- upload as written ------------------------------------------------------------------------------------------------
+class _CountedFile(io.BufferedReader):
+    """A file whose reads are reported to ``on_read`` once it is set (the upload's progress)."""
+
+    on_read: Callable[[int], object] | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if self.on_read is not None:
+            self.on_read(len(data))
+        return data
+
+
+class ShardUploader:
+    """Uploads each finished output file (LFS pre-upload) on a thread of its own while the merge goes on.
+
+    Called by the HF writer as each shard is complete (on the writer thread), it waits for the previous upload to
+    finish first, so at most one shard uploads while the next is written. With ``remove``, a shard's name is removed
+    as its upload starts and its disk space is freed when the upload ends (the open file keeps it until then).
+    :meth:`finish` returns the uploaded operations for the final commit.
+    """
+
+    def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: Progress) -> None:
+        self.hub, self.repo_id, self.remove, self.progress = hub, repo_id, remove, progress
+        self.ops: dict[str, Any] = {}
+        self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
+        self.skipped = 0  # shards the Hub already had
+        self._pending: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def __call__(self, path: Path, digest: str) -> None:
+        self._wait()
+        self._pending = threading.Thread(
+            target=self._upload, args=(Path(path), digest), name="hubmerge-upload", daemon=True
+        )
+        self._pending.start()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            while self._pending.is_alive():
+                self._pending.join(0.2)
+            self._pending = None
+        if self._failure is not None:
+            raise self._failure
+
+    def _upload(self, path: Path, digest: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        try:
+            size = path.stat().st_size
+            op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
+            # The SHA256 the writer computed while writing: no second read of the shard (the Hub checks it anyway).
+            op.upload_info.sha256 = bytes.fromhex(digest)
+            raw = io.FileIO(path, "r")
+            if self.remove:  # the name goes now (the output folder may be renamed meanwhile); the bytes, on close
+                path.unlink()
+            sent = 0
+            with _CountedFile(raw) as f, self.progress.task("upload", path.name, size) as update:
+                op.path_or_fileobj = f  # the upload reads through it (progress), not by the name
+
+                def count(n: int) -> None:
+                    nonlocal sent
+                    sent += n
+                    update(n)
+
+                f.on_read = count
+                with hub_errors(self.hub, self.repo_id, action="write to"):
+                    self.hub.api().preupload_lfs_files(self.repo_id, additions=[op], free_memory=True)
+                if sent < size:  # the Hub had it (a rerun): done all the same
+                    self.skipped += 1
+                    update(size - sent)
+            self.ops[path.name] = op
+            self.sent += sent
+        except BaseException as exc:  # raised on the writer thread at the next shard, or by finish()
+            self._failure = exc
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the last upload; returns ``{name in repo: uploaded CommitOperationAdd}``.
+
+        Raises:
+            whatever an upload raised (HubAccessError...).
+        """
+        self._wait()
+        return self.ops
+
+
+# -- the push target ---------------------------------------------------------------------------------------------------
+class TargetRepo:
+    """The repo a streamed push goes to, created (or taken) as :func:`~hubmerge.publish.check_push_target` found it,
+    before anything is downloaded. :meth:`discard` deletes it if this run created it."""
+
+    def __init__(self, hub: Hub, target: PushTarget) -> None:
+        self.hub, self.repo_id = hub, target.repo_id
+        with hub_errors(hub, target.repo_id, action="create or write to"):
+            hub.api().create_repo(target.repo_id, private=target.private, exist_ok=not target.will_create)
+        self.created = target.will_create
+
+    def discard(self) -> None:
+        """Delete the repo if this run created it (a failure before the commit: leave no empty repo behind)."""
+        if self.created:
+            try:
+                self.hub.api().delete_repo(self.repo_id, missing_ok=True)
+            except Exception:  # the original error matters more; the repo is private and empty
+                pass
+
+
+# -- disk ------------------------------------------------------------------------------------------------------------
+@dataclass
+class DiskPlan:
+    """What a streamed push keeps on disk: the base shards this run downloads (``base_fresh`` in all, at most
+    ``base_in_flight`` at once when merged ones are removed), the adapters to download, and the output on disk at
+    once (``output``: two shards, or the whole output with ``--out``)."""
+
+    base_fresh: int
+    base_in_flight: int
+    adapters: int
+    output: int
+    keep: bool  # downloaded base shards stay in the cache
+    reason: str  # why they stay or go
+
+    @property
+    def peak(self) -> int:
+        return (self.base_fresh if self.keep else self.base_in_flight) + self.adapters + self.output + _MARGIN
+
+    def lines(self, shard_limit: int, base_from: str) -> list[str]:
+        """What the plan (dry run, summary) says about the stream; ``base_from``: ``stream`` (safetensors shards
+        from the Hub), ``whole`` (other weights from the Hub) or ``local``."""
+        base = {
+            "stream": f"base shards downloaded ahead of the merge and verified before use; "
+            f"{format_size(self.base_fresh)} to download, "
+            f"{'kept in the cache' if self.keep else 'each removed from the cache once merged'} ({self.reason})",
+            "whole": "base downloaded whole before the merge (its weights are not safetensors)",
+            "local": "base read from its local folder",
+        }[base_from]
+        return [
+            f"stream: {base}",
+            f"stream: output shards of up to {format_size(shard_limit)} uploaded as they are written; "
+            f"peak disk about {format_size(self.peak)}",
+        ]
+
+
+def disk_plan(
+    feed_fresh: int, feed_in_flight: int, adapters: int, output: int, keep_downloads: bool, cache: Path, out: Path
+) -> DiskPlan:
+    """Decide whether downloaded base shards stay in the cache: when asked to and the disk holds them with the rest.
+
+    Raises:
+        OutputError: not even the shards in flight fit.
+    """
+    cache_free = shutil.disk_usage(_existing(cache)).free
+    same_disk = _existing(cache).stat().st_dev == _existing(out).stat().st_dev
+    rest = adapters + (output if same_disk else 0) + _MARGIN
+    keep = keep_downloads and cache_free >= feed_fresh + rest
+    reason = "--no-keep-downloads" if not keep_downloads else ("the disk holds them" if keep else "not enough room")
+    plan = DiskPlan(feed_fresh, feed_in_flight, adapters, output, keep, reason)
+    need = (feed_fresh if keep else feed_in_flight) + rest
+    if cache_free < need:
+        raise OutputError(
+            f"{_existing(cache)}: {format_size(cache_free)} free but streaming the merge needs "
+            f"{format_size(need)}; free some space or choose another --cache-dir",
+            path=_existing(cache),
+        )
+    if not same_disk:
+        out_free = shutil.disk_usage(_existing(out)).free
+        if out_free < output + _MARGIN:
+            raise OutputError(
+                f"{_existing(out)}: {format_size(out_free)} free but the output needs {format_size(output + _MARGIN)}; "
+                "free some space or choose another folder",
+                path=_existing(out),
+            )
+    return plan
+
+
+def _existing(path: Path) -> Path:
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
+def preview_lines(
+    base_src: Source,
+    adapter_srcs: Sequence[Source],
+    hub: Hub,
+    out_nbytes: int,
+    *,
+    max_shard_size: str | int | None,
+    keep_downloads: bool,
+    out: Path,
+    keep_output: bool,
+) -> list[str]:
+    """The dry run's lines for a streamed push (sources fetched without weights): the disk it needs, and whether
+    downloaded base shards stay in the cache."""
+    shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(out_nbytes)
+    names = streamable_shards(base_src) if base_src.repo_id else []
+    sizes = sorted((base_src.remote[n].size for n in names if fresh(base_src, n, hub)), reverse=True)
+    whole = 0 if names else sum(base_src.remote[n].size for n in not_cached(base_src, hub))
+    adapters = sum(s.remote[n].size for s in adapter_srcs for n in not_cached(s, hub))
+    output = out_nbytes if keep_output else OUTPUT_IN_FLIGHT * shard_limit
+    plan = disk_plan(
+        sum(sizes) + whole, sum(sizes[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
+    )
+    return plan.lines(shard_limit, _base_from(base_src, bool(names)))
+
+
+# -- the whole run -----------------------------------------------------------------------------------------------------
+def merge_push(
+    adapters: Sequence[str | Path],
+    base: str | Path,
+    out: str | Path | None,
+    *,
+    push_to: str,
+    hub: Hub,
+    formats: Sequence[str],
+    dtype: str | None,
+    max_shard_size: str | int | None,
+    pth_shards: int | None,
+    overwrite: bool,
+    public: bool,
+    verify: bool,
+    progress: Progress,
+    block_bytes: int,
+    keep_downloads: bool,
+) -> MergeResult:
+    """``hubmerge.merge(..., push_to=...)``: merge and publish as one stream (see the module docstring). Without
+    ``out`` (and with only the HF format) nothing of the output stays on disk; with it, the output is kept.
+
+    Returns:
+        a :class:`~hubmerge.pipeline.MergeResult`.
+    Raises:
+        HubmergeError subclasses, as :func:`hubmerge.merge`; Interrupted on Ctrl-C (a rerun resumes).
+    """
+    started = time.monotonic()
+    # whoami, the token's role for the namespace and the repo's state, before anything is resolved or downloaded
+    checked = check_push_target(push_to, hub, overwrite=overwrite, private=not public).require()
+    base_src, adapter_srcs = resolve_inputs(adapters, base, hub)
+    keep_output = out is not None or list(formats) != ["hf"]
+    if keep_output:
+        out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
+    else:  # only the files in flight and the small ones, removed after the commit
+        out_dir = Path(f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
+    inputs_paths = [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root]
+    check_output(out_dir, inputs_paths, overwrite or not keep_output)
+    target = TargetRepo(hub, checked)
+    feed: ShardFeed | None = None
+    uploader: ShardUploader | None = None
+    try:
+        fetch(base_src, hub, weights=False, progress=progress)
+        feed = ShardFeed.open(base_src, hub, progress)
+        inputs = open_inputs(base_src, adapter_srcs, hub, progress=progress, verify=verify, arriving=feed)
+        plan = build_plan(inputs.base, inputs.adapters, dtype)
+        shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
+        largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
+        output = plan.nbytes * len(formats) if keep_output else OUTPUT_IN_FLIGHT * max(shard_limit, largest)
+        if feed is not None:
+            feed.schedule(plan)
+        disk = disk_plan(
+            feed.fresh_bytes if feed else 0,
+            feed.in_flight_bytes() if feed else 0,
+            0,  # the adapters are downloaded already
+            output,
+            keep_downloads,
+            hub.cache_root,
+            out_dir.parent,
+        )
+        uploader = ShardUploader(hub, push_to, remove=not keep_output, progress=progress)
+        if feed is not None:
+            feed.start(remove=not disk.keep)
+        written = write_outputs(
+            plan,
+            inputs,
+            out_dir,
+            formats,
+            max_shard_size=shard_limit,
+            pth_shards=pth_shards,
+            progress=progress,
+            block_bytes=block_bytes,
+            disk_needed=output + _MARGIN,
+            on_file_done=uploader,
+        )
+        if feed is not None:
+            feed.close(merged=True)
+        uploaded = uploader.finish()
+        pushed = push(
+            out_dir,
+            push_to,
+            private=not public,
+            overwrite=overwrite,
+            hub=hub,
+            verify=False,
+            progress=progress,
+            uploaded=uploaded,
+        )
+    except BaseException as exc:
+        if feed is not None:
+            feed.close(merged=False)
+        if not isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            target.discard()
+            raise
+        if keep_output and isinstance(exc, Interrupted):
+            local = str(exc).removeprefix("interrupted: ") + "; "
+        elif partial_folder(out_dir).exists():
+            local = f"{partial_folder(out_dir)} keeps the shards written but not yet uploaded; "
+        else:
+            local = ""
+        raise Interrupted(
+            f"interrupted: {local}nothing is committed to {push_to} yet; run the same command again to resume: "
+            "the shards already uploaded are not sent again"
+        ) from None
+    finally:
+        if not keep_output:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    notes = disk.lines(shard_limit, _base_from(base_src, feed is not None))
+    if feed is not None and feed.removed:
+        notes.append(f"stream: removed {feed.removed} base shards this run downloaded from the cache once merged")
+    notes.append(
+        f"stream: uploaded {format_size(uploader.sent)} as the shards were written"
+        + (f"; {uploader.skipped} shards were on the Hub already (not sent again)" if uploader.skipped else "")
+    )
+    folders = written.folders if keep_output else {}
+    result = MergeResult.finish(
+        out_dir, Written(folders, written.files, written.kept), plan, started, pushed, inputs.sources
+    )
+    result.notes = notes
+    return result
+
+
+def _base_from(base_src: Source, streamed: bool) -> str:
+    return "local" if base_src.repo_id is None else ("stream" if streamed else "whole")

@@ -1,0 +1,335 @@
+"""Merge-and-push as one stream (hubmerge/stream.py), against the project's local Hub through the real client:
+the same files as a non-streamed run, bounded disk, resume without re-uploading, no repo left by a failure, and the
+cache left as it was found."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, hf_hub_download
+from support import ALPACA_REPO as ALPACA
+from support import LLAMA_REPO as LLAMA
+from support import hubmerge, one_line_error
+
+from hubmerge import merge
+from hubmerge import stream as streaming
+from hubmerge.testing.localhub import LocalHub
+
+SHARDED = "alice/llama-tiny-sharded"
+SHARDS = [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]
+OUT_SHARD = "40KB"  # the tiny merged model is ~290 kB: several output shards
+
+
+def _publish(server, models, token_owner: str = "alice") -> None:
+    """The tiny Plus recipe with a base in 4 safetensors shards, committed straight into ``server``'s storage."""
+    base = models.base(shards=4)
+    llama, alpaca = models.plus_recipe(models.base())
+    for repo, folder, private in ((SHARDED, base, True), (LLAMA, llama, False), (ALPACA, alpaca, False)):
+        try:
+            server.create_repo(repo, private=private)
+        except Exception:  # published by an earlier test on the shared Hub
+            continue
+        server.commit_files(repo, {p.name: p for p in sorted(folder.iterdir()) if p.is_file()})
+
+
+@pytest.fixture
+def shared(hub, models):
+    _publish(hub, models)
+    return hub
+
+
+@pytest.fixture
+def slow_hub(tmp_path, models, monkeypatch):
+    """A local Hub throttled to 300 kB/s each way (the tiny base takes ~1 s to download), with the recipe published."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LocalHub(tmp_path / "slow-hub", bandwidth=300_000) as server:
+        server.tokens = {name: server.add_user(name) for name in ("hfl", "alice")}
+        _publish(server, models)
+        yield server
+
+
+def _repo_files(server, repo: str) -> dict[str, str]:
+    info = HfApi(endpoint=server.url, token=server.tokens["alice"]).model_info(repo, files_metadata=True)
+    return {s.rfilename: s.lfs.sha256 if s.lfs else s.blob_id for s in info.siblings}
+
+
+def _card(server, repo: str, cache: Path) -> str:
+    path = hf_hub_download(repo, "README.md", endpoint=server.url, token=server.tokens["alice"], cache_dir=cache)
+    return Path(path).read_text()
+
+
+def _snapshot(cache: Path, repo: str) -> Path:
+    return next((cache / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())
+
+
+def _uploads(server) -> list[str]:
+    """The LFS objects (oids) uploaded so far: the local Hub's log of upload PUTs."""
+    return [
+        r.path.split("?")[0].rsplit("/", 1)[-1]
+        for r in server.requests
+        if r.method == "PUT" and "/lfs-upload/" in r.path and r.status == 200
+    ]
+
+
+def _stream(server, tmp_path, repo: str, **kw):
+    return merge(
+        [LLAMA, ALPACA],
+        SHARDED,
+        push_to=repo,
+        max_shard_size=OUT_SHARD,
+        token=server.tokens["alice"],
+        endpoint=server.url,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        **kw,
+    )
+
+
+def test_streamed_push_publishes_the_files_a_non_streamed_run_writes(shared, tmp_path, monkeypatch):
+    # the reference: merge into a folder, then `hubmerge push` it
+    done = hubmerge(
+        shared,
+        tmp_path,
+        LLAMA,
+        ALPACA,
+        "--base",
+        SHARDED,
+        "--out",
+        tmp_path / "ref",
+        "--max-shard-size",
+        OUT_SHARD,
+        "-q",
+    )
+    assert done.returncode == 0, done.stderr
+    assert hubmerge(shared, tmp_path, "push", tmp_path / "ref", "alice/ref-merge").returncode == 0
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = _stream(shared, tmp_path, "alice/streamed-merge")
+    ref, streamed = _repo_files(shared, "alice/ref-merge"), _repo_files(shared, "alice/streamed-merge")
+    shards = [n for n in streamed if n.endswith(".safetensors")]
+    assert len(shards) >= 4 and "model.safetensors.index.json" in streamed
+    cards = [
+        _card(shared, r, tmp_path / f"c-{r.replace('/', '-')}") for r in ("alice/ref-merge", "alice/streamed-merge")
+    ]
+    assert cards[0].replace("ref-merge", "X") == cards[1].replace("streamed-merge", "X")
+    assert {n: d for n, d in ref.items() if n != "README.md"} == {n: d for n, d in streamed.items() if n != "README.md"}
+    assert (
+        result.push is not None
+        and HfApi(endpoint=shared.url, token=shared.tokens["alice"]).model_info("alice/streamed-merge").private
+    )
+    # the recipe (byte-identical to the non-streamed run's, above) records the base shards' Hub SHA256
+    recipe = json.loads(
+        Path(
+            hf_hub_download(
+                "alice/streamed-merge",
+                "hubmerge.json",
+                endpoint=shared.url,
+                token=shared.tokens["alice"],
+                cache_dir=tmp_path / "c-recipe",
+            )
+        ).read_text()
+    )
+    assert recipe["base"]["files"] == {n: shared.file_entry(SHARDED, n).sha256 for n in SHARDS}
+    # nothing of the output stays on disk; the downloads stay in the cache (the disk holds them)
+    assert list(work.iterdir()) == []
+    assert all((_snapshot(tmp_path / "cache", SHARDED) / n).is_file() for n in SHARDS)
+    assert any("kept in the cache" in line for line in result.summary())
+
+
+def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, monkeypatch):
+    snapshot_dir = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
+    base_seen, out_seen = [], []
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    def count_base() -> int:
+        return len(list(snapshot_dir.glob("snapshots/*/*.safetensors")))
+
+    def count_out() -> int:  # output shards on disk: named ones, and removed ones still open (being uploaded)
+        named = {str(p) for p in work.rglob("*.safetensors")}
+        held = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        return len(named) + len({h for h in held if h.startswith(str(work)) and h.endswith(".safetensors (deleted)")})
+
+    fetch_file = streaming.fetch_file
+
+    def fetch_and_count(*args, **kw):
+        path = fetch_file(*args, **kw)
+        if kw.get("verify") is False:  # a download (verification follows on another thread)
+            base_seen.append(count_base())
+        return path
+
+    call = streaming.ShardUploader.__call__
+
+    def upload_and_count(self, path, digest):
+        out_seen.append(count_out())  # a shard was just finished; the previous one may still be uploading
+        call(self, path, digest)
+
+    monkeypatch.setattr(streaming, "fetch_file", fetch_and_count)
+    monkeypatch.setattr(streaming.ShardUploader, "__call__", upload_and_count)
+    result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False)
+    assert len(base_seen) == 4 and max(base_seen) <= 2, base_seen
+    assert len(out_seen) >= 6 and max(out_seen) <= 2, out_seen
+    assert max(out_seen) == 2, "the next shard should be written while the previous one uploads"
+    assert count_base() == 0  # each removed once merged
+    assert any("removed 4 base shards" in line for line in result.summary())
+    assert set(_repo_files(slow_hub, "alice/bounded")) >= {"README.md", "hubmerge.json", "config.json"}
+
+
+def _cli(server, tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_TOKEN": server.tokens["alice"],
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    cmd = [sys.executable, "-m", "hubmerge.cli", LLAMA, ALPACA, "--base", SHARDED, *args]
+    cmd += ["--max-shard-size", OUT_SHARD, "--cache-dir", str(tmp_path / "cache"), "-q"]
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_rerun_after_a_kill_resumes_without_uploading_again(slow_hub, tmp_path):
+    repo = "alice/resumed"
+    first = _cli(slow_hub, tmp_path, "--push-to", repo)
+    deadline = time.monotonic() + 120
+    while len(_uploads(slow_hub)) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    sent_before = set(_uploads(slow_hub))
+    assert len(sent_before) >= 2
+    assert slow_hub.resolve(repo) is None  # no commit: the repo never shows half a model
+
+    slow_hub.clear_requests()
+    second = _cli(slow_hub, tmp_path, "--push-to", repo)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    sent_again = set(_uploads(slow_hub))
+    assert not sent_before & sent_again, "shards already on the Hub were uploaded again"
+    files = _repo_files(slow_hub, repo)
+    assert sent_before <= set(files.values()) and len([n for n in files if n.endswith(".safetensors")]) >= 6
+
+
+def test_failure_before_the_commit_leaves_no_repo(shared, tmp_path):
+    shared.faults.corrupt(SHARDED, SHARDS[2])  # always: verification fails twice, the run stops mid-stream
+    done = _cli(shared, tmp_path, "--push-to", "alice/never-published", "--no-keep-downloads")
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 1 and err.startswith("error: ") and SHARDS[2] in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not HfApi(endpoint=shared.url, token=shared.tokens["alice"]).repo_exists("alice/never-published")
+    assert list((tmp_path / "work").iterdir()) == []  # nothing of the output left
+
+
+def test_only_this_runs_downloads_are_removed(shared, tmp_path, models, monkeypatch):
+    # a base with two commits: shard 1 cached at the old one (same content, so the same blob), shard 2 at the new one
+    repo, cache = "alice/llama-tiny-two-commits", tmp_path / "cache"
+    folder = models.base(shards=4)
+    shared.create_repo(repo, private=True)
+    old = shared.commit_files(repo, {p.name: p for p in sorted(folder.iterdir()) if p.is_file()})
+    shared.commit_files(repo, {"NOTES.md": "a second commit\n"})
+    before = {}
+    for name, revision in ((SHARDS[0], old), (SHARDS[1], None)):
+        path = hf_hub_download(
+            repo, name, revision=revision, endpoint=shared.url, token=shared.tokens["alice"], cache_dir=cache
+        )
+        blob = Path(path).resolve()
+        before[name] = (Path(path), blob, blob.stat().st_ino, blob.stat().st_mtime_ns)
+
+    dry = hubmerge(
+        shared, tmp_path, LLAMA, ALPACA, "--base", repo, "--push-to", "alice/x", "--no-keep-downloads", "--dry-run"
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "each removed from the cache once merged (--no-keep-downloads)" in dry.stdout
+    assert "peak disk about" in dry.stdout
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = merge(
+        [LLAMA, ALPACA],
+        repo,
+        push_to="alice/cache-respected",
+        max_shard_size=OUT_SHARD,
+        token=shared.tokens["alice"],
+        endpoint=shared.url,
+        cache_dir=cache,
+        progress=False,
+        keep_downloads=False,
+    )
+    assert any("removed 2 base shards" in line for line in result.summary())
+    for name, (link, blob, ino, mtime) in before.items():  # untouched, link and content
+        assert link.is_file() and blob.stat().st_ino == ino and blob.stat().st_mtime_ns == mtime, name
+    head = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / shared.resolve(repo)
+    for name in SHARDS[2:]:
+        assert not (head / name).exists() and not (head / name).is_symlink()
+    blobs = {p.name for p in (head.parents[1] / "blobs").iterdir()}
+    assert {shared.file_entry(repo, n).sha256 for n in SHARDS[2:]}.isdisjoint(blobs)
+
+
+def test_local_hub_bandwidth_is_shared_by_concurrent_transfers(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LocalHub(tmp_path / "hub", bandwidth=2_000_000) as server:
+        token = server.add_user("alice")
+        server.create_repo("alice/blobs")
+        server.commit_files("alice/blobs", {f"{k}.bin": os.urandom(1_000_000) for k in range(2)})
+        started = time.monotonic()
+        threads = [
+            threading.Thread(
+                target=hf_hub_download,
+                args=("alice/blobs", f"{k}.bin"),
+                kwargs=dict(endpoint=server.url, token=token, cache_dir=tmp_path / f"c{k}"),
+            )
+            for k in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed <= 3.0, elapsed  # 2 MB through a shared 2 MB/s link: ~1 s, not ~0.5 s
+
+
+def test_push_into_a_repo_with_files_needs_overwrite_before_any_download(shared, tmp_path):
+    api = HfApi(endpoint=shared.url, token=shared.tokens["alice"])
+    api.create_repo("alice/occupied")
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="notes.txt", repo_id="alice/occupied")
+    done = hubmerge(shared, tmp_path, LLAMA, ALPACA, "--base", SHARDED, "--push-to", "alice/occupied")
+    assert "--overwrite" in one_line_error(done)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.safetensors"))
+    assert api.repo_exists("alice/occupied")
+
+
+def test_cli_push_without_out_leaves_neither_output_nor_downloads(shared, tmp_path):
+    # the CLI starts the first shard's download while torch imports: it is still this run's download, removed too
+    run = _cli(shared, tmp_path, "--push-to", "alice/cli-streamed", "--no-keep-downloads")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert list((tmp_path / "work").iterdir()) == []
+    base_cache = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
+    assert base_cache.is_dir() and not list(base_cache.rglob("*.safetensors")), "base shards left in the cache"
+    assert not [p for p in (base_cache / "blobs").iterdir() if p.stat().st_size > 10_000]
+    files = _repo_files(shared, "alice/cli-streamed")
+    assert len([n for n in files if n.endswith(".safetensors")]) >= 6 and "hubmerge.json" in files
