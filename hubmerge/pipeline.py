@@ -64,6 +64,7 @@ def merge(
     progress_callback: ProgressCallback | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     keep_downloads: bool = True,
+    work_dir: PathLike | None = None,
 ) -> MergeResult:
     """Merge LoRA ``adapters`` (applied in order) into ``base`` and write the result under ``out``.
 
@@ -85,6 +86,8 @@ def merge(
             overlap (:mod:`hubmerge.stream`); without ``out``, only the shards in flight are ever on disk.
         keep_downloads: with ``push_to``, keep the base shards downloaded into the cache when the disk can hold
             them (false: remove each once merged; files cached before the run are never touched).
+        work_dir: with ``push_to`` and no ``out``, where the shards in flight are written (default: the current
+            folder); only they are ever on disk.
         token, cache_dir, endpoint: Hub access (default: HF_TOKEN or the saved login, the HF cache, HF_ENDPOINT).
         progress: show progress bars.
         progress_callback: called with a :class:`~hubmerge.progress.ProgressEvent` as each stage advances
@@ -120,6 +123,7 @@ def merge(
             progress=reporter,
             block_bytes=block_bytes,
             keep_downloads=keep_downloads,
+            work_dir=work_dir,
         )
     shard_limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
     base_src, adapter_srcs = resolve_inputs(adapters, base, hub)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import HubAccessError, InputError, OutputError, UnsafeFileError, VerificationError
 from .inputs.hub import Hub, hub_errors
-from .output.recipe import RECIPE_NAME, read_recipe
+from .output.recipe import RECIPE_NAME, read_recipe, reproduce_command
 from .progress import Progress
 from .verification.hashing import file_digest
 
@@ -21,7 +21,8 @@ TAGS = ["hubmerge", "lora", "merge"]  # and the family's model_type
 
 @dataclass
 class PushResult:
-    """Where the upload went: the repo page URL, the commit, its visibility and the uploaded files' SHA256."""
+    """Where the upload went: the repo page URL, the commit, its visibility, the uploaded files' SHA256, the model
+    card, and the recipe (``hubmerge.json``) published with them."""
 
     repo_id: str
     url: str
@@ -29,6 +30,7 @@ class PushResult:
     private: bool
     files: dict[str, str]
     card: str
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,19 +137,26 @@ def check_push_target(repo_id: str, hub: Hub, *, overwrite: bool = False, privat
     if not overwrite:
         return PushTarget(
             repo_id, True, len(files), False, bool(info.private), False,
-            f"{repo_id}: the repository already has {len(files)} files; pass --overwrite to replace them, "
+            f"{repo_id}: the repository already has {_plural(len(files), 'file')}; pass --overwrite to replace them, "
             "or choose another name",
         )  # fmt: skip
     return PushTarget(
         repo_id, True, len(files), False, bool(info.private), True,
-        f"{state} with {len(files)} files; --overwrite replaces them",
+        f"{state} with {_plural(len(files), 'file')}; --overwrite replaces them",
     )  # fmt: skip
 
 
-def _link(hub_url: str, record: dict[str, Any]) -> str:
+def _source_cells(hub_url: str, record: dict[str, Any]) -> str:
+    """The source and commit cells of a card row: the repo linked to the tree at its full commit, the commit shown
+    short (the full one is in the link, the command and hubmerge.json) so the table stays narrow enough to read."""
     if record.get("repo_id"):
-        return f"[{record['repo_id']}]({hub_url}/{record['repo_id']}/tree/{record['commit']}) @ `{record['commit']}`"
-    return f"`{record['source']}` (local folder)"
+        commit = record["commit"]
+        return f"[{record['repo_id']}]({hub_url}/{record['repo_id']}/tree/{commit}) | `{commit[:12]}`"
+    return f"`{record['source']}` | local folder"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[str, str]) -> str:
@@ -168,18 +177,19 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"{len(recipe['adapters'])} LoRA adapter(s) merged into a {family} base by hubmerge, in this order.",
+        f"{_plural(len(recipe['adapters']), 'LoRA adapter')} merged into a {family} base by hubmerge, in this "
+        "order (r, lora_alpha and the scale each applies are the adapters' own).",
         "",
         "## Sources",
         "",
-        "| # | role | source | layout | r | lora_alpha | scaling | replaces | vocab |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| 0 | base | {_link(hub_url, recipe['base'])} | | | | | | |",
+        "| step | source | commit | layout | r | alpha | scale | replaces | vocab |",
+        "|---|---|---|---|--:|--:|--:|---|--:|",
+        f"| base | {_source_cells(hub_url, recipe['base'])} | | | | | | |",
     ]
     for i, a in enumerate(recipe["adapters"], 1):
         replaces = ", ".join(n.rsplit(".", 2)[-2] for n in a["replaces"]) or "-"
         lines.append(
-            f"| {i} | adapter | {_link(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
+            f"| {i} | {_source_cells(hub_url, a)} | {a['layout']} | {a['r']} | {a['lora_alpha']:g} | "
             f"{', '.join(f'{s:g}' for s in a['scaling']) or '-'}{' (rslora)' if a['use_rslora'] else ''} | "
             f"{replaces} | {a['vocab_size'] or '-'} |"
         )
@@ -207,6 +217,15 @@ def model_card(recipe: dict[str, Any], repo_id: str, hub_url: str, files: dict[s
     ]
     lines += [f"| {name} | `{digest}` |" for name, digest in sorted(files.items())]
     lines += [
+        "",
+        "## Reproduce",
+        "",
+        "The same files, made on your own machine with hubmerge's command line (every source pinned to the commit "
+        "used here; the same command is `command` in hubmerge.json):",
+        "",
+        "```bash",
+        reproduce_command(recipe, wrapped=True),
+        "```",
         "",
         "## Use",
         "",
@@ -336,7 +355,7 @@ def push(
             existing = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
         if existing and not overwrite:
             raise OutputError(
-                f"{repo_id}: the repository already has {len(existing)} files; pass --overwrite to replace "
+                f"{repo_id}: the repository already has {_plural(len(existing), 'file')}; pass --overwrite to replace "
                 "them, or choose another name",
                 repo_id=repo_id,
                 remedy="overwrite",
@@ -373,4 +392,5 @@ def push(
             with contextlib.suppress(Exception), hub_errors(hub, repo_id, action="delete"):
                 api.delete_repo(repo_id)
         raise
-    return PushResult(repo_id, f"{hub.url}/{repo_id}", getattr(commit, "oid", None), bool(info.private), files, card)
+    url = f"{hub.url}/{repo_id}"
+    return PushResult(repo_id, url, getattr(commit, "oid", None), bool(info.private), files, card, recipe)

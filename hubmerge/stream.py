@@ -501,7 +501,7 @@ def _existing(path: Path) -> Path:
     return next(p for p in [path, *path.parents] if p.exists())
 
 
-def preview_lines(
+def preview_disk(
     base_src: Source,
     adapter_srcs: Sequence[Source],
     hub: Hub,
@@ -511,9 +511,9 @@ def preview_lines(
     keep_downloads: bool,
     out: Path,
     keep_output: bool,
-) -> list[str]:
-    """The dry run's lines for a streamed push (sources fetched without weights): the disk it needs, and whether
-    downloaded base shards stay in the cache."""
+) -> tuple[DiskPlan, int, list[str]]:
+    """The dry run of a streamed push (sources fetched without weights): its disk plan (what it needs, whether
+    downloaded base shards stay in the cache), the output shard size, and the plan's lines saying so."""
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(out_nbytes)
     names = streamable_shards(base_src) if base_src.repo_id else []
     sizes = sorted((base_src.remote[n].size for n in names if fresh(base_src, n, hub)), reverse=True)
@@ -523,10 +523,15 @@ def preview_lines(
     plan = disk_plan(
         sum(sizes) + whole, sum(sizes[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
     )
-    return plan.lines(shard_limit, _base_from(base_src, bool(names)))
+    return plan, shard_limit, plan.lines(shard_limit, _base_from(base_src, bool(names)))
 
 
 # -- the whole run -----------------------------------------------------------------------------------------------------
+def in_flight_folder(push_to: str, work_dir: str | Path | None) -> Path:
+    """Where a push without ``out`` writes its shards in flight: ``<work_dir or .>/<org>--<name>.hubmerge-push``."""
+    return (Path(work_dir or ".").expanduser() / f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
+
+
 def merge_push(
     adapters: Sequence[str | Path],
     base: str | Path,
@@ -544,9 +549,11 @@ def merge_push(
     progress: Progress,
     block_bytes: int,
     keep_downloads: bool,
+    work_dir: str | Path | None = None,
 ) -> MergeResult:
     """``hubmerge.merge(..., push_to=...)``: merge and publish as one stream (see the module docstring). Without
-    ``out`` (and with only the HF format) nothing of the output stays on disk; with it, the output is kept.
+    ``out`` (and with only the HF format) nothing of the output stays on disk but the shards in flight, in a folder
+    of ``work_dir`` (default: the current folder) removed after the commit; with ``out``, the output is kept.
 
     Returns:
         a :class:`~hubmerge.pipeline.MergeResult`.
@@ -561,7 +568,7 @@ def merge_push(
     if keep_output:
         out_dir = Path(out if out is not None else default_out_name(adapter_srcs[-1].name)).expanduser().resolve()
     else:  # only the files in flight and the small ones, removed after the commit
-        out_dir = Path(f"{push_to.replace('/', '--')}.hubmerge-push").resolve()
+        out_dir = in_flight_folder(push_to, work_dir)
     inputs_paths = [s.path for s in (base_src, *adapter_srcs) if s.path] + [hub.cache_root]
     check_output(out_dir, inputs_paths, overwrite or not keep_output)
     target = TargetRepo(hub, checked)

@@ -1,9 +1,9 @@
-"""The hubmerge Space: merge LoRA adapters from the Hub into the user's own LLaMA base and publish the result to a
+"""The hubmerge Space: merge LoRA adapters from the Hub into the user's own base model and publish the result to a
 private repo of theirs, signed in with Hugging Face.
 
-This file is UI only. The work is done by hubmerge's public API: :func:`hubmerge.preview` (the Check step, the same
-plan the CLI's ``--dry-run`` prints) and :func:`hubmerge.merge` with ``push_to`` (download, verify, merge, upload).
-Errors are :class:`hubmerge.HubmergeError` with the CLI's one-line messages; they are shown as they are.
+This file is UI only. The work is done by hubmerge's public API: :func:`hubmerge.dryrun.plan_preview` (the Check
+step: the plan the CLI's ``--dry-run`` prints, as data) and :func:`hubmerge.merge` with ``push_to`` (download, verify,
+merge, upload), whose typed progress events (:class:`hubmerge.progress.ProgressEvent`) drive the progress panel.
 
 Rules the page keeps:
 
@@ -13,12 +13,17 @@ Rules the page keeps:
   login. Anyone who can reach the app can send that placeholder, so the app lends this machine's login (``HF_TOKEN``
   or ``hf auth login``) for it only while nobody else can reach the app: listening on a loopback address alone, with
   no share link (:func:`only_this_machine`); the page says so. Otherwise the placeholder is refused and a real token
-  is needed (Spaces' OAuth, or gradio_client's ``oauth_token``).
+  is needed (Spaces' OAuth, or gradio_client's ``oauth_token``). Without a machine login the page starts anyway,
+  without the sign-in button, and says how to get one.
+- Each step clears what the previous one showed; progress, errors and results each have their own panel, which stays
+  until the next step starts.
 - One merge at a time (queue with a visible position); each job works in its own temporary folder (download cache
   and output), removed when the job ends, failed or not. When the user closes the tab, gradio runs the ``unload``
-  event: a merge of that session still running stops at its next progress update and cleans up.
+  event: a merge of that session still running stops at its next progress event and cleans up, including the
+  repository it created if nothing was committed to it yet.
 - Local folders as inputs are allowed only off Spaces (``HUBMERGE_SPACE_LOCAL_PATHS=1``/``0`` overrides): on a shared
   server a path could name another job's files.
+- The page keeps no record of its own: "Recent merges" asks the Hub for the user's repos tagged ``hubmerge``.
 
 Run locally: ``python space/app.py`` (see the README's "Gradio Space" section); ``HF_ENDPOINT`` picks the Hub.
 """
@@ -26,6 +31,7 @@ Run locally: ``python space/app.py`` (see the README's "Gradio Space" section); 
 from __future__ import annotations
 
 import contextlib
+import html
 import ipaddress
 import logging
 import os
@@ -33,15 +39,20 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 import hubmerge
 from hubmerge import HubmergeError
+from hubmerge.dryrun import Preview, plan_preview
+from hubmerge.progress import STAGES, ProgressEvent
+from hubmerge.sizes import format_size
 
 log = logging.getLogger("hubmerge.space")
 
@@ -49,6 +60,8 @@ log = logging.getLogger("hubmerge.space")
 GRADIO_MOCK_TOKEN = "mock-oauth-token-for-local-dev"
 JOB_PREFIX = "hubmerge-job-"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+OVERWRITE_LABEL = "Replace the files if the repository already has some"
+RECENT_LIMIT = 20
 
 
 def _family(size: str) -> dict[str, list[str]]:
@@ -65,6 +78,15 @@ def _family(size: str) -> dict[str, list[str]]:
 # The Chinese-LLaMA/Alpaca family, in the order each recipe applies its adapters to the original LLaMA (HF format):
 # the Plus and Pro Alpacas are merged on top of LLaMA-Plus, never alone and never the other way round.
 PRESETS: dict[str, list[str]] = {name: ids for size in ("7b", "13b", "33b") for name, ids in _family(size).items()}
+# Chinese-LLaMA-Alpaca-2: one adapter each, on the matching Llama-2 base (HF format); the 16K and 64K long-context
+# adapters carry their rope scaling in their own config.json, which hubmerge takes over.
+PRESETS.update(
+    {
+        f"Chinese-{kind}-2-{size.upper()}{context.upper()}": [f"hfl/chinese-{kind.lower()}-2-lora-{size}{context}"]
+        for kind in ("LLaMA", "Alpaca")
+        for size, context in (("7b", ""), ("13b", ""), ("7b", "-16k"), ("13b", "-16k"), ("7b", "-64k"))
+    }
+)
 
 DTYPES = [("the base's dtype", ""), ("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")]
 
@@ -74,6 +96,11 @@ read the adapters and *your own* base model (also private ones: `read-repos`), c
 namespace (`manage-repos`) and push the merged model to it (`write-repos`). The new repository is private unless you
 untick *Private*. The Space has no token of its own; signing out (or closing the tab) ends its access."""
 
+NO_LOCAL_LOGIN = """\
+**No Hugging Face login on this machine ({reason}), so there is no sign-in button.** Outside a Space the button
+stands for this machine's own login. To merge, stop the app and either run `hf auth login` (or set `HF_TOKEN`),
+or point it at another Hub with both `HF_ENDPOINT=<that Hub's URL>` and `HF_TOKEN=<a token of that Hub>`; then
+start `python space/app.py` again. The Hub is now `{hub}`."""
 
 MACHINE_LOGIN = (
     "The app listens on this machine only, so the sign-in button stands for this machine's own Hugging Face login "
@@ -85,6 +112,26 @@ MOCK_REFUSED = (
     "in with a real token (gradio_client's oauth_token)"
 )
 
+# What to do on the page, by the remedy a hubmerge error names (hubmerge.errors.Remedy); shown under the message.
+DEFAULT_HINT = "Fix it above and start the step again."
+PAGE_HINTS: dict[str, str] = {
+    "overwrite": f"Tick '{OVERWRITE_LABEL}' to replace the files, or choose another name under 'Publish to'.",
+    "login": "Sign out and in again with the button at the top, as an account that can read it.",
+    "dtype": "Choose another Output dtype.",
+    "format": "The Space writes the HF format only: merge this one locally with the command-line tool.",
+    "no-verify": "The Space always verifies its inputs: merge this one locally with the command-line tool.",
+}
+
+# CLI wording in hubmerge's one-line messages -> what the page offers instead (applied in order, as data).
+PAGE_WORDING: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"pass --overwrite to replace (them|it)"), f"tick '{OVERWRITE_LABEL}' to replace \\1"),
+    (re.compile(r"--overwrite replaces them"), f"'{OVERWRITE_LABEL}' is ticked: they will be replaced"),
+    (re.compile(r"(log in|login) \(`hf auth login`[^)]*\)( again)?"), "sign in again"),
+    (re.compile(r"use a token with write access to that namespace"), "sign in again, or publish to your own namespace"),
+    (re.compile(r"use --format hf|add hf to --format"), "the Space writes the HF format only"),
+    (re.compile(r"try --dtype (\w+)"), "choose Output dtype \\1"),
+]
+
 
 @dataclass
 class Settings:
@@ -95,7 +142,8 @@ class Settings:
     allow_local_paths: bool = False
     # session hash -> set when that browser session ends (tab closed): its running job stops
     cancelled: dict[str, threading.Event] = field(default_factory=dict)
-    on_stage: Callable[[str], None] | None = None  # called with each stage name as the page shows it (tests)
+    on_event: Callable[[ProgressEvent], None] | None = None  # sees every progress event (tests: to hold or slow)
+    refresh_seconds: float = 0.5  # how often a running job redraws its progress panel
 
     @property
     def hub_url(self) -> str:
@@ -135,6 +183,26 @@ def default_settings() -> Settings:
     )
 
 
+def local_login_problem(settings: Settings) -> str | None:
+    """Off Spaces, gradio's sign-in button needs this machine's own Hub login (and refuses to start without one);
+    None when there is one, else why not, in a few words. On a Space the real OAuth needs nothing local."""
+    if on_spaces():
+        return None
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
+    if not token:
+        return "neither `hf auth login` nor HF_TOKEN"
+    try:
+        who = HfApi(endpoint=settings.endpoint, token=token).whoami()
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"the Hub did not accept its token ({status or type(exc).__name__})"
+    if who.get("type", "user") != "user":
+        return "its token is not a personal user's"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -143,27 +211,34 @@ class JobCancelled(Exception):
     """The browser session that started the job has ended."""
 
 
+class PageError(Exception):
+    """A message for the page's error panel (and, through the API, the client's error); ``hint`` names the control
+    on the page that fixes it."""
+
+    def __init__(self, message: str, hint: str = DEFAULT_HINT):
+        super().__init__(message)
+        self.hint = hint
+
+
 def user_token(oauth_token: gr.OAuthToken | None, machine_login: bool = False) -> str:
     """The signed-in user's token; a one-line error when nobody is signed in. gradio's mock token stands for this
     machine's own login only when ``machine_login`` (the app is reachable from this machine only, see
     :func:`only_this_machine`); otherwise it is refused."""
     if oauth_token is None or not oauth_token.token:
-        raise gr.Error(
+        raise PageError(
             "Sign in with Hugging Face first (the button at the top): the Space reads and writes the Hub "
-            "as you, with no token of its own.",
-            print_exception=False,
+            "as you, with no token of its own."
         )
     if oauth_token.token == GRADIO_MOCK_TOKEN:
         if not machine_login:
-            raise gr.Error(MOCK_REFUSED, print_exception=False)
+            raise PageError(MOCK_REFUSED)
         from huggingface_hub import get_token
 
         token = get_token()  # the account gradio's mocked login signed in as
         if not token:
-            raise gr.Error(
+            raise PageError(
                 "Running outside a Space, the login button stands for this machine's Hugging Face login: "
-                "run `hf auth login` or set HF_TOKEN, then restart the app.",
-                print_exception=False,
+                "run `hf auth login` or set HF_TOKEN, then restart the app."
             )
         return token
     return oauth_token.token
@@ -182,10 +257,9 @@ def _check_spec(spec: str, what: str, settings: Settings) -> str:
     if settings.allow_local_paths:
         return spec
     if spec.startswith(("/", ".", "~")) or "\\" in spec or Path(spec).expanduser().exists():
-        raise gr.Error(
+        raise PageError(
             f"{spec}: local folders cannot be used on the Space; give the {what} as a Hub ID "
-            "(org/name or org/name@revision)",
-            print_exception=False,
+            "(org/name or org/name@revision)"
         )
     return spec
 
@@ -193,12 +267,10 @@ def _check_spec(spec: str, what: str, settings: Settings) -> str:
 def checked_inputs(adapters: str, base: str, settings: Settings) -> tuple[list[str], str]:
     ids = [_check_spec(a, "adapter", settings) for a in parse_adapters(adapters)]
     if not ids:
-        raise gr.Error(
-            "no adapters given; name at least one LoRA adapter (org/name), or pick a preset", print_exception=False
-        )
+        raise PageError("no adapters given; name at least one LoRA adapter (org/name), or pick a preset")
     base = (base or "").strip()
     if not base:
-        raise gr.Error("no base model given; name your LLaMA base in HF format (org/name)", print_exception=False)
+        raise PageError("no base model given; name your base model in HF format (org/name)")
     return ids, _check_spec(base, "base model", settings)
 
 
@@ -214,10 +286,9 @@ def whoami(token: str, settings: Settings) -> str:
         return HfApi(endpoint=settings.endpoint, token=token).whoami()["name"]
     except Exception as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise gr.Error(
+        raise PageError(
             f"the Hub at {settings.hub_url} did not accept your sign-in ({status or type(exc).__name__}); "
-            "sign out and in again",
-            print_exception=False,
+            "sign out and in again"
         ) from None
 
 
@@ -230,10 +301,9 @@ def target_repo(target: str, adapters: Sequence[str], username: Callable[[], str
     if "/" not in target:
         target = f"{username()}/{target}"
     if not _REPO_ID.match(target) or len(target.split("/", 1)[1]) > 96:
-        raise gr.Error(
+        raise PageError(
             f"{target}: not a valid repository name (namespace/name); use letters, digits, '-', '_' and "
-            "'.', e.g. my-merged-model",
-            print_exception=False,
+            "'.', e.g. my-merged-model"
         )
     return target
 
@@ -263,135 +333,264 @@ def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "<token>") if secret else text
 
 
+def page_wording(message: str) -> str:
+    """hubmerge's one-line message with its CLI advice turned into the page's controls."""
+    for pattern, replacement in PAGE_WORDING:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 @contextlib.contextmanager
 def shown_errors(token: str | None) -> Iterator[None]:
-    """hubmerge's one-line messages go to the page as they are; anything else is a bug: logged (token-free), and the
-    page says so in one line. Either way the job's folder is gone and the page stays usable."""
+    """hubmerge's one-line messages go to the page in its own words; anything else is a bug: logged (token-free),
+    and the page says so in one line. Either way the job's folder is gone and the page stays usable."""
     try:
         yield
-    except gr.Error:
+    except PageError:
         raise
     except HubmergeError as exc:
-        raise gr.Error(_scrub(str(exc), token), print_exception=False) from None
+        raise PageError(page_wording(_scrub(str(exc), token)), PAGE_HINTS.get(exc.remedy or "", DEFAULT_HINT)) from None
     except JobCancelled:
-        raise gr.Error("the job was cancelled: its browser session ended", print_exception=False) from None
+        raise PageError("the job was cancelled: its browser session ended") from None
     except Exception as exc:
         log.error("unexpected error:\n%s", _scrub(traceback.format_exc(), token))
-        raise gr.Error(
+        raise PageError(
             f"unexpected error ({type(exc).__name__}); nothing was published and the job's files were "
-            "removed; please report it",
-            print_exception=False,
+            "removed; please report it"
         ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Progress: hubmerge and the Hub client report through tqdm bars; name each after the stage it belongs to.
+# Progress: hubmerge's typed events, summed per stage, drawn as a panel
+
+STAGE_LABELS = {"download": "Download", "verify": "Verify", "merge": "Merge", "upload": "Upload"}
 
 
-class StageProgress:
-    """Wraps the job's ``gr.Progress(track_tqdm=True)`` so the page shows which stage a bar belongs to.
+@dataclass
+class _Task:
+    done: int = 0
+    total: int | None = None
+    finished: bool = False
 
-    hubmerge's merge opens one tqdm bar named ``merge`` (bytes of tensors written); before it, the Hub client opens
-    one bar per downloaded file (named after the file), and after it, the upload bars (``Upload N LFS files``, or one
-    per file). After each download hubmerge checks the file against the Hub's SHA256: big files get a bar of their
-    own (``verify <file>``), small ones none, and the page says "verify <file>" until the next bar. The outer level
-    reads ``stage k/4: <stage>`` with the share of stages done; the inner level is the current bar. Any hook also
-    stops the job once its session has ended.
-    """
 
-    STAGES = ("download", "verify", "merge", "upload")
+@dataclass
+class _Stage:
+    tasks: dict[str, _Task] = field(default_factory=dict)
+    started: float | None = None
+    last: float | None = None  # time of the latest event
+    current: str = ""  # the task that reported last and is not finished
+    expected: int | None = None  # bytes the whole stage will move, when known before its tasks start
+
+    @property
+    def done(self) -> int:
+        return sum(t.done for t in self.tasks.values())
+
+    @property
+    def total(self) -> int | None:
+        """Bytes of the tasks begun so far (None while one of them has no size), or the expected bytes if more."""
+        totals = [t.total for t in self.tasks.values() if t.total is not None]
+        known = sum(totals) if self.tasks and len(totals) == len(self.tasks) else None
+        return max(self.expected, known or 0) if self.expected is not None else known
+
+    @property
+    def finished(self) -> bool:
+        """Every task that began has ended, and what was expected has all come."""
+        tasks_done = bool(self.tasks) and all(t.finished for t in self.tasks.values())
+        return tasks_done and (self.expected is None or self.done >= self.expected)
+
+
+class JobProgress:
+    """Receives a job's :class:`~hubmerge.progress.ProgressEvent` values (from any thread) and draws the progress
+    panel: one row per stage with its files, bytes done of the total, rate and time left. The job stops at its next
+    event once ``cancelled`` is set (the browser session ended)."""
 
     def __init__(
         self,
-        progress: gr.Progress,
+        title: str,
         cancelled: threading.Event | None = None,
-        on_stage: Callable[[str], None] | None = None,
+        on_event: Callable[[ProgressEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        from gradio.helpers import TrackedIterable
-
-        self.progress = progress
+        self.title = title
         self.cancelled = cancelled
-        self.on_stage = on_stage
-        self.seen: list[str] = []  # stage names in the order they were shown
-        self._bars: dict[int, str] = {}  # id(tqdm) -> the file it downloads (download bars only)
-        self._merged = False
-        self._merge_bar: int | None = None
-        self._stage = TrackedIterable(None, 0, len(self.STAGES), None, "stages")
-        self._orig = progress.tqdm, progress.update, progress.close
-        progress.tqdm, progress.update, progress.close = self._tqdm, self._update, self._close
-        progress.iterables.insert(0, self._stage)
-        self.set_stage("download", "looking up the inputs")
+        self.on_event = on_event
+        self.clock = clock
+        self.started = clock()
+        self.ended: float | None = None
+        self.stages: dict[str, _Stage] = {s: _Stage() for s in STAGES}
+        self._lock = threading.Lock()
 
-    def set_stage(self, stage: str, detail: str = "") -> None:
-        k = self.STAGES.index(stage)
-        self._stage.index = k
-        self._stage.desc = f"stage {k + 1}/{len(self.STAGES)}: {stage}" + (f" {detail}" if detail else "")
-        self._orig[1](0)  # send the levels as they are now
-        if not self.seen or self.seen[-1] != stage:
-            self.seen.append(stage)
-            if self.on_stage is not None:
-                self.on_stage(stage)
-
-    def _check(self) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
             raise JobCancelled()
+        now = self.clock()
+        with self._lock:
+            stage = self.stages.setdefault(event.stage, _Stage())
+            task = stage.tasks.setdefault(event.name, _Task())
+            task.done, task.total, task.finished = event.done, event.total, event.finished
+            stage.started = now if stage.started is None else stage.started
+            stage.last = now
+            stage.current = "" if event.finished else event.name
+        if self.on_event is not None:
+            self.on_event(event)
 
-    def _tqdm(self, iterable, desc=None, total=None, unit="steps", _tqdm=None):
-        self._check()
-        name = str(desc or "").rsplit("/", 1)[-1]
-        if desc == "merge":  # hubmerge.pipeline's bar: tensors merged and written, in bytes
-            self._merged = True
-            self._merge_bar = id(_tqdm)
-            self.set_stage("merge")
-            name = "tensors written"
-        elif self._merged:
-            self.set_stage("upload")
-        elif str(desc).startswith("verify "):  # hubmerge.inputs.sources' bar for the SHA256 of a big download, in bytes
-            self.set_stage("verify", f"{name.removeprefix('verify ')} (SHA256)")
-            name = "bytes hashed"
-        else:
-            self._bars[id(_tqdm)] = name
-            self.set_stage("download")
-        return self._orig[0](iterable, name, total, unit, _tqdm=_tqdm)
+    def expect(self, stage: str, nbytes: int) -> None:
+        """Announce how many bytes ``stage`` will move in all, so its bar and time left cover the files to come."""
+        with self._lock:
+            self.stages[stage].expected = nbytes
 
-    def _update(self, n=1):
-        self._check()
-        return self._orig[1](n)
+    def finish(self) -> None:
+        self.ended = self.clock()
 
-    def _close(self, _tqdm):
-        file = self._bars.pop(id(_tqdm), None)
-        if file is not None:  # a download finished: hubmerge now checks its SHA256 against the Hub's record
-            self.set_stage("verify", f"{file} (SHA256)")
-        elif id(_tqdm) == self._merge_bar:  # merged: hubmerge hashes the output, then the upload begins
-            self._merge_bar = None
-            self.set_stage("upload", "(hashing the output first)")
-        return self._orig[2](_tqdm)
+    def state(self, name: str) -> str:
+        """``waiting``, ``running`` or ``done``: a stage is done once its tasks (and the bytes it expected) finished
+        and a later stage began, or the job ended."""
+        stage = self.stages[name]
+        if not stage.tasks:
+            return "waiting"
+        later = list(self.stages)[list(self.stages).index(name) + 1 :]
+        if stage.finished and (self.ended is not None or any(self.stages[s].tasks for s in later)):
+            return "done"
+        return "running"
 
-    def done(self) -> None:
-        if self._stage in self.progress.iterables:
-            self.progress.iterables.remove(self._stage)
+    def numbers(self, name: str) -> str:
+        """'3.1 MB of 9.4 MB · 2 of 3 files · 1.2 MB/s · 0:05 left' (parts only where known)."""
+        stage = self.stages[name]
+        if not stage.tasks:
+            return "waiting"
+        with self._lock:
+            done, total, files = stage.done, stage.total, len(stage.tasks)
+            finished = sum(t.finished for t in stage.tasks.values())
+            started, last = stage.started or 0.0, stage.last or 0.0
+        end = last if self.state(name) == "done" else self.clock()
+        rate = done / (end - started) if end - started > 0.05 else None
+        parts = [f"{format_size(done)} of {format_size(total)}" if total is not None else format_size(done)]
+        if name != "merge":  # the merge is one task (the output), the other stages one per file
+            if finished < files:
+                parts.append(f"{finished} of {_plural(files, 'file')}")
+            else:
+                parts.append(_plural(files, "file") + ("" if self.state(name) == "done" else " done"))
+        if rate:
+            parts.append(f"{format_size(rate)}/s")
+        if self.state(name) == "done":
+            parts.append(f"took {_clock(last - started)}")
+        elif rate and total is not None and total > done:
+            parts.append(f"about {_clock((total - done) / rate)} left")
+        return " · ".join(parts)
+
+    def html(self) -> str:
+        elapsed = _clock((self.ended or self.clock()) - self.started)
+        rows = []
+        for name in self.stages:
+            stage, state = self.stages[name], self.state(name)
+            done, total = stage.done, stage.total
+            share = 1.0 if state == "done" else (done / total if total else 0.0)
+            current = html.escape(stage.current) if state == "running" else ""
+            rows.append(
+                f'<li class="hm-stage is-{state}" data-stage="{name}">'
+                f'<div class="hm-stage-head"><span class="hm-stage-name">{STAGE_LABELS.get(name, name)}</span>'
+                f'<span class="hm-stage-file">{current}</span></div>'
+                f'<div class="hm-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
+                f'aria-valuenow="{share * 100:.0f}"><div style="width:{share * 100:.1f}%"></div></div>'
+                f'<div class="hm-stage-nums">{html.escape(self.numbers(name))}</div></li>'
+            )
+        return (
+            f'<div class="hm-progress" role="status" aria-live="polite"><div class="hm-progress-title">'
+            f"<b>{html.escape(self.title)}</b><span>{elapsed}</span></div>"
+            f'<ol class="hm-stages">{"".join(rows)}</ol></div>'
+        )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The two actions, callable without the UI (tests, gradio_client)
 
 
-def run_check(adapters: str, base: str, dtype: str, token: str, settings: Settings) -> str:
-    """The dry-run plan as Markdown (configs and tokenizers are fetched; no weights)."""
+@dataclass
+class TargetStatus:
+    """The publish target as the Check found it."""
+
+    repo_id: str
+    ok: bool  # Merge and push can publish there with the current settings
+    message: str
+
+
+@dataclass
+class CheckResult:
+    preview: Preview
+    target: TargetStatus
+
+
+def dry_run(
+    ids: list[str],
+    base: str,
+    job: Path,
+    dtype: str,
+    repo: str,
+    private: bool,
+    overwrite: bool,
+    token: str,
+    settings: Settings,
+) -> Preview:
+    """hubmerge's dry run of this job (configs and tokenizers fetched into the job's folder, no weights), with the
+    push target's state reported, not raised."""
+    return plan_preview(
+        ids,
+        base,
+        work_dir=job,
+        dtype=dtype or None,
+        token=token,
+        cache_dir=job / "cache",
+        endpoint=settings.endpoint,
+        push_to=repo,
+        overwrite=bool(overwrite),
+        public=not private,
+    )
+
+
+def run_check(
+    adapters: str,
+    base: str,
+    dtype: str,
+    target: str,
+    private: bool,
+    overwrite: bool,
+    token: str,
+    settings: Settings,
+) -> CheckResult:
+    """The dry run (configs and tokenizers are fetched; no weights) and the publish target's state."""
     ids, base = checked_inputs(adapters, base, settings)
-    with shown_errors(token), job_folder(settings) as job:
-        lines = hubmerge.preview(
-            ids,
-            base,
-            out=job / "out",
-            dtype=dtype or None,
-            token=token,
-            cache_dir=job / "cache",
-            endpoint=settings.endpoint,
-        )
-        lines = [line.replace(str((job / "out").resolve()), "a temporary folder") for line in lines]
-    plan = "\n".join(f"- {_md_escape(line)}" for line in lines)
-    return f"### Plan\n\nNothing but configs and tokenizers was downloaded; Merge and push runs this.\n\n{plan}"
+    with shown_errors(token):
+        repo = target_repo(target, ids, lambda: whoami(token, settings))
+        with job_folder(settings) as job:
+            preview = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
+    # hubmerge's push preflight (creates nothing, always made with push_to): what Merge and push would do, or why not
+    push = preview.target
+    assert push is not None
+    return CheckResult(preview, TargetStatus(repo, push.can_write, page_wording(push.message)))
+
+
+@dataclass
+class Published:
+    """What Merge and push made: the repo, its card, the files' SHA256, the command that makes the same files."""
+
+    repo_id: str
+    url: str
+    private: bool
+    files: dict[str, str]
+    card: str
+    command: str
+    facts: list[str]
 
 
 def run_merge(
@@ -403,36 +602,120 @@ def run_merge(
     overwrite: bool,
     token: str,
     settings: Settings,
-    stages: StageProgress | None = None,
-):
-    """Merge and push; returns the result's (link Markdown, summary Markdown, model card Markdown, SHA256 rows)."""
+    progress: JobProgress | None = None,
+) -> Published:
+    """Merge and push, streamed (download, merge and upload overlap). A job that fails or is cancelled before its
+    commit leaves no repository behind (hubmerge deletes the one it created)."""
+    from hubmerge.output.recipe import reproduce_command
+    from hubmerge.plan import dtype_name
+
     ids, base = checked_inputs(adapters, base, settings)
-    repo = target_repo(target, ids, lambda: whoami(token, settings))
-    with shown_errors(token), job_folder(settings) as job:
-        result = hubmerge.merge(
-            ids,
-            base,
-            job / "out",
-            formats=["hf"],
-            dtype=dtype or None,
-            push_to=repo,
-            public=not private,
-            overwrite=bool(overwrite),
-            token=token,
-            cache_dir=job / "cache",
-            endpoint=settings.endpoint,
-            progress=stages is not None,
+    with shown_errors(token):
+        repo = target_repo(target, ids, lambda: whoami(token, settings))
+        with job_folder(settings) as job:
+            if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
+                ahead = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
+                progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
+            result = hubmerge.merge(  # streamed: the job folder only ever holds the shards in flight
+                ids,
+                base,
+                formats=["hf"],
+                work_dir=job,
+                dtype=dtype or None,
+                push_to=repo,
+                public=not private,
+                overwrite=bool(overwrite),
+                token=token,
+                cache_dir=job / "cache",
+                endpoint=settings.endpoint,
+                progress=False,
+                progress_callback=progress,
+            )
+    pushed, plan = result.push, result.plan
+    assert pushed is not None  # merge() with push_to always publishes
+    command = reproduce_command(pushed.recipe)
+    changed = sum(t.changed for t in plan.tensors)
+    facts = [
+        f"{_plural(len(plan.adapters), 'adapter')} applied in order: {', '.join(a.label for a in plan.adapters)}",
+        f"vocabulary: {plan.vocab_size} tokens; {changed} of {_plural(len(plan.tensors), 'tensor')} changed; "
+        f"dtype {dtype_name(plan.dtype)}",
+        f"{_plural(len(pushed.files), 'file')} and the model card published in {_clock(result.seconds)}",
+    ]
+    return Published(pushed.repo_id, pushed.url, pushed.private, pushed.files, pushed.card, command, facts)
+
+
+@contextlib.contextmanager
+def session_job(settings: Settings, request: gr.Request | None) -> Iterator[threading.Event]:
+    """A job of the browser session behind ``request``: yields its cancel flag, which ``on_unload`` sets when that
+    session ends (the tab closed) while the job runs."""
+    session = getattr(request, "session_hash", None)
+    cancelled = threading.Event()
+    if session:
+        settings.cancelled[session] = cancelled
+    try:
+        yield cancelled
+    finally:
+        if session and settings.cancelled.get(session) is cancelled:
+            del settings.cancelled[session]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering: plan, result, recent merges
+
+
+def _cell(value: Any) -> str:
+    return (
+        "–" if value is None or value == "" else html.escape(f"{value:g}" if isinstance(value, float) else str(value))
+    )
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<div class="hm-scroll"><table class="hm-table {cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def plan_html(check: CheckResult, hub_url: str) -> str:
+    """The Check's answer: the inputs in the order they apply, the output, then the warnings and the target."""
+    p = check.preview
+    rows = []
+    for i, row in enumerate(p.inputs):
+        source = html.escape(row.source)
+        commit = html.escape(row.commit or "")  # a value the Hub sent: shown as text only
+        if commit:
+            source = f'<a href="{html.escape(hub_url)}/{source}/tree/{commit}" target="_blank">{source}</a>'
+        commit = f'<code title="{commit}">{commit[:12]}</code>' if commit else "local folder"
+        download = (
+            "local" if row.download is None else f"{format_size(row.download)} ({_plural(row.files or 0, 'file')})"
         )
-    pushed = result.push
-    visibility = "private" if pushed.private else "public"
-    link = f"### Published: [{pushed.repo_id}]({pushed.url}) ({visibility})"
-    summary = "\n".join(f"- {_md_escape(line)}" for line in result.summary() if not line.startswith("hf: "))
-    rows = [[name, digest] for name, digest in sorted(pushed.files.items())]
-    return link, summary, _card_body(pushed.card), rows
-
-
-def _md_escape(text: str) -> str:
-    return re.sub(r"([\\`*_{}\[\]<>#|])", r"\\\1", text)
+        rows.append(
+            [
+                "base" if row.role == "base" else str(i),
+                source,
+                commit,
+                _cell(row.r),
+                _cell(row.alpha),
+                _cell(row.scale),
+                _cell(row.vocab),
+                html.escape(download),
+            ]
+        )
+    inputs = _table(["step", "source", "revision", "r", "alpha", "scale", "vocabulary", "download"], rows, "hm-inputs")
+    disk = f"{format_size(p.disk)} ({format_size(p.free)} free)"
+    output = _table(
+        ["dtype", "vocabulary", "shards", "disk"],
+        [[html.escape(p.dtype), str(p.vocab), str(p.shards), html.escape(disk)]],
+        "hm-output",
+    )
+    warnings = [*p.warnings] + ([] if check.target.ok else [check.target.message])
+    notes = "".join(f'<li class="hm-warning">{html.escape(w)}</li>' for w in warnings)
+    if check.target.ok:
+        notes += f'<li class="hm-ok">{html.escape(check.target.message)}</li>'
+    return (
+        '<div class="hm-plan"><h3>Plan</h3><p>Nothing but configs and tokenizers was downloaded; Merge and push '
+        "runs this, in this order. Tensor shapes are checked after download, before anything is written.</p>"
+        f"<h4>Inputs</h4>{inputs}<h4>Output</h4>{output}<ul class='hm-notes'>{notes}</ul></div>"
+    )
 
 
 def _card_body(card: str) -> str:
@@ -444,32 +727,133 @@ def _card_body(card: str) -> str:
     return card
 
 
+def error_html(error: PageError) -> str:
+    return (
+        f'<div class="hm-error" role="alert"><b>Error</b><p>{html.escape(str(error))}</p>'
+        f"<p class='hm-hint'>{html.escape(error.hint)}</p></div>"
+    )
+
+
+@dataclass
+class RecentMerge:
+    repo_id: str
+    url: str
+    date: str
+    sources: list[str]
+    private: bool
+
+
+def recent_merges(user: str, token: str, settings: Settings) -> list[RecentMerge]:
+    """The user's repositories whose card carries hubmerge's tag, newest first (asked of the Hub; nothing stored)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=settings.endpoint, token=token)
+    found = []
+    for info in api.list_models(
+        author=user,
+        filter="hubmerge",
+        sort="lastModified",
+        limit=RECENT_LIMIT,
+        expand=["cardData", "createdAt", "lastModified", "private", "tags"],
+    ):
+        data = info.card_data.to_dict() if info.card_data else {}
+        sources = data.get("base_model") or []
+        when = info.last_modified or info.created_at
+        found.append(
+            RecentMerge(
+                info.id,
+                f"{settings.hub_url}/{info.id}",
+                when.strftime("%Y-%m-%d %H:%M") if when else "",
+                [sources] if isinstance(sources, str) else [str(s) for s in sources],
+                bool(info.private),
+            )
+        )
+    return found
+
+
+def recent_html(user: str | None, merges: Sequence[RecentMerge] | None, problem: str | None = None) -> str:
+    if user is None:
+        return "<p>Sign in to see the models you merged here.</p>"
+    if problem:
+        return f'<p class="hm-warning">{html.escape(problem)}</p>'
+    if not merges:
+        return f"<p>No merged models under <code>{html.escape(user)}</code> yet (found by the <code>hubmerge</code> tag).</p>"
+    rows = [
+        [
+            f'<a href="{html.escape(m.url)}" target="_blank">{html.escape(m.repo_id)}</a>',
+            html.escape(m.date),
+            "<br>".join(html.escape(s) for s in m.sources) or "–",
+            "private" if m.private else "public",
+        ]
+        for m in merges
+    ]
+    return _table(["repository", "changed", "sources, in order", "visibility"], rows, "hm-recent")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The page
+
+CSS = """
+.hm-progress, .hm-error, .hm-plan { border-radius: 8px; padding: 12px 14px; }
+.hm-idle { color: var(--body-text-color-subdued); font-size: 0.9em; padding: 2px 4px; }
+.hm-progress { border: 1px solid var(--border-color-primary); background: var(--block-background-fill); }
+.hm-progress-title { display: flex; justify-content: space-between; gap: 8px; margin-bottom: 6px; }
+.hm-stages { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px; }
+.hm-stage-head { display: flex; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
+.hm-stage-name { font-weight: 600; }
+.hm-stage-file { font-family: var(--font-mono); font-size: 0.9em; overflow-wrap: anywhere; }
+.hm-stage.is-waiting { opacity: 0.55; }
+.hm-bar { height: 8px; border-radius: 4px; background: var(--neutral-200); overflow: hidden; margin: 4px 0; }
+.hm-bar > div { height: 100%; background: var(--color-accent); transition: width 0.3s; }
+.hm-stage.is-done .hm-bar > div { background: var(--color-green-500, #22c55e); }
+.hm-stage-nums { font-size: 0.9em; font-variant-numeric: tabular-nums; }
+.hm-error { border: 2px solid #dc2626; background: #fef2f2; color: #7f1d1d; }
+.hm-error p { margin: 4px 0 0; overflow-wrap: anywhere; }
+.hm-warning { color: #92400e; background: #fffbeb; border-left: 4px solid #f59e0b; padding: 4px 8px; margin: 4px 0;
+  list-style: none; }
+.hm-ok { color: #14532d; background: #f0fdf4; border-left: 4px solid #22c55e; padding: 4px 8px; margin: 4px 0;
+  list-style: none; }
+.hm-notes { padding: 0; margin: 8px 0 0; }
+.hm-scroll, #card table { display: block; overflow-x: auto; max-width: 100%; }
+.hm-table, #card table { border-collapse: collapse; border: 0; }
+.hm-table th, .hm-table td, #card th, #card td { white-space: nowrap; word-break: normal; overflow-wrap: normal;
+  padding: 4px 10px; text-align: left; border: 0; border-bottom: 1px solid var(--border-color-primary); }
+.hm-inputs td:nth-child(n+4):nth-child(-n+7) { text-align: right; }
+#reproduce { max-width: 100%; }
+@media (max-width: 480px) {
+  .gradio-container { padding: 0 6px !important; }
+  .hm-progress, .hm-error, .hm-plan { padding: 8px; }
+}
+"""
 
 
 def create_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or default_settings()
     remove_stale_jobs(settings)
     local = " or a local folder" if settings.allow_local_paths else ""
+    no_login = local_login_problem(settings)
 
-    with gr.Blocks(title="hubmerge: merge LoRA adapters into LLaMA") as demo:
+    with gr.Blocks(title="hubmerge: merge LoRA adapters into your base model") as demo:
         gr.Markdown(
-            "# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own LLaMA base, checked "
+            "# hubmerge\nMerge LoRA adapters from the Hugging Face Hub into your own base model (LLaMA, Mistral, "
+            "Qwen2, Gemma), checked "
             "before a byte is written, streamed tensor by tensor, and published to a **private** repository "
             "of yours with a model card that pins every source and lists every file's SHA256."
         )
+        if no_login is None:
+            with gr.Row():
+                gr.LoginButton()
+            account = gr.Markdown(SIGNED_OUT, elem_id="account")
+        else:
+            account = gr.Markdown(NO_LOCAL_LOGIN.format(reason=no_login, hub=settings.hub_url), elem_id="account")
         with gr.Row():
-            gr.LoginButton()
-        account = gr.Markdown(SIGNED_OUT, elem_id="account")
-        with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=300):
                 preset = gr.Dropdown(
                     choices=["(none)", *PRESETS],
                     value="(none)",
                     label="Preset",
                     info="Chinese-LLaMA/Alpaca: fills the adapters in the order the recipe applies "
-                    "them (Plus and Pro: LLaMA-Plus first)",
+                    "them (Plus and Pro: LLaMA-Plus first); the -2 presets go on a Llama-2 base",
                 )
                 adapters = gr.Textbox(
                     label="LoRA adapters, in the order they apply",
@@ -479,37 +863,83 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
                     elem_id="adapters",
                 )
                 base = gr.Textbox(
-                    label="Base model (your LLaMA, HF format)",
+                    label="Base model (yours, HF format: LLaMA, Mistral, Qwen2 or Gemma)",
                     elem_id="base",
-                    placeholder=f"org/llama-7b-hf or org/llama-7b-hf@revision{local}",
+                    placeholder=f"org/base-model or org/base-model@revision{local}",
                 )
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, min_width=300):
                 dtype = gr.Dropdown(choices=DTYPES, value="", label="Output dtype")
                 target = gr.Textbox(
                     label="Publish to", elem_id="target", placeholder="<you>/<last adapter's name>-merged"
                 )
                 private = gr.Checkbox(value=True, label="Private repository")
-                overwrite = gr.Checkbox(value=False, label="Replace the files if the repository already has some")
+                overwrite = gr.Checkbox(value=False, label=OVERWRITE_LABEL)
         with gr.Row():
-            check_btn = gr.Button("Check", interactive=False)
-            merge_btn = gr.Button("Merge and push", variant="primary", interactive=False)
-        plan = gr.Markdown(elem_id="plan")
-        link = gr.Markdown(elem_id="result-link")
-        summary = gr.Markdown(elem_id="summary")
-        with gr.Accordion("Model card (README.md of the new repository)", open=True):
-            card = gr.Markdown(elem_id="card")
-        sha = gr.Dataframe(
-            headers=["file", "sha256"], label="SHA256 of the published files", interactive=False, elem_id="sha256"
-        )
+            check_btn = gr.Button("Check", interactive=False, min_width=120)
+            merge_btn = gr.Button("Merge and push", variant="primary", interactive=False, min_width=120)
+        # always on the page: where a queued job shows its place in the queue, and a running one its stages
+        progress_box = gr.HTML(IDLE, elem_id="progress")
+        error_box = gr.HTML(visible=False, elem_id="error")
+        plan = gr.HTML(visible=False, elem_id="plan")
+        with gr.Column(visible=False, elem_id="result") as result:
+            link = gr.Markdown(elem_id="result-link")
+            summary = gr.Markdown(elem_id="summary")
+            reproduce = gr.Code(
+                language="shell",
+                label="Reproduce locally: the same files from the same pinned sources",
+                interactive=False,
+                wrap_lines=True,
+                lines=1,
+                max_lines=8,
+                show_line_numbers=False,
+                elem_id="reproduce",
+            )
+            with gr.Accordion("Model card (README.md of the new repository)", open=True):
+                card = gr.Markdown(elem_id="card")
+            sha = gr.Dataframe(
+                headers=["file", "sha256"],
+                label="SHA256 of the published files",
+                interactive=False,
+                elem_id="sha256",
+                wrap=False,
+            )
+        with gr.Accordion("Recent merges", open=False, elem_id="recent-panel"):
+            recent_refresh = gr.Button("Refresh", size="sm", min_width=80)
+            recent = gr.HTML(recent_html(None, None), elem_id="recent")
+
+        results = [progress_box, error_box, plan, result]  # what a new step replaces
+
+        def cleared() -> dict:
+            """Every step starts from a clean page: no progress, error, plan or result of an earlier one."""
+            return {c: gr.update(visible=False) for c in results} | {progress_box: IDLE}
+
+        def signed_in_name(profile: gr.OAuthProfile | None) -> str | None:
+            return profile.username if profile is not None else None
+
+        def load_recent(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> str:
+            user = signed_in_name(profile)
+            if user is None:
+                return recent_html(None, None)
+            try:
+                return recent_html(
+                    user, recent_merges(user, user_token(oauth_token, only_this_machine(demo)), settings)
+                )
+            except PageError as exc:
+                return recent_html(user, None, str(exc))
+            except Exception as exc:  # the list is a convenience: say it is missing, never break the page
+                return recent_html(user, None, f"the Hub did not list your models ({type(exc).__name__}); refresh")
 
         def on_load(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):
             signed_in = profile is not None
-            text = (
-                f"Signed in as **{profile.username}**: the page reads and writes the Hub as you. New repositories "
-                f"go to `{profile.username}/...` unless you name another namespace you can write to."
-                if signed_in
-                else SIGNED_OUT
-            )
+            if no_login is not None:
+                text = NO_LOCAL_LOGIN.format(reason=no_login, hub=settings.hub_url)
+            elif signed_in:
+                text = (
+                    f"Signed in as **{profile.username}**: the page reads and writes the Hub as you. New repositories "
+                    f"go to `{profile.username}/...` unless you name another namespace you can write to."
+                )
+            else:
+                text = SIGNED_OUT
             if signed_in and oauth_token is not None and oauth_token.token == GRADIO_MOCK_TOKEN:
                 signed_in = only_this_machine(demo)
                 text = f"{text}\n\n{MACHINE_LOGIN}" if signed_in else f"**Not signed in.** {MOCK_REFUSED}."
@@ -522,6 +952,8 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             )
 
         demo.load(on_load, None, [account, check_btn, merge_btn, target], api_visibility="private")
+        demo.load(load_recent, None, recent, api_visibility="private")
+        recent_refresh.click(load_recent, None, recent, api_visibility="private")
 
         def fill_preset(name: str):
             return "\n".join(PRESETS[name]) if name in PRESETS else gr.skip()
@@ -530,12 +962,122 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         # typed by hand: no longer the preset (in the browser: no server round trip per keystroke)
         adapters.input(None, None, preset, js="() => '(none)'", api_visibility="private")
 
-        def check(adapters: str, base: str, dtype: str, oauth_token: gr.OAuthToken | None) -> str:
-            return run_check(adapters, base, dtype, user_token(oauth_token, only_this_machine(demo)), settings)
+        def show_check(
+            adapters: str,
+            base: str,
+            dtype: str,
+            target: str,
+            private: bool,
+            overwrite: bool,
+            oauth_token: gr.OAuthToken | None,
+        ):
+            busy = _busy("Checking: resolving the inputs and reading their configs (no weights)...")
+            yield cleared() | {progress_box: busy}
+            try:
+                token = user_token(oauth_token, only_this_machine(demo))
+                checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
+            except PageError as exc:
+                yield cleared() | {error_box: gr.update(visible=True, value=error_html(exc))}
+                return
+            yield cleared() | {plan: gr.update(visible=True, value=plan_html(checked, settings.hub_url))}
 
         check_btn.click(
-            check, [adapters, base, dtype], plan, api_name="check", concurrency_limit=4, concurrency_id="check"
+            show_check,
+            [adapters, base, dtype, target, private, overwrite],
+            results,
+            api_visibility="private",
+            concurrency_limit=4,
+            concurrency_id="check",
+            show_progress="hidden",
         )
+
+        def show_merge(
+            adapters: str,
+            base: str,
+            dtype: str,
+            target: str,
+            private: bool,
+            overwrite: bool,
+            oauth_token: gr.OAuthToken | None,
+            profile: gr.OAuthProfile | None,
+            request: gr.Request,
+        ):
+            outcome: dict[str, Any] = {}
+            with session_job(settings, request) as cancelled:
+                progress = JobProgress("Merge and push", cancelled, settings.on_event)
+
+                def work() -> None:
+                    try:
+                        token = user_token(oauth_token, only_this_machine(demo))
+                        outcome["done"] = run_merge(
+                            adapters, base, dtype, target, private, overwrite, token, settings, progress
+                        )
+                    except PageError as exc:
+                        outcome["error"] = exc
+                    finally:
+                        progress.finish()
+
+                # the job runs beside this generator, which redraws the panel until it ends
+                worker = threading.Thread(target=work, name="hubmerge-job", daemon=True)
+                try:
+                    worker.start()
+                    while worker.is_alive():
+                        yield cleared() | {progress_box: progress.html()}
+                        worker.join(settings.refresh_seconds)
+                finally:  # the page went away (generator closed) or the job ended: either way stop it first
+                    cancelled.set()
+                    worker.join()
+            panel = progress.html()
+            if "error" in outcome:
+                error = gr.update(visible=True, value=error_html(outcome["error"]))
+                yield cleared() | {progress_box: panel, error_box: error}
+                return
+            done: Published = outcome["done"]
+            yield cleared() | {
+                progress_box: panel,
+                result: gr.update(visible=True),
+                link: f"### Published: [{done.repo_id}]({done.url}) ({'private' if done.private else 'public'})",
+                summary: "\n".join(f"- {_md_escape(f)}" for f in done.facts),
+                reproduce: done.command,
+                card: _card_body(done.card),
+                sha: [[name, digest] for name, digest in sorted(done.files.items())],
+                recent: load_recent(profile, oauth_token),
+            }
+
+        merge_btn.click(
+            show_merge,
+            [adapters, base, dtype, target, private, overwrite],
+            [*results, link, summary, reproduce, card, sha, recent],
+            api_visibility="private",
+            concurrency_limit=1,
+            concurrency_id="merge",
+            show_progress_on=[progress_box],
+            show_progress="minimal",
+        )
+
+        # The API (gradio_client): the same two steps, answering data and raising errors instead of drawing panels.
+        def check(
+            adapters: str,
+            base: str,
+            dtype: str,
+            target: str,
+            private: bool,
+            overwrite: bool,
+            oauth_token: gr.OAuthToken | None,
+        ) -> dict:
+            """Check a merge: the plan as data, and whether the target repository can take the result."""
+            try:
+                token = user_token(oauth_token, only_this_machine(demo))
+                checked = run_check(adapters, base, dtype, target, private, overwrite, token, settings)
+            except PageError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            p = checked.preview
+            return {
+                "inputs": [vars(row) for row in p.inputs],
+                "output": {"dtype": p.dtype, "vocab": p.vocab, "shards": p.shards, "disk": p.disk, "free": p.free},
+                "warnings": p.warnings,
+                "target": vars(checked.target),
+            }
 
         def merge(
             adapters: str,
@@ -546,30 +1088,18 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
             overwrite: bool,
             oauth_token: gr.OAuthToken | None,
             request: gr.Request,
-            progress=gr.Progress(track_tqdm=True),
-        ):
-            token = user_token(oauth_token, only_this_machine(demo))
-            session = getattr(request, "session_hash", None)
-            cancelled = threading.Event()
-            if session:
-                settings.cancelled[session] = cancelled  # set by on_unload while this job runs
-            stages = StageProgress(progress, cancelled, settings.on_stage)
+        ) -> dict:
+            """Merge and push; the published repository, its files' SHA256, card and reproduce command."""
             try:
-                return run_merge(adapters, base, dtype, target, private, overwrite, token, settings, stages)
-            finally:
-                stages.done()
-                if session and settings.cancelled.get(session) is cancelled:
-                    del settings.cancelled[session]
+                with session_job(settings, request) as cancelled:
+                    token = user_token(oauth_token, only_this_machine(demo))
+                    progress = JobProgress("Merge and push", cancelled, settings.on_event)
+                    return vars(run_merge(adapters, base, dtype, target, private, overwrite, token, settings, progress))
+            except PageError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
 
-        merge_btn.click(
-            merge,
-            [adapters, base, dtype, target, private, overwrite],
-            [link, summary, card, sha],
-            api_name="merge",
-            concurrency_limit=1,
-            concurrency_id="merge",
-            show_progress_on=[link],
-        )
+        gr.api(check, api_name="check", concurrency_limit=4, concurrency_id="check")
+        gr.api(merge, api_name="merge", concurrency_limit=1, concurrency_id="merge")
 
         def on_unload(request: gr.Request):
             event = settings.cancelled.pop(getattr(request, "session_hash", None), None)
@@ -581,8 +1111,22 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
     return demo
 
 
+IDLE = (
+    '<div class="hm-idle">No job running. <b>Check</b> reads only configs and tokenizers; <b>Merge and push</b> '
+    "downloads, verifies, merges and uploads, each stage shown here as it runs.</div>"
+)
+
+
+def _busy(text: str) -> str:
+    return f'<div class="hm-progress" role="status" aria-live="polite"><b>{html.escape(text)}</b></div>'
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([\\`*_{}\[\]<>#|])", r"\\\1", text)
+
+
 # Run history (gradio 6) would keep each run's inputs and outputs and offer to sync them to a Hub bucket: not here.
-LAUNCH = {"show_error": True, "run_history": False}
+LAUNCH = {"show_error": True, "run_history": False, "css": CSS}
 
 
 def main() -> None:

@@ -181,7 +181,7 @@ def test_push_into_existing_repo_needs_overwrite(hub, tmp_path):
     api.create_repo("alice/existing", private=True)
     api.upload_file(path_or_fileobj=b"old", path_in_repo="old.txt", repo_id="alice/existing")
     line = one_line_error(hubmerge(hub, tmp_path, "push", tmp_path / "out", "alice/existing"))
-    assert "already has 1 files" in line and "--overwrite" in line
+    assert "already has 1 file;" in line and "--overwrite" in line
     assert [s.rfilename for s in api.model_info("alice/existing").siblings] == ["old.txt"]
     done = hubmerge(hub, tmp_path, "push", tmp_path / "out", "alice/existing", "--overwrite")
     assert done.returncode == 0, done.stderr

@@ -55,7 +55,7 @@ def downloaded(folder: Path) -> list[str]:
         ("foreign-namespace", "hfl/not-mine", "alice", ("may not write to hfl", "alice")),
         ("read-token", "alice/new-model", "alice-read", ("may not write (role 'read')",)),
         ("no-token", "alice/new-model", None, ("needs a token", "hf auth login")),
-        ("exists-with-files", "alice/has-files", "alice", ("already has 1 files", "--overwrite")),
+        ("exists-with-files", "alice/has-files", "alice", ("already has 1 file;", "--overwrite")),
     ],
 )
 def test_push_target_refused_before_any_download(hub, tmp_path, case, repo, token, fragments):
@@ -84,7 +84,7 @@ def test_dry_run_shows_the_push_target_and_what_happens_to_it(hub, tmp_path):
         ("team/new", (), "push: team/new: will be created (private)"),
         ("dora/new", ("--public",), "push: dora/new: will be created (public)"),
         ("dora/empty", (), "push: dora/empty: exists (public) and is empty"),
-        ("team/full", ("--overwrite",), "push: team/full: exists (private) with 1 files; --overwrite replaces them"),
+        ("team/full", ("--overwrite",), "push: team/full: exists (private) with 1 file; --overwrite replaces them"),
     ]
     for repo, flags, want in cases:
         done = cli(

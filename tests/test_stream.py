@@ -151,9 +151,9 @@ def test_streamed_push_publishes_the_files_a_non_streamed_run_writes(shared, tmp
 def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, monkeypatch):
     snapshot_dir = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
     base_seen, out_seen = [], []
-    work = tmp_path / "work"
+    work = tmp_path / "work"  # the job folder a Space passes: the shards in flight go there, not to the current one
     work.mkdir()
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(tmp_path)
 
     def count_base() -> int:
         return len(list(snapshot_dir.glob("snapshots/*/*.safetensors")))
@@ -184,7 +184,8 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
 
     monkeypatch.setattr(streaming, "fetch_file", fetch_and_count)
     monkeypatch.setattr(streaming.ShardUploader, "__call__", upload_and_count)
-    result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False)
+    result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False, work_dir=work)
+    assert list(work.iterdir()) == [] and not list(tmp_path.glob("*.hubmerge-push"))
     assert len(base_seen) == 4 and max(base_seen) <= 2, base_seen
     assert len(out_seen) >= 6 and max(out_seen) <= 2, out_seen
     assert max(out_seen) == 2, "the next shard should be written while the previous one uploads"

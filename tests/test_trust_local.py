@@ -469,8 +469,8 @@ def test_space_lends_the_machine_login_for_the_mock_token_only_on_loopback(space
         assert "Signed in as **alice**" in account and "this machine's own Hugging Face login" in account
         assert check.interactive and merge.interactive
         assert app.only_this_machine(demo)
-        plan = client.predict(LLAMA_REPO, BASE_REPO, "", api_name="/check")  # alice's private base, as alice
-        assert f"base: {BASE_REPO}@" in plan
+        plan = client.predict(LLAMA_REPO, BASE_REPO, "", "", True, False, api_name="/check")  # alice's private base
+        assert plan["inputs"][0]["source"] == BASE_REPO
         monkeypatch.setenv("SYSTEM", "spaces")
         assert not app.only_this_machine(demo)  # on a Space, never
         return
@@ -478,7 +478,7 @@ def test_space_lends_the_machine_login_for_the_mock_token_only_on_loopback(space
     assert not check.interactive and not merge.interactive
     assert not app.only_this_machine(demo)
     with pytest.raises(AppError, match="reachable from elsewhere"):
-        client.predict(LLAMA_REPO, BASE_REPO, "", api_name="/check")
+        client.predict(LLAMA_REPO, BASE_REPO, "", "", True, False, api_name="/check")
     with pytest.raises(AppError, match="reachable from elsewhere"):
         client.predict(LLAMA_REPO, BASE_REPO, "", "leaked", False, False, api_name="/merge")  # public push
     with pytest.raises(RepositoryNotFoundError):

@@ -107,7 +107,9 @@ def hub_errors(
     except e.GatedRepoError:
         raise HubAccessError(
             f"{repo_id} is gated: request access at {hub.url}/{repo_id}, then {login} with the "
-            "account that was granted access"
+            "account that was granted access",
+            repo_id=repo_id,
+            remedy="login",
         ) from None
     except e.RevisionNotFoundError:
         raise HubAccessError(
@@ -117,7 +119,9 @@ def hub_errors(
         who = "your token cannot see it" if hub.has_token() else "you are not logged in"
         raise HubAccessError(
             f"{repo_id}: repository not found, or private and {who}; check the name, or {login} "
-            "with an account that can read it"
+            "with an account that can read it",
+            repo_id=repo_id,
+            remedy="login",
         ) from None
     except e.LocalEntryNotFoundError:  # the client's name for "could not download and not cached"
         if constants.is_offline_mode():
@@ -138,12 +142,16 @@ def hub_errors(
         status = getattr(exc.response, "status_code", None)
         if status == 401:
             raise HubAccessError(
-                f"{repo_id}: the Hub rejected your token (401); {login} again with a valid token"
+                f"{repo_id}: the Hub rejected your token (401); {login} again with a valid token",
+                repo_id=repo_id,
+                remedy="login",
             ) from None
         if status == 403:
             raise HubAccessError(
                 f"{repo_id}: your token may not {action} this repository (403); use a token "
-                "with write access to that namespace"
+                "with write access to that namespace",
+                repo_id=repo_id,
+                remedy="login",
             ) from None
         raise HubAccessError(
             f"{repo_id}: the Hub at {hub.url} answered {status} while trying to {action}; retry later"

@@ -39,11 +39,12 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_recipe(folder: Path, recipe: Mapping[str, Any]) -> Path:
-    """Write ``hubmerge.json`` into ``folder``; returns its path."""
+    """Write ``hubmerge.json`` into ``folder``, with the command that reproduces a merge; returns its path."""
     path = folder / RECIPE_NAME
-    path.write_text(
-        json.dumps({"hubmerge_recipe": RECIPE_VERSION, **recipe}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    record = {"hubmerge_recipe": RECIPE_VERSION, **recipe}
+    if recipe.get("adapters"):  # a conversion (no adapters) has no merge command to repeat
+        record["command"] = reproduce_command(recipe)
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -57,6 +58,37 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{folder}: no {RECIPE_NAME}; only folders written by hubmerge have one")
     return load_json(path)
+
+
+def reproduce_command(recipe: Mapping[str, Any], *, wrapped: bool = False) -> str:
+    """The ``hubmerge`` command line that makes the same files from a recipe: every Hub source pinned to the commit
+    it was read at (local folders as they were typed), the same dtype, formats and shard limits.
+
+    Args:
+        recipe: a ``hubmerge.json`` mapping (the keys ``base``, ``adapters``, ``merge`` and ``formats`` are used).
+        wrapped: one input per line, joined by shell line continuations (for reading in a model card).
+    Returns:
+        the command, each argument quoted only where the shell needs it.
+    """
+    import shlex
+
+    from ..constants import DEFAULT_MAX_SHARD_SIZE
+    from ..sizes import parse_size
+
+    def spec(source: Mapping[str, Any]) -> str:
+        return f"{source['repo_id']}@{source['commit']}" if source.get("repo_id") else str(source["source"])
+
+    formats = recipe.get("formats") or {"hf": {}}
+    options = ["--dtype", str(recipe["merge"]["dtype"]), "--format", ",".join(formats)]
+    shard = (formats.get("hf") or {}).get("max_shard_size")
+    if shard and shard != parse_size(DEFAULT_MAX_SHARD_SIZE):
+        options += ["--max-shard-size", str(shard)]
+    pth_shards = (formats.get("pth") or {}).get("shards")
+    if pth_shards:
+        options += ["--pth-shards", str(pth_shards)]
+    groups = [["hubmerge"], *([spec(a)] for a in recipe["adapters"]), ["--base", spec(recipe["base"])], options]
+    lines = [" ".join(shlex.quote(a) for a in group) for group in groups]
+    return " \\\n    ".join(lines) if wrapped else " ".join(lines)
 
 
 def source_license(folder: Path | None) -> str | None:

@@ -475,6 +475,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._delete_repo()
         if s == ["validate-yaml"] and m == "POST":
             return self._validate_yaml()
+        if len(s) == 1 and s[0] in _TYPE_BY_PLURAL and m == "GET":
+            return self._list_repos(_TYPE_BY_PLURAL[s[0]])
         if len(s) >= 3 and s[0] in _TYPE_BY_PLURAL:
             repo_type, repo_id, rest = _TYPE_BY_PLURAL[s[0]], f"{s[1]}/{s[2]}", s[3:]
             action, args = (rest[0], rest[1:]) if rest else ("", [])
@@ -679,8 +681,38 @@ class _Handler(BaseHTTPRequestHandler):
     def _info(self, repo_type: str, repo_id: str, revision: str | None) -> None:
         who = self._principal()
         meta = self._repo(repo_type, repo_id, who)
+        self._send_json(self._info_record(repo_type, repo_id, meta, revision, _truthy(self._query.get("blobs"))))
+
+    def _list_repos(self, repo_type: str) -> None:
+        """``GET /api/models`` (and datasets, spaces): the repos the caller may see, newest change first, filtered as
+        the Hub does by ``author``, ``filter`` (a tag of the card's metadata) and ``search`` (in the name); ``limit``
+        caps the answer (one page: the client follows no Link header here). Card data is always included."""
+        who = self._principal()
+        q = self._query
+        found = []
+        for marker in sorted((self.st.storage.root / "repos" / f"{repo_type}s").glob("*/*/meta.json")):
+            repo_id = f"{marker.parent.parent.name}/{marker.parent.name}"
+            if q.get("author") and marker.parent.parent.name != q["author"]:
+                continue
+            if q.get("search") and q["search"].lower() not in repo_id.lower():
+                continue
+            try:
+                meta = self._repo(repo_type, repo_id, who)
+            except HubError:
+                continue
+            info = self._info_record(repo_type, repo_id, meta, None, False)
+            if q.get("filter") and q["filter"] not in info["tags"]:
+                continue
+            info.pop("siblings")
+            found.append(info)
+        found.sort(key=lambda i: i["lastModified"] or "", reverse=True)
+        limit = int(q["limit"]) if (q.get("limit") or "").isdigit() else len(found)
+        self._send_json(found[:limit])
+
+    def _info_record(
+        self, repo_type: str, repo_id: str, meta: RepoMeta, revision: str | None, blobs: bool
+    ) -> dict[str, Any]:
         commit, files = self.st.storage.snapshot(repo_type, repo_id, revision)
-        blobs = _truthy(self._query.get("blobs"))
         siblings = []
         for path, e in sorted(self._listing(repo_type, repo_id, files).items()):
             sib: dict[str, Any] = {"rfilename": path}
@@ -714,7 +746,9 @@ class _Handler(BaseHTTPRequestHandler):
             data = card_data(text)
             if data is not None:
                 info["cardData"] = data
-        self._send_json(info)
+                tags = data.get("tags")
+                info["tags"] = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+        return info
 
     @staticmethod
     def _tree_entry(e: FileEntry) -> dict[str, Any]:
