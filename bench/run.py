@@ -5,7 +5,10 @@
 Generates (once, cached under ``bench/work/``) a random LLaMA-shaped base and Chinese-LLaMA-style 2023 adapters,
 then runs, round-robin and each ``--repeat`` times, every variant in a child process:
 
-* ``hf``: ``hubmerge ADAPTERS --base BASE --format hf`` (sharded safetensors);
+* ``hf``: ``hubmerge ADAPTERS --base BASE --format hf`` (sharded safetensors), a first run: the hash cache
+  (``HUBMERGE_HASH_CACHE``) starts empty, so every input is read and hashed;
+* ``rerun``: the same command again over the same inputs: their SHA256 come from the hash cache (primed by one
+  untimed run);
 * ``pth``: the same with ``--format pth`` (Meta/llama.cpp consolidated.NN.pth);
 * ``gguf``, ``gguf-q8_0``: the same with ``--format gguf`` (f16) and ``--format gguf:q8_0`` (quantized in the pass);
 * ``today``: the seed's script on current libraries (``bench/today.py``: transformers fp16 load + PEFT
@@ -21,6 +24,7 @@ warm. Results go to the terminal and to ``bench/results/<shape>-<date>.json`` (`
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import importlib.metadata
 import json
@@ -37,12 +41,12 @@ from bench.shapes import SHAPES, folder_bytes, input_folders
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# hubmerge variants -> their --format
-FORMATS = {"hf": "hf", "pth": "pth", "gguf": "gguf", "gguf-q8_0": "gguf:q8_0"}
+# hubmerge variants -> their --format ("rerun": hf again, over inputs the hash cache knows)
+FORMATS = {"hf": "hf", "rerun": "hf", "pth": "pth", "gguf": "gguf", "gguf-q8_0": "gguf:q8_0"}
 VARIANTS = (*FORMATS, "today", "floor")
-TARGETS = {
-    "1b": {"wall_over_floor": 1.5, "peak_rss_gb": 0.8},
-    "7b": {"wall_over_floor": 1.5, "peak_rss_gb": 1.2},
+TARGETS = {  # issue 12: a first run within 2x the copy floor, warm or cold, a second run within 1.5x
+    "1b": {"wall_over_floor": 2.0, "rerun_over_floor": 1.5, "peak_rss_gb": 0.8},
+    "7b": {"wall_over_floor": 2.0, "rerun_over_floor": 1.5, "peak_rss_gb": 1.2},
     "pth_over_hf": 1.3,
 }
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -113,14 +117,18 @@ def commands(variant: str, base: Path, adapters: list[Path], out: Path) -> list[
     return ["sh", "-c", f"mkdir -p '{out}' && cp {weights} '{out}/' && sync"]
 
 
-def run_child(cmd: list[str], log: Path) -> dict:
+def run_child(cmd: list[str], log: Path, hash_cache: Path) -> dict:
     """Run ``cmd`` under GNU time; wall time from here, peak RSS and CPU time of the child (and its waited-for
     children) from the OS's rusage as /usr/bin/time reports it.
 
     Not ``os.wait4`` on a child of this process: Linux starts a child's ru_maxrss at its parent's peak (it is kept
     across fork and exec), so a child of a big parent reports the parent's memory as its own. ``time`` is small.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "HUBMERGE_HASH_CACHE": str(hash_cache),
+    }
     load = os.getloadavg()[0]
     usage = log.with_suffix(".time")
     with open(log, "wb") as f:
@@ -212,6 +220,7 @@ def summarize(runs: list[dict], shape: str) -> dict:
             ratios[key] = round(med[num][field] / med[den][field], 2)
 
     ratio("hf_wall_over_floor", "hf", "floor")
+    ratio("rerun_wall_over_floor", "rerun", "floor")
     ratio("pth_wall_over_floor", "pth", "floor")
     ratio("pth_wall_over_hf", "pth", "hf")
     ratio("gguf_q8_0_wall_over_gguf_f16", "gguf-q8_0", "gguf")
@@ -219,11 +228,10 @@ def summarize(runs: list[dict], shape: str) -> dict:
     ratio("today_rss_over_hf", "today", "hf", "peak_rss_mb")
     t = TARGETS[shape]
     targets = {}
-    for v in ("hf", "pth"):
+    for v in ("hf", "rerun", "pth"):
+        limit = t["rerun_over_floor" if v == "rerun" else "wall_over_floor"]
         if v in med and "floor" in med:
-            targets[f"{v}_wall_over_floor<={t['wall_over_floor']}"] = (
-                ratios[f"{v}_wall_over_floor"] <= t["wall_over_floor"]
-            )
+            targets[f"{v}_wall_over_floor<={limit}"] = ratios[f"{v}_wall_over_floor"] <= limit
         if v in med:
             targets[f"{v}_peak_rss<={t['peak_rss_gb']}GB"] = med[v]["peak_rss_mb"] * 2**20 <= t["peak_rss_gb"] * 1e9
     if "pth_wall_over_hf" in ratios:
@@ -307,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cold and not can_drop_caches():
         p.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
     shape = SHAPES[args.shape]
+    # Byte-compiled as an install leaves it, even where PYTHONDONTWRITEBYTECODE keeps the runs from writing .pyc.
+    compileall.compile_dir(ROOT / "hubmerge", quiet=1)
     print(f"inputs: generating or reusing {args.work / shape.name} ...", flush=True)
     # In a child process: this one stays small (see run_child) and never imports torch before the runs.
     subprocess.run(
@@ -320,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(outputs, ignore_errors=True)
     check = "today" in variants and "hf" in variants
+    known = logs / "hash-cache-rerun.json"  # the rerun's: knows the inputs
+    fresh = logs / "hash-cache-first.json"  # emptied before every other run
+    known.unlink(missing_ok=True)
+    if "rerun" in variants:
+        print("priming the hash cache with one untimed run ...", flush=True)
+        run_child(commands("rerun", base, adapters, outputs / "rerun"), logs / "prime.log", known)
+        shutil.rmtree(outputs / "rerun", ignore_errors=True)
 
     runs = []
     for rnd in range(1, args.repeat + 1):
@@ -333,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 warm(inputs)
             log = logs / f"{v}-{rnd}.log"
-            r = {"round": rnd, "variant": v, **run_child(commands(v, base, adapters, out), log), "log": str(log)}
+            fresh.unlink(missing_ok=True)
+            r = {
+                "round": rnd,
+                "variant": v,
+                **run_child(commands(v, base, adapters, out), log, known if v == "rerun" else fresh),
+                "log": str(log),
+            }
             runs.append(r)
             print(
                 f"round {rnd} {v:<9} {r['wall_s']:8.2f} s {r['peak_rss_mb']:8.0f} MB"

@@ -8,6 +8,7 @@ reading, computing and writing overlap and memory stays a few blocks.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -67,11 +68,27 @@ class BufferPool:
             self._free.put(buf)
 
 
+_ZEROS: list[torch.Tensor] = []  # CHUNK_ELEMS fp16 zeros, made on first use
+
+
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``: one min/max pass (NaN propagates into both), no boolean temporary."""
+    """No NaN or Inf in ``t``: one pass, no boolean temporary.
+
+    fp16 (the common case): a dot product with zeros, a cache-sized piece at a time, is NaN exactly when a value is
+    Inf or NaN (0 * Inf is NaN), and runs ~3x faster than a min/max. Other dtypes: one min/max pass (NaN propagates
+    into both)."""
     if t.numel() == 0:
         return True
-    lo, hi = torch.aminmax(t.reshape(-1))
+    flat = t.reshape(-1)
+    if t.dtype == torch.float16:
+        if not _ZEROS:
+            _ZEROS.append(torch.zeros(CHUNK_ELEMS, dtype=torch.float16))
+        zeros = _ZEROS[0]
+        return all(
+            bool(torch.isfinite(torch.dot(flat[i : i + CHUNK_ELEMS], zeros[: min(CHUNK_ELEMS, len(flat) - i)])))
+            for i in range(0, len(flat), CHUNK_ELEMS)
+        )
+    lo, hi = torch.aminmax(flat)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
@@ -181,19 +198,24 @@ def _column_factors(source, terms: list[_Term], step: int) -> None:
         term.column_factor = term.magnitude / squares.sqrt()
 
 
-def _add_factors(raw: torch.Tensor, out: torch.Tensor, terms: list[_Term], start: int, work: torch.Tensor) -> None:
-    """``out = raw`` changed by each term in turn, in fp32, a few rows at a time: each chunk is converted, updated
-    and cast while it sits in the CPU's cache, instead of three passes over a block in memory."""
+def _add_factors(raw: torch.Tensor, out: torch.Tensor, terms: list[_Term], start: int, work: torch.Tensor) -> bool:
+    """``out = raw`` changed by each term in turn, in fp32, a few rows at a time: each chunk is converted, updated,
+    cast and checked for NaN/Inf while it sits in the CPU's cache, instead of four passes over a block in memory.
+    Returns whether every value of ``out`` is finite."""
     rows = raw.shape[0]
     row_elems = raw.numel() // rows if rows else 0
     step = max(1, CHUNK_ELEMS // max(row_elems, 1))
+    finite = True
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         w = work[: (hi - lo) * row_elems].view(hi - lo, *raw.shape[1:])
         w.copy_(raw[lo:hi])
         for term in terms:
             _apply(term, w, start + lo, start + hi)
-        out[lo:hi].copy_(w)
+        chunk = out[lo:hi]
+        chunk.copy_(w)
+        finite = finite and _finite(chunk)  # after the cast: a finite fp32 value can overflow fp16
+    return finite
 
 
 RUNTIME_BYTES = 320 * 2**20  # python, torch and hubmerge themselves (measured: ~300 MB before the first block)
@@ -275,11 +297,11 @@ def merge_blocks(
                 if out is None:
                     out = torch.empty(shape, dtype=out_dtype)
                 if factors:
-                    _add_factors(raw, out, factors, start, buffer("work", CHUNK_ELEMS * 4).view(torch.float32))
+                    finite = _add_factors(raw, out, factors, start, buffer("work", CHUNK_ELEMS * 4).view(torch.float32))
                 else:
                     out.copy_(raw)
                 block = out
-            if tensor.changed and block.is_floating_point() and not _finite(block):
+            if tensor.changed and block.is_floating_point() and not (finite if factors else _finite(block)):
                 if pool is not None:
                     pool.give(out_buf)
                 origin = (
@@ -337,6 +359,10 @@ def merge_into(
     # torch's fork-join threads lose more waiting on a descheduled partner than they gain on cache-sized chunks.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # No garbage collection while merging: the loop frees everything by reference counting, and the collector would
+    # otherwise keep walking the young objects, and now and then every object torch's import created.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for block in merge_blocks(plan, block_bytes, pool=pool, skip=skip):
             if not put(block):
@@ -348,6 +374,8 @@ def merge_into(
         if not failure:
             raise
     finally:
+        if collecting:
+            gc.enable()
         torch.set_num_threads(threads)
         put(None)
         thread.join()

@@ -81,3 +81,18 @@ def hub(_published_hub):
     injects are cleared after it."""
     yield _published_hub
     _published_hub.faults.clear()
+
+
+# =====================================================================================================================
+# The hash cache (hubmerge/verification/hashing.py) of the test session: in a temporary folder, never the user's.
+# =====================================================================================================================
+@_lh_pytest.fixture(scope="session", autouse=True)
+def _session_hash_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hash-cache") / "file-hashes.json"
+    old = _lh_os.environ.get("HUBMERGE_HASH_CACHE")
+    _lh_os.environ["HUBMERGE_HASH_CACHE"] = str(path)  # subprocesses (the CLI) inherit it
+    yield path
+    if old is None:
+        del _lh_os.environ["HUBMERGE_HASH_CACHE"]
+    else:
+        _lh_os.environ["HUBMERGE_HASH_CACHE"] = old

@@ -155,7 +155,7 @@ class SafetensorsWriter(StreamingTensorWriter):
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
         self.size = 8 + len(raw) + offset
-        self._file = OutputFile(self.path)
+        self._file = OutputFile(self.path, direct=True)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def _put(self, data: memoryview) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import CorruptFileError, InputError
+from .output import OutputFile
 
 
 @runtime_checkable
@@ -153,7 +154,9 @@ def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
 def close_written(file, complete: bool) -> None:
     """Close a file a writer produced; a complete one is flushed and fsynced first (it is hashed and moved into
     place next, so it must be on disk)."""
-    if not file.closed:
+    if isinstance(file, OutputFile) and complete and not file.closed:
+        file.finish()  # also records its SHA256 in the hash cache
+    elif not file.closed:
         if complete:
             file.flush()
             os.fsync(file.fileno())

@@ -90,7 +90,8 @@ def _algorithm(digest: str) -> str:
 
 def check_files(folder: Path, expected: dict[str, str], git_blob: Iterable[str] = ()) -> list[CheckRow]:
     """Compare files in ``folder`` with expected hex digests (algorithm from the length; names in ``git_blob`` are
-    compared by git blob id instead). Returns one row per expected file, in order.
+    compared by git blob id instead). Returns one row per expected file, in order. Every file is read: checking
+    is meant to see the bytes on disk, so the hash cache is refreshed, not trusted.
 
     Raises:
         InputError: a name that leaves ``folder`` (nothing is hashed then).
@@ -114,9 +115,9 @@ def check_files(folder: Path, expected: dict[str, str], git_blob: Iterable[str] 
             rows.append(CheckRow(name, want, None, "missing"))
             continue
         if not want:
-            rows.append(CheckRow(name, None, file_digest(path), "unverified", "no recorded hash"))
+            rows.append(CheckRow(name, None, file_digest(path, fresh=True), "unverified", "no recorded hash"))
             continue
-        got = git_blob_sha1(path) if name in blob_names else file_digest(path, _algorithm(want))
+        got = git_blob_sha1(path) if name in blob_names else file_digest(path, _algorithm(want), fresh=True)
         known = known_name(got) if len(got) == 64 else None
         rows.append(CheckRow(name, want, got, "ok" if got == want.lower() else "MISMATCH", known or ""))
     return rows

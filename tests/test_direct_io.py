@@ -1,0 +1,149 @@
+"""Output files written with O_DIRECT (hubmerge/tensorio/output.py) hold the same bytes and SHA256 as through the page
+cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway, or the writer seeks back."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hubmerge.tensorio import SafetensorsWriter, output
+from hubmerge.tensorio.source import Entry
+
+STAGE = 3 * output.ALIGN  # a small aligned buffer: blocks cross it many times
+
+
+@pytest.fixture(autouse=True)
+def small_stage(monkeypatch):
+    monkeypatch.setattr(output, "STAGE_BYTES", STAGE)
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    shapes = [(37, 41), (1,), (300, 97), (5, 4096), (2, 3)]
+    return {f"t{i}": torch.randn(s, generator=g).to(torch.float16) for i, s in enumerate(shapes)}
+
+
+def write(path: Path) -> tuple[str | None, bool]:
+    """Write tensors() as safetensors in odd-sized blocks; returns (SHA256 while writing, still direct at the end)."""
+    ts = tensors()
+    w = SafetensorsWriter(path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()], metadata={"a": "b"})
+    for v in ts.values():
+        for block in v.split(13):
+            w.write(block)
+    direct = w._file.direct
+    w.close()
+    return w.sha256, direct
+
+
+def check_same(a: Path, b: Path, digests: list[str | None]) -> None:
+    data = a.read_bytes()
+    assert data == b.read_bytes()
+    assert set(digests) == {hashlib.sha256(data).hexdigest()}
+    loaded = load_file(a)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors().items())
+
+
+def supports_direct(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def reference(tmp_path: Path, monkeypatch) -> tuple[Path, str | None]:
+    with monkeypatch.context() as m:
+        m.setattr(output, "USE_DIRECT", False)
+        digest, direct = write(tmp_path / "buffered.safetensors")
+    assert not direct
+    return tmp_path / "buffered.safetensors", digest
+
+
+def test_direct_writes_match_page_cache_writes(tmp_path, monkeypatch):
+    ref, ref_digest = reference(tmp_path, monkeypatch)
+    digest, direct = write(tmp_path / "direct.safetensors")
+    assert direct == supports_direct(tmp_path)
+    assert (tmp_path / "direct.safetensors").stat().st_size > 4 * STAGE  # many full buffers and a padded tail
+    check_same(tmp_path / "direct.safetensors", ref, [digest, ref_digest])
+
+
+def test_filesystem_refusing_o_direct_falls_back_at_open(tmp_path, monkeypatch):
+    ref, ref_digest = reference(tmp_path, monkeypatch)
+    real = fcntl.fcntl
+
+    def refuse(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(output.fcntl, "fcntl", refuse)
+    digest, direct = write(tmp_path / "refused.safetensors")
+    assert not direct
+    check_same(tmp_path / "refused.safetensors", ref, [digest, ref_digest])
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_filesystem_refusing_a_direct_write_falls_back_midway(tmp_path, monkeypatch, after):
+    ref, ref_digest = reference(tmp_path, monkeypatch)
+    real, calls = os.pwrite, []
+
+    def refuse_later(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append(offset)
+            if len(calls) > after:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(output.os, "pwrite", refuse_later)
+    digest, direct = write(tmp_path / "midway.safetensors")
+    assert not direct and len(calls) == after + 1  # refused once, never tried again
+    check_same(tmp_path / "midway.safetensors", ref, [digest, ref_digest])
+
+
+def test_seeking_back_leaves_direct_mode_with_the_same_bytes(tmp_path):
+    """A writer that patches what it wrote (zipfile: each record's CRC) gets the page cache from then on."""
+    payload = os.urandom(5 * STAGE + 123)
+    files = {}
+    for name, direct in (("direct.zip", True), ("buffered.zip", False)):
+        f = output.OutputFile(tmp_path / name, direct=direct)
+        f.write(payload[: 2 * STAGE + 7])  # plain appends first
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr("a", payload)
+            z.writestr("b", payload[::-1])
+        assert not f.direct
+        f.close()
+        files[name] = (tmp_path / name).read_bytes()
+        assert f.digest() in (None, hashlib.sha256(files[name]).hexdigest())
+    assert files["direct.zip"] == files["buffered.zip"]
+    assert files["direct.zip"].startswith(payload[: 2 * STAGE + 7])
+
+
+def test_disk_full_mid_write_then_abort_raises_nothing_more(tmp_path, monkeypatch):
+    """The writer's error surfaces once; aborting (closing without finishing) must not try the failed write again."""
+    real, calls = os.pwrite, []
+
+    def disk_full_later(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(output.os, "pwrite", disk_full_later)
+    ts = tensors()
+    w = SafetensorsWriter(tmp_path / "full.safetensors", [Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()])
+    with pytest.raises(OSError) as failure:
+        for v in ts.values():
+            w.write(v)
+    assert failure.value.errno == errno.ENOSPC
+    tries = len(calls)
+    w.abort()
+    assert len(calls) == tries and w.sha256 is None
