@@ -16,8 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..pipeline import merge
+from . import tinymodels as tm
+from .localhub import LocalHub
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the local server speaks plain HTTP + LFS, as older Hub deployments do
+
 
 PUBLISHER, USER = "hfl", "you"
 LLAMA_PLUS, ALPACA_PLUS = f"{PUBLISHER}/chinese-llama-plus-lora-tiny", f"{PUBLISHER}/chinese-alpaca-plus-lora-tiny"
@@ -74,8 +79,6 @@ def run(*, keep: bool = False, workdir: str | Path | None = None, say: Callable[
 
 
 def _build(root: Path, state: dict):
-    from . import tinymodels as tm
-
     base = tm.make_base(root / "models" / "llama-tiny-hf", heads=4, kv_heads=2)
     state["base"] = base
     state["adapters"] = [
@@ -108,8 +111,6 @@ def _build(root: Path, state: dict):
 def _publish(root: Path, state: dict):
     from huggingface_hub import HfApi
 
-    from .localhub import LocalHub
-
     hub = state["hub"] = LocalHub(root / "hub").start()
     publisher = hub.add_user(PUBLISHER)
     state["token"] = hub.add_user(USER)
@@ -126,8 +127,6 @@ def _publish(root: Path, state: dict):
 
 
 def _merge(root: Path, state: dict):
-    from ..pipeline import merge
-
     result = merge(
         [LLAMA_PLUS, ALPACA_PLUS],
         BASE,
