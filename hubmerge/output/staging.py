@@ -334,7 +334,9 @@ def write_outputs(
     options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
     journal = Journal(staging, fingerprint(plan, [p for files in input_files(plan) for p in files], options))
     writers: list[Writer] = []
-    background = ThreadPoolExecutor(max_workers=1)
+    # Not the hashing thread (verification.hashing.submit): the outputs' hashes are queued there as shards close, and
+    # a shard's close would wait behind a whole pass over the inputs. Inputs the hash cache knows cost nothing here.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-input-hash")
     pending = background.submit(hash_inputs, plan, inputs.sources)
     try:
         folders = {f: staging / format_folder(f) if len(formats) > 1 else staging for f in formats}
