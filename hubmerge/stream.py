@@ -355,10 +355,20 @@ class ShardUploader:
         self._failure: BaseException | None = None
 
     def __call__(self, path: Path, digest: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
         self._wait()
-        self._pending = threading.Thread(
-            target=self._upload, args=(Path(path), digest), name="hubmerge-upload", daemon=True
-        )
+        path = Path(path)
+        size = path.stat().st_size
+        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
+        # The SHA256 the writer computed while writing: no second read of the shard (the Hub checks it anyway).
+        op.upload_info.sha256 = bytes.fromhex(digest)
+        # Opened here, on the writer's thread, while the name is certain: once the last shard is done, the staging
+        # folder is moved into place (or removed) and the upload thread could no longer find it by name.
+        raw = io.FileIO(path, "r")
+        if self.remove:  # the name goes now; the bytes, when the upload closes the file
+            path.unlink()
+        self._pending = threading.Thread(target=self._upload, args=(op, raw, size), name="hubmerge-upload", daemon=True)
         self._pending.start()
 
     def _wait(self) -> None:
@@ -369,19 +379,10 @@ class ShardUploader:
         if self._failure is not None:
             raise self._failure
 
-    def _upload(self, path: Path, digest: str) -> None:
-        from huggingface_hub import CommitOperationAdd
-
+    def _upload(self, op: Any, raw: io.FileIO, size: int) -> None:
         try:
-            size = path.stat().st_size
-            op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
-            # The SHA256 the writer computed while writing: no second read of the shard (the Hub checks it anyway).
-            op.upload_info.sha256 = bytes.fromhex(digest)
-            raw = io.FileIO(path, "r")
-            if self.remove:  # the name goes now (the output folder may be renamed meanwhile); the bytes, on close
-                path.unlink()
             sent = 0
-            with _CountedFile(raw) as f, self.progress.task("upload", path.name, size) as update:
+            with _CountedFile(raw) as f, self.progress.task("upload", op.path_in_repo, size) as update:
                 op.path_or_fileobj = f  # the upload reads through it (progress), not by the name
 
                 def count(n: int) -> None:
@@ -395,7 +396,7 @@ class ShardUploader:
                 if sent < size:  # the Hub had it (a rerun): done all the same
                     self.skipped += 1
                     update(size - sent)
-            self.ops[path.name] = op
+            self.ops[op.path_in_repo] = op
             self.sent += sent
         except BaseException as exc:  # raised on the writer thread at the next shard, or by finish()
             self._failure = exc
