@@ -51,18 +51,7 @@ class ModelCache:
 
     def plus_recipe(self, base: Path) -> tuple[Path, Path]:
         """(llama-plus-like, alpaca-plus-like): 2023 layout r=8 then current layout r=16, both extending the vocab."""
-        llama = self.adapter(
-            base, layout="2023", r=8, alpha=32, modules_to_save=("embed_tokens", "lm_head"), tokenizer="llama", seed=11
-        )
-        alpaca = self.adapter(
-            base,
-            layout="current",
-            r=16,
-            alpha=32,
-            modules_to_save=("embed_tokens", "lm_head"),
-            tokenizer="alpaca",
-            seed=12,
-        )
+        llama, alpaca = (self.adapter(base, **recipe, seed=seed) for recipe, seed in zip(tm.PLUS_RECIPE, (11, 12)))
         return llama, alpaca
 
     def copy(self, src: Path, name: str) -> Path:

@@ -82,26 +82,8 @@ def _build(root: Path, state: dict):
     base = tm.make_base(root / "models" / "llama-tiny-hf", heads=4, kv_heads=2)
     state["base"] = base
     state["adapters"] = [
-        tm.make_adapter(
-            root / "models" / "llama-plus",
-            base,
-            layout="2023",
-            r=8,
-            alpha=32,
-            modules_to_save=("embed_tokens", "lm_head"),
-            tokenizer="llama",
-            seed=1,
-        ),
-        tm.make_adapter(
-            root / "models" / "alpaca-plus",
-            base,
-            layout="current",
-            r=16,
-            alpha=32,
-            modules_to_save=("embed_tokens", "lm_head"),
-            tokenizer="alpaca",
-            seed=2,
-        ),
+        tm.make_adapter(root / "models" / name, base, **recipe, seed=seed)
+        for name, recipe, seed in zip(("llama-plus", "alpaca-plus"), tm.PLUS_RECIPE, (1, 2))
     ]
     yield f"base: {tm.sp_size(base / 'tokenizer.model')} tokens, GQA (4 heads, 2 kv heads), float16"
     for a in state["adapters"]:

@@ -75,6 +75,12 @@ if TYPE_CHECKING:  # transformers loads lazily: the demo imports this module bef
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# The Chinese-LLaMA/Alpaca "Plus" recipe in miniature, in the order it applies: a llama-plus-like adapter (2023
+# layout, r=8) then an alpaca-plus-like one (current layout, r=16), both replacing the embeddings with a larger vocab.
+PLUS_RECIPE: tuple[dict[str, Any], dict[str, Any]] = (
+    {"layout": "2023", "r": 8, "alpha": 32, "modules_to_save": ("embed_tokens", "lm_head"), "tokenizer": "llama"},
+    {"layout": "current", "r": 16, "alpha": 32, "modules_to_save": ("embed_tokens", "lm_head"), "tokenizer": "alpaca"},
+)
 DEFAULT_EXTRA = 40  # appended pieces of a "llama" tokenizer built by make_adapter from the base's
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
