@@ -10,7 +10,6 @@ import argparse
 import gc
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from . import __version__
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE
@@ -144,10 +143,9 @@ def _run_merge(args: argparse.Namespace) -> int:
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
     if args.push_to:  # a streamed push: the first base shard downloads meanwhile too
         from .headstart import head_start
-        from .inputs.hub import Hub
+        from .inputs.hub import hub_from_args
 
-        hub = Hub(token=args.token, cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)
-        head_start(args.base, hub, args.push_to, overwrite=args.overwrite)
+        head_start(args.base, hub_from_args(args.token, args.cache_dir, None), args.push_to, overwrite=args.overwrite)
     # torch's import makes a few hundred thousand objects that the collector would walk again and again as they
     # are made (~0.25 s of CPU); none of them is garbage, so it is off meanwhile, and they are frozen after.
     gc.disable()
@@ -188,7 +186,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 @command("push", "publish an existing hubmerge output to a private Hub repo with a model card", _push_args)
 def _run_push(args: argparse.Namespace) -> int:
-    from .inputs.hub import Hub
+    from .inputs.hub import hub_from_args
     from .publish import push
 
     result = push(
@@ -196,7 +194,7 @@ def _run_push(args: argparse.Namespace) -> int:
         args.repo_id,
         private=not args.public,
         overwrite=args.overwrite,
-        hub=Hub(token=args.token, cache_dir=args.cache_dir),
+        hub=hub_from_args(args.token, args.cache_dir, None),
     )
     print(
         f"published {result.url} ({'private' if result.private else 'public'}): {len(result.files)} files + model card"
@@ -214,11 +212,11 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 @command("verify", "verify files against the Hub's record, a hubmerge.json recipe or a checklist", _verify_args)
 def _run_verify(args: argparse.Namespace) -> int:
-    from .inputs.hub import Hub
+    from .inputs.hub import hub_from_args
     from .verification.checklists import format_table
     from .verify import verify_target
 
-    rows = verify_target(args.target, checklist=args.checklist, hub=Hub(token=args.token, cache_dir=args.cache_dir))
+    rows = verify_target(args.target, checklist=args.checklist, hub=hub_from_args(args.token, args.cache_dir, None))
     for line in format_table(rows):
         print(line)
     bad = [r for r in rows if not r.ok]

@@ -17,8 +17,8 @@ from typing import Any
 
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import IncompatibleError
-from .inputs.hub import Hub
-from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
+from .inputs.hub import Hub, hub_from_args
+from .inputs.loading import PathLike, open_inputs, resolve_inputs
 from .inputs.sources import Source, download_files, fetch, not_cached
 from .model.adapters import config_layout, lora_scale, read_adapter_config
 from .model.architectures import Architecture

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .constants import DEFAULT_FORMATS, DEFAULT_MAX_SHARD_SIZE, default_out_name
 from .errors import InputError
-from .inputs.loading import PathLike, hub_from_args, open_inputs, resolve_inputs
+from .inputs.hub import hub_from_args
+from .inputs.loading import PathLike, open_inputs, resolve_inputs
 from .merging import DEFAULT_BLOCK_BYTES
 from .output.formats import check_formats
 from .output.staging import check_output, write_outputs

@@ -181,3 +181,8 @@ def _disk_full(hub: Hub, repo_id: str, filename: str | None, expected: Expected 
         f"{hub.cache_root}: {cause} while downloading {repo_id}/{filename} ({format_size(free)} free, {size}); "
         "free some space or choose another --cache-dir (HF_HUB_CACHE), then run again: downloads resume"
     )
+
+
+def hub_from_args(token: str | None, cache_dir: str | Path | None, endpoint: str | None) -> Hub:
+    """The Hub settings of a call: explicit values, else HF_TOKEN / the saved login, the HF cache, HF_ENDPOINT."""
+    return Hub(endpoint=endpoint, token=token, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)

@@ -34,11 +34,6 @@ class Inputs:
         return [self.base_source, *self.adapter_sources]
 
 
-def hub_from_args(token: str | None, cache_dir: PathLike | None, endpoint: str | None) -> Hub:
-    """The Hub settings of a call: explicit values, else HF_TOKEN / the saved login, the HF cache, HF_ENDPOINT."""
-    return Hub(endpoint=endpoint, token=token, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
-
-
 def resolve_inputs(adapters: Sequence[PathLike], base: PathLike, hub: Hub) -> tuple[Source, list[Source]]:
     """Resolve the base and every adapter (local folders, or Hub repos pinned to a commit); nothing is downloaded.
 
