@@ -135,22 +135,24 @@ def cli(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def hubmerge(hub, tmp_path, *args, token="alice", cache="cache"):
-    """Run the CLI as a user would, with its own HF home (no saved login) and a fresh cache by default."""
-    env = {
+def hubmerge(hub, tmp_path, *args, token="alice", cache="cache", env=None, **kw):
+    """Run the CLI as a user would, with its own HF home (no saved login) and a fresh cache by default (none with
+    ``cache=None``); ``env`` adds variables, ``kw`` goes to subprocess.run (e.g. ``preexec_fn``)."""
+    full = {
         **os.environ,
         "HF_ENDPOINT": hub.url,
         "HF_HUB_DISABLE_XET": "1",
         "HF_HOME": str(tmp_path / "hf-home"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "NO_PROXY": "127.0.0.1,localhost",
+        **(env or {}),
     }
-    env.pop("HF_TOKEN", None)
+    full.pop("HF_TOKEN", None)
     if token:
-        env["HF_TOKEN"] = hub.tokens.get(token, token)
+        full["HF_TOKEN"] = hub.tokens.get(token, token)
     if cache and args and args[0] not in ("demo",):
         args = (*args, "--cache-dir", tmp_path / cache)
-    return cli(*args, env=env)
+    return cli(*args, env=full, **kw)
 
 
 def one_line_error(done) -> str:

@@ -5,11 +5,9 @@ download. The ``hubmerge`` command runs in its own process against the local Hub
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,30 +16,16 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from support import ALPACA_REPO as ALPACA
 from support import BASE_REPO as BASE
 from support import LLAMA_REPO as LLAMA
-from support import one_line_error
+from support import hubmerge, one_line_error
 
 from hubmerge import Hub, HubAccessError, check_push_target, push
 from hubmerge.sizes import format_size
 
 
 def cli(hub, tmp_path, *args, token="alice", cache="cache", preexec=None, **env):
-    """The CLI as a user runs it (own HF home, HF_TOKEN, a cache folder); ``env`` adds variables."""
-    full = {
-        **os.environ,
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        **env,
-    }
-    full.pop("HF_TOKEN", None)
-    if token:
-        full["HF_TOKEN"] = hub.tokens.get(token, token)
-    cmd = [sys.executable, "-m", "hubmerge.cli", *map(str, args)]
-    if args[0] != "push":
-        cmd += ["--cache-dir", str(tmp_path / cache)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=300, preexec_fn=preexec)
+    """The CLI as a user runs it (own HF home, HF_TOKEN, a cache folder but for push); ``env`` adds variables."""
+    cache = None if args[0] == "push" else cache
+    return hubmerge(hub, tmp_path, *args, token=token, cache=cache, env=env, preexec_fn=preexec)
 
 
 def downloaded(folder: Path) -> list[str]:
