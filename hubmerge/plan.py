@@ -415,7 +415,10 @@ def build_plan(
     config["vocab_size"] = vocab_rows
     # transformers 5 writes "dtype", older releases "torch_dtype": keep the base's spelling (both read the old one).
     config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name(out_dtype)
-    order = arch.tensor_names(config)
+    # The architecture's order, except that tensors read whole from an adapter (modules_to_save: the extended
+    # embeddings and lm_head of a Chinese-LLaMA adapter) come first: they need nothing from the base, so a streamed
+    # push writes and uploads them while the base's first shard is still downloading, instead of at the end.
+    order = sorted(arch.tensor_names(config), key=lambda n: plans[n].origin == "base")
     return MergePlan(
         base, list(adapters), [plans[n] for n in order], out_dtype, vocab_rows, config, tokenizer, warnings
     )

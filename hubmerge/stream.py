@@ -27,7 +27,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 from .constants import default_out_name
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .headstart import fresh
+from .inputs.download import download_verified
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
@@ -46,6 +46,7 @@ from .progress import Progress
 from .publish import PushTarget, check_push_target, push
 from .result import MergeResult
 from .sizes import format_size, parse_size
+from .tensorio.direct import DirectReader
 from .tensorio.safetensors import parse_header, read_safetensors
 from .tensorio.source import TensorRef, TensorSource
 
@@ -202,38 +203,30 @@ class ShardFeed:
         self._thread.start()
 
     def _run(self, order: list[_Shard]) -> None:
-        # Shards are verified (SHA256: a second read, CPU-bound) on another thread while the next one downloads.
-        verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-verify")
         failure: BaseException | None = None
-        try:
-            for shard in order:
-                with self._cond:
-                    while self._live >= self.window and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        return
-                    self._live += 1
-                if failure is None:
-                    try:
-                        fetch_file(self.source, shard.name, self.hub, self.progress, verify=False)
-                    except BaseException as exc:  # handed to the merge, which raises it where it reads the shard
-                        failure = exc
-                verifier.submit(self._verify, shard, failure)
-        finally:
-            verifier.shutdown(wait=False)
+        for shard in order:
+            with self._cond:
+                while self._live >= self.window and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._live += 1
+            try:
+                if failure is not None:  # the merge stops at the first failed shard: none after it is fetched
+                    raise failure
+                self._fetch(shard)
+            except BaseException as exc:  # handed to the merge, which raises it where it reads the shard
+                failure = shard.error = exc
+            finally:
+                shard.ready.set()
 
-    def _verify(self, shard: _Shard, failure: BaseException | None) -> None:
-        try:
-            if failure is not None:
-                raise failure
-            self._check(shard)
-        except BaseException as exc:
-            shard.error = exc
-        finally:
-            shard.ready.set()
-
-    def _check(self, shard: _Shard) -> None:
-        local = fetch_file(self.source, shard.name, self.hub, self.progress)  # in the cache now: verifies it
+    def _fetch(self, shard: _Shard) -> None:
+        """Download ``shard`` (hashed as it arrives: verified when its last byte lands) or verify the cached copy,
+        then check its header is the one planned with."""
+        if shard.fresh and self.source.remote[shard.name].sha256:
+            local = download_verified(self.source, shard.name, self.hub, self.progress)
+        else:
+            local = fetch_file(self.source, shard.name, self.hub, self.progress)
         if read_safetensors(local) != shard.refs:
             raise VerificationError(
                 f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "
@@ -325,24 +318,15 @@ def _remove_download(path: Path) -> None:
 
 
 # -- upload as written ------------------------------------------------------------------------------------------------
-class _CountedFile(io.BufferedReader):
-    """A file whose reads are reported to ``on_read`` once it is set (the upload's progress)."""
-
-    on_read: Callable[[int], object] | None = None
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = super().read(size)
-        if self.on_read is not None:
-            self.on_read(len(data))
-        return data
-
-
 class ShardUploader:
     """Uploads each finished output file (LFS pre-upload) on a thread of its own while the merge goes on.
 
-    Called by the HF writer as each shard is complete (on the writer thread), it waits for the previous upload to
-    finish first, so at most one shard uploads while the next is written. With ``remove``, a shard's name is removed
-    as its upload starts and its disk space is freed when the upload ends (the open file keeps it until then).
+    Called by the HF writer as each shard is complete (on the writer thread), it starts that shard's upload at once,
+    beside the previous one's, then waits for the previous one to finish: two uploads share the link, so one's
+    requests (upload modes, LFS batch, verify) overlap the other's bytes and the link never idles between shards,
+    yet no more than two output shards are ever on disk (the writer writes the next one only once the older upload
+    is done). With ``remove``, a shard's name is removed as its upload starts and its disk space is freed when the
+    upload ends (the open file keeps it until then).
     :meth:`finish` returns the uploaded operations for the final commit.
     """
 
@@ -351,13 +335,14 @@ class ShardUploader:
         self.ops: dict[str, Any] = {}
         self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
         self.skipped = 0  # shards the Hub already had
-        self._pending: threading.Thread | None = None
+        self._pending: list[threading.Thread] = []
         self._failure: BaseException | None = None
+        self._lock = threading.Lock()  # two upload threads count into the same totals
 
     def __call__(self, path: Path, digest: str) -> None:
         from huggingface_hub import CommitOperationAdd
 
-        self._wait()
+        self._wait(keep=1)  # raises a failed upload's error before starting another
         path = Path(path)
         size = path.stat().st_size
         op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
@@ -368,22 +353,25 @@ class ShardUploader:
         raw = io.FileIO(path, "r")
         if self.remove:  # the name goes now; the bytes, when the upload closes the file
             path.unlink()
-        self._pending = threading.Thread(target=self._upload, args=(op, raw, size), name="hubmerge-upload", daemon=True)
-        self._pending.start()
+        thread = threading.Thread(target=self._upload, args=(op, raw, size), name="hubmerge-upload", daemon=True)
+        thread.start()
+        self._pending.append(thread)
+        self._wait(keep=1)
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            while self._pending.is_alive():
-                self._pending.join(0.2)
-            self._pending = None
+    def _wait(self, keep: int) -> None:
+        """Wait until at most ``keep`` uploads (the newest) are still running; raise what an upload raised."""
+        while len(self._pending) > keep:
+            oldest = self._pending.pop(0)
+            while oldest.is_alive():  # a timed join keeps Ctrl-C working
+                oldest.join(0.2)
         if self._failure is not None:
             raise self._failure
 
     def _upload(self, op: Any, raw: io.FileIO, size: int) -> None:
         try:
             sent = 0
-            with _CountedFile(raw) as f, self.progress.task("upload", op.path_in_repo, size) as update:
-                op.path_or_fileobj = f  # the upload reads through it (progress), not by the name
+            with DirectReader(raw) as f, self.progress.task("upload", op.path_in_repo, size) as update:
+                op.path_or_fileobj = f  # the upload reads through it (progress, no page cache), not by the name
 
                 def count(n: int) -> None:
                     nonlocal sent
@@ -394,10 +382,11 @@ class ShardUploader:
                 with hub_errors(self.hub, self.repo_id, action="write to"):
                     self.hub.api().preupload_lfs_files(self.repo_id, additions=[op], free_memory=True)
                 if sent < size:  # the Hub had it (a rerun): done all the same
-                    self.skipped += 1
                     update(size - sent)
-            self.ops[op.path_in_repo] = op
-            self.sent += sent
+            with self._lock:
+                self.skipped += sent < size
+                self.ops[op.path_in_repo] = op
+                self.sent += sent
         except BaseException as exc:  # raised on the writer thread at the next shard, or by finish()
             self._failure = exc
 
@@ -407,7 +396,7 @@ class ShardUploader:
         Raises:
             whatever an upload raised (HubAccessError...).
         """
-        self._wait()
+        self._wait(keep=0)
         return self.ops
 
 

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hubmerge.tensorio import SafetensorsWriter, output
+from hubmerge.tensorio import SafetensorsWriter, direct, output
 from hubmerge.tensorio.source import Entry
 
-STAGE = 3 * output.ALIGN  # a small aligned buffer: blocks cross it many times
+STAGE = 3 * direct.ALIGN  # a small aligned buffer: blocks cross it many times
 
 
 @pytest.fixture(autouse=True)
 def small_stage(monkeypatch):
-    monkeypatch.setattr(output, "STAGE_BYTES", STAGE)
+    monkeypatch.setattr(direct, "STAGE_BYTES", STAGE)
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -38,9 +38,9 @@ def write(path: Path) -> tuple[str | None, bool]:
     for v in ts.values():
         for block in v.split(13):
             w.write(block)
-    direct = w._file.direct
+    still = w._file.direct
     w.close()
-    return w.sha256, direct
+    return w.sha256, still
 
 
 def check_same(a: Path, b: Path, digests: list[str | None]) -> None:
@@ -63,15 +63,15 @@ def supports_direct(folder: Path) -> bool:
 def reference(tmp_path: Path, monkeypatch) -> tuple[Path, str | None]:
     with monkeypatch.context() as m:
         m.setattr(output, "USE_DIRECT", False)
-        digest, direct = write(tmp_path / "buffered.safetensors")
-    assert not direct
+        digest, still = write(tmp_path / "buffered.safetensors")
+    assert not still
     return tmp_path / "buffered.safetensors", digest
 
 
 def test_direct_writes_match_page_cache_writes(tmp_path, monkeypatch):
     ref, ref_digest = reference(tmp_path, monkeypatch)
-    digest, direct = write(tmp_path / "direct.safetensors")
-    assert direct == supports_direct(tmp_path)
+    digest, still = write(tmp_path / "direct.safetensors")
+    assert still == supports_direct(tmp_path)
     assert (tmp_path / "direct.safetensors").stat().st_size > 4 * STAGE  # many full buffers and a padded tail
     check_same(tmp_path / "direct.safetensors", ref, [digest, ref_digest])
 
@@ -85,9 +85,9 @@ def test_filesystem_refusing_o_direct_falls_back_at_open(tmp_path, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, cmd, arg)
 
-    monkeypatch.setattr(output.fcntl, "fcntl", refuse)
-    digest, direct = write(tmp_path / "refused.safetensors")
-    assert not direct
+    monkeypatch.setattr(direct.fcntl, "fcntl", refuse)
+    digest, still = write(tmp_path / "refused.safetensors")
+    assert not still
     check_same(tmp_path / "refused.safetensors", ref, [digest, ref_digest])
 
 
@@ -103,9 +103,9 @@ def test_filesystem_refusing_a_direct_write_falls_back_midway(tmp_path, monkeypa
                 raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(output.os, "pwrite", refuse_later)
-    digest, direct = write(tmp_path / "midway.safetensors")
-    assert not direct and len(calls) == after + 1  # refused once, never tried again
+    monkeypatch.setattr(direct.os, "pwrite", refuse_later)
+    digest, still = write(tmp_path / "midway.safetensors")
+    assert not still and len(calls) == after + 1  # refused once, never tried again
     check_same(tmp_path / "midway.safetensors", ref, [digest, ref_digest])
 
 
@@ -113,8 +113,8 @@ def test_seeking_back_leaves_direct_mode_with_the_same_bytes(tmp_path):
     """A writer that patches what it wrote (zipfile: each record's CRC) gets the page cache from then on."""
     payload = os.urandom(5 * STAGE + 123)
     files = {}
-    for name, direct in (("direct.zip", True), ("buffered.zip", False)):
-        f = output.OutputFile(tmp_path / name, direct=direct)
+    for name, use_direct in (("direct.zip", True), ("buffered.zip", False)):
+        f = output.OutputFile(tmp_path / name, direct=use_direct)
         f.write(payload[: 2 * STAGE + 7])  # plain appends first
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr("a", payload)
@@ -137,7 +137,7 @@ def test_disk_full_mid_write_then_abort_raises_nothing_more(tmp_path, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(output.os, "pwrite", disk_full_later)
+    monkeypatch.setattr(direct.os, "pwrite", disk_full_later)
     ts = tensors()
     w = SafetensorsWriter(tmp_path / "full.safetensors", [Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()])
     with pytest.raises(OSError) as failure:

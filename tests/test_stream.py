@@ -168,12 +168,11 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
                 pass
         return len(named) + len({h for h in held if h.startswith(str(work)) and h.endswith(".safetensors (deleted)")})
 
-    fetch_file = streaming.fetch_file
+    download = streaming.download_verified
 
-    def fetch_and_count(*args, **kw):
-        path = fetch_file(*args, **kw)
-        if kw.get("verify") is False:  # a download (verification follows on another thread)
-            base_seen.append(count_base())
+    def download_and_count(*args, **kw):
+        path = download(*args, **kw)
+        base_seen.append(count_base())  # the shards on disk once this one landed
         return path
 
     call = streaming.ShardUploader.__call__
@@ -182,7 +181,7 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
         out_seen.append(count_out())  # a shard was just finished; the previous one may still be uploading
         call(self, path, digest)
 
-    monkeypatch.setattr(streaming, "fetch_file", fetch_and_count)
+    monkeypatch.setattr(streaming, "download_verified", download_and_count)
     monkeypatch.setattr(streaming.ShardUploader, "__call__", upload_and_count)
     result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False, work_dir=work)
     assert list(work.iterdir()) == [] and not list(tmp_path.glob("*.hubmerge-push"))

@@ -145,14 +145,15 @@ def _remote_file(hub: Hub, repo_id: str, sibling) -> RemoteFile:
     return RemoteFile(size, lfs.sha256 if lfs else None, sibling.blob_id)
 
 
-def _repo_cache(hub: Hub, repo_id: str) -> Path:
+def repo_cache(hub: Hub, repo_id: str) -> Path:
+    """The HF cache folder of a model repo (``models--org--name``)."""
     return hub.cache_root / f"models--{repo_id.replace('/', '--')}"
 
 
 def _resolve_cached(spec: str, role: Role, repo_id: str, revision: str | None, hub: Hub) -> Source:
     """Resolve a Hub ID from the cache alone (HF_HUB_OFFLINE=1): a branch or tag through the cache's ``refs``, then
     the snapshot's files, each recorded by the blob it links to (named by the digest the Hub served it with)."""
-    folder = _repo_cache(hub, repo_id)
+    folder = repo_cache(hub, repo_id)
     rev = revision or "main"
     offline = f"{spec}: HF_HUB_OFFLINE=1 is set and the cache ({hub.cache_root}) holds no"
     if COMMIT_ID.fullmatch(rev):
@@ -300,7 +301,7 @@ def _remember_revision(source: Source, hub: Hub) -> None:
     rev = source.revision or "main"
     if COMMIT_ID.fullmatch(rev) or not _safe_revision(rev) or source.commit is None:
         return
-    ref = _repo_cache(hub, source.repo_id or "") / "refs" / rev
+    ref = repo_cache(hub, source.repo_id or "") / "refs" / rev
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(source.commit, encoding="ascii")
 
@@ -355,7 +356,7 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) 
         problem = _mismatch(source, name, local, progress)
         if problem is None:
             return local
-        _discard(local, _repo_cache(hub, source.repo_id or ""))
+        _discard(local, repo_cache(hub, source.repo_id or ""))
         if attempt == 2:
             raise VerificationError(
                 f"{source.label}/{name}: {problem} even after downloading it again; the copy "

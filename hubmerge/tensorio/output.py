@@ -9,93 +9,17 @@ started early so that the final fsync waits for the tail of the file, not all of
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import mmap
 import os
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
-
 from ..verification.hashing import remember, submit
+from .direct import USE_DIRECT, DirectAppender
 
 WRITEBACK_BYTES = 64 * 2**20  # start writing out final bytes every this many
 _READBACK_CHUNK = 8 * 2**20
 _PARALLEL_HASH_BYTES = 2**20
-ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the disk's block (512 or 4096 bytes)
-STAGE_BYTES = 16 * 2**20  # the aligned buffer of a direct file: big writes keep the disk's queue full
-_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)  # what a filesystem without O_DIRECT answers
-_DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
-USE_DIRECT = bool(_DIRECT_FLAG)  # False: every file goes through the page cache (tests force the fallback)
-
-
-class _DirectAppender:
-    """Appends to an open file with O_DIRECT through one page-aligned buffer of ``STAGE_BYTES``: bytes are copied
-    into it and written out in full buffers; :meth:`flush` writes the partial buffer padded to ``ALIGN`` and cuts the
-    file back to its real length. If the filesystem refuses a direct write, it is redone through the page cache and
-    :attr:`direct` turns False (the owner then stops using this appender)."""
-
-    def __init__(self, fd: int, at: int):
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _DIRECT_FLAG)  # OSError: refused
-        self.fd = fd
-        self.direct = True
-        self._map = mmap.mmap(-1, STAGE_BYTES)  # page-aligned
-        self._buf = np.frombuffer(self._map, dtype=np.uint8)
-        self.at = at  # file offset of the buffer's first byte (a multiple of ALIGN)
-        self.staged = 0  # bytes in the buffer
-        self._flushed = 0  # the file's length after the last flush: flushing again changes nothing
-
-    def append(self, view: memoryview) -> None:
-        src = np.frombuffer(view, dtype=np.uint8)
-        done = 0
-        while done < len(src):
-            k = min(len(src) - done, STAGE_BYTES - self.staged)
-            self._buf[self.staged : self.staged + k] = src[done : done + k]  # numpy copies without the GIL
-            self.staged += k
-            done += k
-            if self.staged == STAGE_BYTES:
-                self._write(STAGE_BYTES)
-                self.at += STAGE_BYTES
-                self.staged = 0
-
-    def flush(self, end: int) -> None:
-        """Put the buffered bytes in the file too (the file is then ``end`` bytes long); appending goes on."""
-        if self.staged and end != self._flushed:
-            self._flushed = end
-            padded = -(-self.staged // ALIGN) * ALIGN
-            self._buf[self.staged : padded] = 0
-            self._write(padded if self.direct else self.staged)
-            os.ftruncate(self.fd, end)
-
-    @property
-    def flushed(self) -> bool:
-        """Every byte appended is in the file."""
-        return self.staged == 0 or self._flushed == self.at + self.staged
-
-    def stop(self) -> None:
-        """Write the buffered bytes through the page cache and leave O_DIRECT (to seek back, or read back)."""
-        self._fall_back()
-        self._write(self.staged)
-        self.staged = 0
-
-    def _fall_back(self) -> None:
-        if self.direct:
-            self.direct = False
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT_FLAG)
-
-    def _write(self, nbytes: int) -> None:
-        buf = memoryview(self._map)
-        done = 0
-        while done < nbytes:
-            try:
-                done += os.pwrite(self.fd, buf[done:nbytes], self.at + done)
-            except OSError as exc:
-                if not self.direct or exc.errno not in _REFUSED:
-                    raise
-                self._fall_back()  # refused (or a short direct write left the rest unaligned): use the page cache
-                nbytes = min(nbytes, self.staged)  # and no padding
 
 
 class OutputFile:
@@ -108,7 +32,7 @@ class OutputFile:
     :meth:`release`; held bytes are read back (from the page cache) and hashed after release. Patching a byte that
     was already hashed, or failing to read one back, makes :meth:`digest` return None: callers then hash the file.
 
-    ``direct``: append with O_DIRECT (see :class:`_DirectAppender`) as long as the file is only appended to; seeking
+    ``direct``: append with O_DIRECT (see :class:`DirectAppender`) as long as the file is only appended to; seeking
     back or holding bytes, or a filesystem that refuses, switches to the page cache for the rest of the file. Bytes
     written the one way or the other are the same.
 
@@ -119,13 +43,10 @@ class OutputFile:
     def __init__(self, path: Path, *, direct: bool = False):
         self.path = Path(path)
         self._raw = open(self.path, "w+b", buffering=0)
-        self._direct: _DirectAppender | None = None
+        self._direct: DirectAppender | None = None
         if direct and USE_DIRECT:
-            try:
-                self._direct = _DirectAppender(self._raw.fileno(), 0)
-            except OSError as exc:
-                if exc.errno not in _REFUSED:
-                    raise
+            appender = DirectAppender(self._raw.fileno())
+            self._direct = appender if appender.direct else None
         self._pos = 0  # where the next write goes
         self._end = 0  # bytes in the file
         self._claimed = 0  # [0, _claimed) is final and handed to the hashing thread

@@ -217,6 +217,11 @@ class StreamingTensorWriter:
             self._index += 1
             self._written = 0
 
+    @property
+    def complete(self) -> bool:
+        """Every declared byte has arrived: the file can be closed now, before the next file's first block."""
+        return all(e.nbytes == 0 for e in self.entries[self._index :])
+
     def close(self) -> None:
         """Finish the file; raises ``ValueError`` when a declared tensor did not fully arrive."""
         while self._index < len(self.entries) and self.entries[self._index].nbytes == 0:

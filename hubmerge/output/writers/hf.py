@@ -77,6 +77,8 @@ class HFWriter(Writer):
                 SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k), metadata={"format": "pt"}),
             )
         self._open[1].write(block.data)
+        if self._open[1].complete:  # closed (and handed to ``on_file_done``) now, not when the next shard begins
+            self._close_shard()
 
     def _close_shard(self) -> None:
         assert self._open is not None  # called only while a shard is open

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 CHUNK = 256 * 1024  # bytes moved per reservation: small enough that concurrent transfers interleave finely
+BUFFER_S = 0.01  # seconds of the link's capacity a momentarily late sender can still use (see Link.take)
 
 
 class Link:
@@ -28,7 +29,9 @@ class Link:
         """Wait until ``nbytes`` have had their turn on the link."""
         with self._lock:
             now = time.monotonic()
-            self._free_at = max(now, self._free_at) + nbytes / self.rate
+            # A link's buffer keeps it busy while a sender prepares its next chunk: time up to BUFFER_S ago that
+            # went unused still counts, so one transfer alone gets the whole rate, as over a real link.
+            self._free_at = max(now - BUFFER_S, self._free_at) + nbytes / self.rate
             done = self._free_at
         delay = done - time.monotonic()
         if delay > 0:

@@ -1,0 +1,135 @@
+"""One big file from the Hub into the HF cache, hashed as it arrives and written straight to the disk.
+
+``hf_hub_download`` writes through the page cache (on a virtual machine that copy costs about as much CPU as the
+network itself: ~2 CPU-s per GB measured here) and verification then reads the file again to hash it. The streamed
+merge downloads its base shards with :func:`download_verified` instead: the bytes are hashed on the hashing thread
+while they are appended with O_DIRECT (page cache where the filesystem refuses it), so a shard is verified the
+moment its last byte lands, with no second read.
+
+The result is the cache entry ``hf_hub_download`` makes: ``blobs/<sha256>`` (downloaded to a process-unique
+``.incomplete`` file under the client's own lock, then renamed) and the relative link ``snapshots/<commit>/<name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import VerificationError
+from ..progress import Progress, ProgressEvent
+from ..tensorio.direct import STAGE_BYTES, DirectAppender
+from ..verification.hashing import remember, submit
+from .hub import Hub, hub_errors
+from .sources import Source, repo_cache
+
+CHUNK = STAGE_BYTES  # bytes gathered from the socket before they are hashed and written in one go
+
+
+def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
+    """Download the LFS file ``name`` of the Hub ``source`` into the cache and check its size and SHA256 against the
+    Hub's record as it arrives (a mismatch is downloaded once more before it is an error); returns the snapshot
+    path. The SHA256 goes into ``source.hashes`` and the hash cache.
+
+    Raises:
+        HubAccessError, OutputError (the disk filled), VerificationError.
+    """
+    record = source.remote[name]
+    if not record.sha256 or source.repo_id is None or source.commit is None or source.path is None:
+        raise ValueError(f"{name}: not an LFS file of a fetched Hub source")  # a bug in the caller
+    from huggingface_hub.utils import WeakFileLock
+
+    cache = repo_cache(hub, source.repo_id)
+    blob, link = cache / "blobs" / record.sha256, source.path / name
+    lock = hub.cache_root / ".locks" / cache.name / f"{record.sha256}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        for attempt in (1, 2):
+            if blob.exists():  # another process got it meanwhile (the hash cache knows it if it hashed it)
+                break
+            problem = _fetch(source, name, hub, progress, blob)
+            if problem is None:
+                break
+            if attempt == 2:
+                raise VerificationError(
+                    f"{source.label}/{name}: {problem} even after downloading it again; the copy on the Hub is "
+                    "damaged or altered: report it to the repository owner",
+                    repo_id=source.repo_id,
+                )
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    source.hashes[name] = record.sha256
+    progress.emit(ProgressEvent("verify", name, record.size, record.size, finished=True))
+    return link
+
+
+def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) -> str | None:
+    """Download into a temporary file beside ``blob`` and rename it to ``blob`` when its size and SHA256 are the
+    Hub's; returns what differs, or None. The temporary file never outlives the call.
+
+    The socket is read into one of two buffers while the other, once full, is hashed (hashing thread) and written
+    (a writer thread): receiving never waits for the disk or the hash unless both buffers are still busy."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    record = source.remote[name]
+    url = hf_hub_url(source.repo_id or "", name, revision=source.commit, endpoint=hub.url)
+    tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-write")
+    try:
+        sha, out = hashlib.sha256(), DirectAppender(fd)
+        buffers = [memoryview(bytearray(CHUNK)) for _ in range(2)]
+        busy: list[list[Future]] = [[], []]
+        current, filled, total = 0, 0, 0
+
+        def hand_over(update) -> None:  # the current buffer is done: hash and write it, go on in the other one
+            nonlocal current, filled, total
+            data = buffers[current][:filled]
+            busy[current] = [submit(sha.update, data), writer.submit(out.append, data)]
+            total += filled
+            update(filled)
+            current, filled = 1 - current, 0
+            for job in busy[current]:
+                job.result()
+
+        with (
+            progress.task("download", name, record.size) as update,
+            hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name, expected=record.expected),
+            get_session().stream(
+                "GET",
+                url,
+                headers=build_hf_headers(token=hub.token),
+                follow_redirects=True,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+            ) as response,
+        ):
+            hf_raise_for_status(response)
+            for chunk in response.iter_bytes():
+                piece = memoryview(chunk)
+                while piece:
+                    k = min(len(piece), CHUNK - filled)
+                    buffers[current][filled : filled + k] = piece[:k]
+                    filled, piece = filled + k, piece[k:]
+                    if filled == CHUNK:
+                        hand_over(update)
+            hand_over(update)
+        for job in busy[1 - current]:
+            job.result()
+        out.flush(total)
+        if total != record.size:
+            return f"size {total} differs from the Hub's {record.size}"
+        digest, want = sha.hexdigest(), record.sha256 or ""
+        if digest != want:
+            return f"SHA256 {digest[:16]}... differs from the Hub's {want[:16]}..."
+        os.replace(tmp, blob)
+        remember(os.stat(blob), digest)
+        return None
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)
+        os.close(fd)
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,177 @@
+"""Files read and written with O_DIRECT, so their bytes never pass through the page cache.
+
+On the machines hubmerge runs on (virtual machines, containers), filling the page cache is the costliest part of
+moving a byte: measured here, ~1 CPU-s per GB written or read through it, against ~0.1 with O_DIRECT, which moves
+the bytes between the disk and an aligned buffer directly. A file crossed once (a downloaded shard the merge reads,
+an output shard the upload reads) gains nothing from being cached. Where the filesystem refuses O_DIRECT (tmpfs,
+some network filesystems), both classes fall back to ordinary reads and writes, with the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import mmap
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the disk's block (512 or 4096 bytes)
+STAGE_BYTES = 16 * 2**20  # the aligned buffer of a direct file: big writes keep the disk's queue full
+_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)  # what a filesystem without O_DIRECT answers
+_DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
+USE_DIRECT = bool(_DIRECT_FLAG)  # False: every file goes through the page cache (tests force the fallback)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; False when the filesystem refuses it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _DIRECT_FLAG if on else flags & ~_DIRECT_FLAG)
+    except OSError as exc:
+        if exc.errno not in _REFUSED:
+            raise
+        return False
+    return True
+
+
+class DirectAppender:
+    """Appends to an open file with O_DIRECT through one page-aligned buffer of ``STAGE_BYTES``: bytes are copied
+    into it and written out in full buffers; :meth:`flush` writes the partial buffer padded to ``ALIGN`` and cuts the
+    file back to its real length. Where the filesystem refuses O_DIRECT (when opening or at a write), the bytes go
+    through the page cache instead and :attr:`direct` is False (an owner that also seeks then stops using it)."""
+
+    def __init__(self, fd: int, at: int = 0):
+        self.fd = fd
+        self.direct = USE_DIRECT and _set_direct(fd, True)
+        self._map = mmap.mmap(-1, STAGE_BYTES)  # page-aligned
+        self._buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.at = at  # file offset of the buffer's first byte (a multiple of ALIGN)
+        self.staged = 0  # bytes in the buffer
+        self._flushed = 0  # the file's length after the last flush: flushing again changes nothing
+
+    def append(self, view: memoryview) -> None:
+        src = np.frombuffer(view, dtype=np.uint8)
+        done = 0
+        while done < len(src):
+            k = min(len(src) - done, STAGE_BYTES - self.staged)
+            self._buf[self.staged : self.staged + k] = src[done : done + k]  # numpy copies without the GIL
+            self.staged += k
+            done += k
+            if self.staged == STAGE_BYTES:
+                self._write(STAGE_BYTES)
+                self.at += STAGE_BYTES
+                self.staged = 0
+
+    def flush(self, end: int) -> None:
+        """Put the buffered bytes in the file too (the file is then ``end`` bytes long); appending goes on."""
+        if self.staged and end != self._flushed:
+            self._flushed = end
+            padded = -(-self.staged // ALIGN) * ALIGN
+            self._buf[self.staged : padded] = 0
+            self._write(padded if self.direct else self.staged)
+            os.ftruncate(self.fd, end)
+
+    @property
+    def flushed(self) -> bool:
+        """Every byte appended is in the file."""
+        return self.staged == 0 or self._flushed == self.at + self.staged
+
+    def stop(self) -> None:
+        """Write the buffered bytes through the page cache and leave O_DIRECT (to seek back, or read back)."""
+        self._fall_back()
+        self._write(self.staged)
+        self.staged = 0
+
+    def _fall_back(self) -> None:
+        if self.direct:
+            self.direct = False
+            _set_direct(self.fd, False)
+
+    def _write(self, nbytes: int) -> None:
+        buf = memoryview(self._map)
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.pwrite(self.fd, buf[done:nbytes], self.at + done)
+            except OSError as exc:
+                if not self.direct or exc.errno not in _REFUSED:
+                    raise
+                self._fall_back()  # refused (or a short direct write left the rest unaligned): use the page cache
+                nbytes = min(nbytes, self.staged)  # and no padding
+
+
+class DirectReader(io.BufferedIOBase):
+    """A file read front to back (and rewound by retries) with O_DIRECT, ``STAGE_BYTES`` at a time into one aligned
+    buffer: what an upload reads through (``read``, ``readinto``, ``seek``, ``tell``, ``fileno``). ``on_read`` is
+    told how many bytes each read returned. Falls back to ordinary reads where the filesystem refuses O_DIRECT."""
+
+    def __init__(self, raw: io.FileIO, on_read: Callable[[int], object] | None = None) -> None:
+        super().__init__()
+        self._raw, self.on_read = raw, on_read
+        self._fd = raw.fileno()
+        self._direct = USE_DIRECT and _set_direct(self._fd, True)
+        self._map = mmap.mmap(-1, STAGE_BYTES)  # page-aligned
+        self._at = 0  # file offset of the buffer's first byte (a multiple of ALIGN)
+        self._len = 0  # valid bytes in the buffer
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: os.fstat(self._fd).st_size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, os.fstat(self._fd).st_size - self._pos)
+        out = bytearray(size)
+        got = self.readinto(out)
+        del out[got:]
+        return bytes(out)
+
+    read1 = read
+
+    def readinto(self, b) -> int:
+        out = memoryview(b).cast("B")
+        if not self._at <= self._pos < self._at + self._len and not self._fill():
+            return 0
+        start = self._pos - self._at
+        n = min(len(out), self._len - start)
+        out[:n] = memoryview(self._map)[start : start + n]
+        self._pos += n
+        if self.on_read is not None:
+            self.on_read(n)
+        return n
+
+    def _fill(self) -> bool:
+        """Read the aligned stretch holding ``_pos`` into the buffer; False at the end of the file."""
+        self._at = self._pos - self._pos % ALIGN
+        try:
+            self._len = os.preadv(self._fd, [self._map], self._at)
+        except OSError as exc:
+            if not self._direct or exc.errno not in _REFUSED:
+                raise
+            self._direct = False
+            _set_direct(self._fd, False)
+            self._len = os.preadv(self._fd, [self._map], self._at)
+        return self._len > self._pos - self._at
+
+    def close(self) -> None:
+        if not self.closed:
+            self._map.close()
+            self._raw.close()
+        super().close()
