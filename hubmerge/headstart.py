@@ -3,16 +3,18 @@
 ``import torch`` takes seconds before the first line of the merge runs; a streamed push spends them waiting for
 nothing. The CLI calls :func:`head_start` first (this module and what it imports never import torch): it resolves a
 Hub base, notes which of its shards the cache already holds (so that :mod:`hubmerge.stream` still knows which ones
-this run downloads, see :func:`fresh`), and downloads the first shard on a background thread. Nothing is verified
-or used here: the stream verifies the file before any of its tensors is read, as it does for every shard.
+this run downloads, see :func:`fresh`), and downloads the first shard on a background thread, verified as it
+arrives (:func:`~hubmerge.inputs.download.download_verified`). The stream checks the cached file again (the hash
+cache answers) before any of its tensors is read, as it does for every shard.
 """
 
 from __future__ import annotations
 
 import threading
 
+from .inputs.download import download_verified
 from .inputs.hub import Hub
-from .inputs.sources import Source, fetch, fetch_file, resolve, streamable_shards
+from .inputs.sources import Source, fetch, resolve, streamable_shards
 from .progress import Progress
 from .publish import check_push_target
 
@@ -54,8 +56,8 @@ def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> None:
             names = streamable_shards(source)
             for name in names:
                 _FRESH[(source.repo_id, source.commit or "", name)] = fresh(source, name, hub)
-            if names:
-                fetch_file(source, names[0], hub, Progress(), verify=False)
+            if names and fresh(source, names[0], hub):  # the stream finds it in the cache, verified
+                download_verified(source, names[0], hub, Progress())
         except Exception:  # the run resolves and downloads again, and reports what is wrong in one line
             pass
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .constants import default_out_name
+from .directio import DirectReader
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .headstart import fresh
 from .inputs.download import download_verified
@@ -46,7 +47,6 @@ from .progress import Progress
 from .publish import PushTarget, check_push_target, push
 from .result import MergeResult
 from .sizes import format_size, parse_size
-from .tensorio.direct import DirectReader
 from .tensorio.safetensors import parse_header, read_safetensors
 from .tensorio.source import TensorRef, TensorSource
 

@@ -1,5 +1,5 @@
-"""Output files written with O_DIRECT (hubmerge/tensorio/output.py) hold the same bytes and SHA256 as through the page
-cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway, or the writer seeks back."""
+"""Files written with O_DIRECT (hubmerge/directio.py, through hubmerge/tensorio/output.py) hold the same bytes and
+SHA256 as through the page cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway, or the writer seeks back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hubmerge.tensorio import SafetensorsWriter, direct, output
+from hubmerge import directio as direct
+from hubmerge.tensorio import SafetensorsWriter, output
 from hubmerge.tensorio.source import Entry
 
 STAGE = 3 * direct.ALIGN  # a small aligned buffer: blocks cross it many times

@@ -18,10 +18,10 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from ..directio import STAGE_BYTES, DirectAppender
 from ..errors import VerificationError
 from ..progress import Progress, ProgressEvent
-from ..tensorio.direct import STAGE_BYTES, DirectAppender
-from ..verification.hashing import remember, submit
+from ..verification.hashing import file_digest, remember, submit
 from .hub import Hub, hub_errors
 from .sources import Source, repo_cache
 
@@ -47,13 +47,13 @@ def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -
     lock.parent.mkdir(parents=True, exist_ok=True)
     blob.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(lock):
-        for attempt in (1, 2):
-            if blob.exists():  # another process got it meanwhile (the hash cache knows it if it hashed it)
-                break
+        # A blob already there (another run's, or the CLI's head start) is verified like any cached file; a damaged
+        # one is downloaded again over it, as the client's force_download does.
+        if not blob.exists() or _mismatch(blob, record.size, record.sha256) is not None:
             problem = _fetch(source, name, hub, progress, blob)
-            if problem is None:
-                break
-            if attempt == 2:
+            if problem is not None:
+                problem = _fetch(source, name, hub, progress, blob)
+            if problem is not None:
                 raise VerificationError(
                     f"{source.label}/{name}: {problem} even after downloading it again; the copy on the Hub is "
                     "damaged or altered: report it to the repository owner",
@@ -65,6 +65,14 @@ def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -
     source.hashes[name] = record.sha256
     progress.emit(ProgressEvent("verify", name, record.size, record.size, finished=True))
     return link
+
+
+def _mismatch(path: Path, size: int, sha256: str, digest: str | None = None) -> str | None:
+    """What differs between a file (or its ``digest``, already known) and the Hub's record; None when nothing."""
+    if path.stat().st_size != size:
+        return f"size {path.stat().st_size} differs from the Hub's {size}"
+    digest = digest or file_digest(path)  # the hash cache answers for a file hashed before and unchanged since
+    return None if digest == sha256 else f"SHA256 {digest[:16]}... differs from the Hub's {sha256[:16]}..."
 
 
 def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) -> str | None:
@@ -121,14 +129,11 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
         for job in busy[1 - current]:
             job.result()
         out.flush(total)
-        if total != record.size:
-            return f"size {total} differs from the Hub's {record.size}"
-        digest, want = sha.hexdigest(), record.sha256 or ""
-        if digest != want:
-            return f"SHA256 {digest[:16]}... differs from the Hub's {want[:16]}..."
-        os.replace(tmp, blob)
-        remember(os.stat(blob), digest)
-        return None
+        problem = _mismatch(tmp, record.size, record.sha256 or "", sha.hexdigest())
+        if problem is None:
+            os.replace(tmp, blob)
+            remember(os.stat(blob), sha.hexdigest())
+        return problem
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
         os.close(fd)

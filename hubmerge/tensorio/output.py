@@ -14,8 +14,8 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
+from ..directio import USE_DIRECT, DirectAppender
 from ..verification.hashing import remember, submit
-from .direct import USE_DIRECT, DirectAppender
 
 WRITEBACK_BYTES = 64 * 2**20  # start writing out final bytes every this many
 _READBACK_CHUNK = 8 * 2**20

@@ -139,11 +139,15 @@ class DirectReader(io.BufferedIOBase):
         if size is None or size < 0:
             size = max(0, os.fstat(self._fd).st_size - self._pos)
         out = bytearray(size)
-        got = self.readinto(out)
+        view, got = memoryview(out), 0
+        while got < size and (n := self.readinto(view[got:])):
+            got += n
+        del view
         del out[got:]
         return bytes(out)
 
-    read1 = read
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
 
     def readinto(self, b) -> int:
         out = memoryview(b).cast("B")

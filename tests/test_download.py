@@ -1,0 +1,139 @@
+"""Big Hub files hashed as they arrive and written with O_DIRECT (hubmerge/inputs/download.py), and output shards
+read for their upload with O_DIRECT (hubmerge/directio.py): the client's own cache entry, verified before anyone
+uses it, a damaged copy downloaded once more, nothing half-written left in the cache, the same bytes where the
+filesystem refuses O_DIRECT."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import random
+
+import pytest
+from huggingface_hub import hf_hub_download
+
+from hubmerge import directio
+from hubmerge.errors import HubAccessError, VerificationError
+from hubmerge.inputs import download
+from hubmerge.inputs.hub import Hub
+from hubmerge.inputs.sources import fetch, resolve
+from hubmerge.progress import Progress, ProgressEvent
+
+REPO, NAME = "alice/download-blobs", "model.safetensors"
+SMALL = 64 * 1024  # small buffers: a ~1 MB file crosses many of them
+
+
+@pytest.fixture
+def blob(hub, monkeypatch):
+    monkeypatch.setattr(download, "CHUNK", SMALL)
+    monkeypatch.setattr(directio, "STAGE_BYTES", 3 * directio.ALIGN)
+    data = random.Random(12).randbytes(16 * SMALL + 4321)  # not a multiple of any buffer: a padded, cut-back tail
+    try:
+        hub.create_repo(REPO, private=True)
+        hub.commit_files(REPO, {NAME: data, "config.json": b"{}\n"})
+    except Exception:  # committed by an earlier test on the shared Hub
+        pass
+    return data
+
+
+def _source(hub, tmp_path):
+    settings = Hub(endpoint=hub.url, token=hub.tokens["alice"], cache_dir=tmp_path / "cache")
+    source = resolve(REPO, "base", settings)
+    fetch(source, settings, weights=False)
+    assert source.remote[NAME].sha256  # an LFS file
+    return source, settings
+
+
+def _cache_files(tmp_path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def _weights_in_cache(tmp_path, data: bytes) -> list[str]:
+    """The cache's files holding the weights: their blob, or a partial download of it."""
+    sha = hashlib.sha256(data).hexdigest()
+    return [f for f in _cache_files(tmp_path) if f"/blobs/{sha}" in f]
+
+
+def test_download_is_the_clients_cache_entry_verified(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    events: list[ProgressEvent] = []
+    path = download.download_verified(source, NAME, settings, Progress(events.append))
+    assert path.read_bytes() == blob and path.is_symlink() and not os.path.isabs(os.readlink(path))
+    assert source.hashes[NAME] == hashlib.sha256(blob).hexdigest()
+    assert [e for e in events if e.stage == "verify" and e.finished], "the verification is reported"
+    assert sum(e.done for e in events if e.stage == "download" and e.finished) == len(blob)
+    assert not [f for f in _cache_files(tmp_path) if f.endswith(".incomplete")]
+    # the client finds it where it would have put it, offline
+    again = hf_hub_download(REPO, NAME, revision=source.commit, cache_dir=tmp_path / "cache", local_files_only=True)
+    assert os.path.samefile(again, path)
+
+
+def test_a_damaged_download_is_fetched_again_then_refused(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    hub.faults.corrupt(REPO, NAME, times=1)
+    assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+
+    other = tmp_path / "other"
+    source, settings = _source(hub, other)
+    hub.faults.corrupt(REPO, NAME)  # always
+    with pytest.raises(VerificationError, match="even after downloading it again") as err:
+        download.download_verified(source, NAME, settings, Progress())
+    assert NAME in str(err.value) and "\n" not in str(err.value)
+    assert _weights_in_cache(other, blob) == [] and not (source.local / NAME).exists()
+
+
+def test_a_cut_download_leaves_nothing_half_written(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    hub.faults.drop_after(REPO, NAME, 5 * SMALL)
+    with pytest.raises(HubAccessError):
+        download.download_verified(source, NAME, settings, Progress())
+    assert _weights_in_cache(tmp_path, blob) == [] and not (source.local / NAME).exists()
+
+
+def test_a_damaged_blob_already_in_the_cache_is_replaced(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    path = download.download_verified(source, NAME, settings, Progress())
+    target = path.resolve()
+    os.chmod(target, 0o644)
+    with open(target, "r+b") as f:  # a bit flipped on disk after the download
+        f.seek(len(blob) // 2)
+        byte = f.read(1)
+        f.seek(len(blob) // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+
+
+def test_download_without_o_direct_gives_the_same_file(hub, blob, tmp_path, monkeypatch):
+    monkeypatch.setattr(directio, "USE_DIRECT", False)
+    source, settings = _source(hub, tmp_path)
+    assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_direct_reader_reads_the_file_as_written_and_rewinds(tmp_path, monkeypatch, refuse):
+    monkeypatch.setattr(directio, "STAGE_BYTES", 3 * directio.ALIGN)
+    if refuse:  # a filesystem without O_DIRECT: refused at the first read
+        real = os.preadv
+
+        def preadv(fd, buffers, offset):
+            if directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & directio._DIRECT_FLAG:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(directio.os, "preadv", preadv)
+    data = os.urandom(7 * directio.ALIGN + 555)
+    (tmp_path / "shard").write_bytes(data)
+    seen: list[int] = []
+    with directio.DirectReader(io.FileIO(tmp_path / "shard", "r")) as f:
+        f.on_read = seen.append
+        assert isinstance(f, io.BufferedIOBase)  # what huggingface_hub uploads from
+        parts = []
+        while chunk := f.read(5000):  # odd sizes cross the aligned buffer
+            parts.append(chunk)
+        assert b"".join(parts) == data and sum(seen) == len(data)
+        f.seek(0)  # a retried upload starts over
+        assert f.read() == data
+        f.seek(-100, io.SEEK_END)
+        assert f.read(1000) == data[-100:] and f.tell() == len(data)
