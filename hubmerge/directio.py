@@ -138,6 +138,12 @@ class DirectReader(io.BufferedIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = max(0, os.fstat(self._fd).st_size - self._pos)
+        start = self._pos - self._at
+        if 0 <= start and start + size <= self._len:  # the usual upload read: one copy, out of the buffer
+            self._pos += size
+            if self.on_read is not None:
+                self.on_read(size)
+            return self._map[start : start + size]
         out = bytearray(size)
         view, got = memoryview(out), 0
         while got < size and (n := self.readinto(view[got:])):

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..directio import STAGE_BYTES, DirectAppender
 from ..errors import VerificationError
 from ..progress import Progress, ProgressEvent
-from ..verification.hashing import file_digest, remember, submit
+from ..verification.hashing import file_digest, remember
 from .hub import Hub, hub_errors
 from .sources import Source, repo_cache
 
@@ -88,7 +88,10 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     url = hf_hub_url(source.repo_id or "", name, revision=source.commit, endpoint=hub.url)
     tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    # Its own hashing and writing threads: the shared hashing thread is busy with the output shards the merge
+    # writes meanwhile, and a download queued behind them would hold up both.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-write")
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-hash")
     try:
         sha, out = hashlib.sha256(), DirectAppender(fd)
         buffers = [memoryview(bytearray(CHUNK)) for _ in range(2)]
@@ -98,7 +101,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
         def hand_over(update) -> None:  # the current buffer is done: hash and write it, go on in the other one
             nonlocal current, filled, total
             data = buffers[current][:filled]
-            busy[current] = [submit(sha.update, data), writer.submit(out.append, data)]
+            busy[current] = [hasher.submit(sha.update, data), writer.submit(out.append, data)]
             total += filled
             update(filled)
             current, filled = 1 - current, 0
@@ -135,6 +138,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
             remember(os.stat(blob), sha.hexdigest())
         return problem
     finally:
-        writer.shutdown(wait=True, cancel_futures=True)
+        for pool in (writer, hasher):
+            pool.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
         tmp.unlink(missing_ok=True)
