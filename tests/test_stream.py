@@ -312,6 +312,27 @@ def test_local_hub_bandwidth_is_shared_by_concurrent_transfers(tmp_path, monkeyp
     assert 0.9 <= elapsed <= 3.0, elapsed  # 2 MB through a shared 2 MB/s link: ~1 s, not ~0.5 s
 
 
+def test_local_hub_link_lets_a_late_sender_use_its_buffer(monkeypatch):
+    # a real link's buffer keeps it busy while the sender prepares its next chunk: a little lateness costs no rate
+    from hubmerge.testing.localhub import throttle
+
+    clock = [100.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(throttle.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    link = throttle.Link(1_000_000)  # 1 MB/s: 10 kB take 10 ms; BUFFER_S is 10 ms
+    assert throttle.BUFFER_S == pytest.approx(0.010)
+    link.take(10_000)  # an idle link's buffer takes it at once
+    link.take(10_000)  # then the rate holds
+    assert clock[0] == pytest.approx(100.010)
+    clock[0] += 0.005  # the sender comes back 5 ms late: those 5 ms of link still count
+    link.take(10_000)
+    assert clock[0] == pytest.approx(100.020)
+    clock[0] += 1.0  # idle for a second: gone, as on a real link (no burst of a second's worth)
+    link.take(10_000)
+    link.take(10_000)
+    assert clock[0] == pytest.approx(101.030)
+
+
 def test_push_into_a_repo_with_files_needs_overwrite_before_any_download(shared, tmp_path):
     api = HfApi(endpoint=shared.url, token=shared.tokens["alice"])
     api.create_repo("alice/occupied")

@@ -56,6 +56,22 @@ def test_build_plan_orders_terms_extends_vocab_and_refuses_the_reversed_plus_ord
         build_plan(base, [second, first])
 
 
+def test_build_plan_puts_tensors_read_whole_from_an_adapter_first(models):
+    # they need nothing from the base: a streamed push writes and uploads them while the base's first shard downloads
+    base_dir = models.base()
+    llama, alpaca = models.plus_recipe(base_dir)
+    base = open_base(base_dir)
+    plan = build_plan(base, [open_adapter(llama), open_adapter(alpaca)])
+    whole = [t.origin != "base" for t in plan.tensors]
+    k = whole.index(False)
+    assert all(whole[:k]) and not any(whole[k:])  # one run of them, first
+    assert {t.name for t in plan.tensors[:k]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    rest = [n for n in base.arch.tensor_names(plan.config) if n not in {t.name for t in plan.tensors[:k]}]
+    assert [t.name for t in plan.tensors[k:]] == rest  # the others keep the architecture's order
+    plain = build_plan(base, [open_adapter(models.adapter(base_dir, seed=73))])
+    assert [t.name for t in plain.tensors] == base.arch.tensor_names(plain.config)
+
+
 def test_merge_blocks_equals_w_plus_scaled_ba_computed_directly(models):
     base_dir = models.base()
     adapter_dir = models.adapter(base_dir, r=8, alpha=16, seed=72, dtype="float32")
@@ -82,3 +98,26 @@ def test_merge_blocks_equals_w_plus_scaled_ba_computed_directly(models):
     skipped = {0, 1}  # tensors an interrupted run already wrote are neither read nor yielded
     names = {block.index for block in merge_blocks(plan, small, skip=skipped)}
     assert names == set(range(len(plan.tensors))) - skipped
+
+
+def test_hf_writer_hands_over_each_shard_as_soon_as_its_last_byte_is_written(models, tmp_path):
+    # (a streamed push uploads it then, instead of when the next shard's first block arrives)
+    from hubmerge.output.writers.hf import HFWriter
+
+    plan = build_plan(open_base(models.base()), [open_adapter(models.adapter(models.base(), seed=74))])
+    writer = HFWriter(tmp_path, plan, max_shard_size=60_000)
+    events: list[tuple[str, str]] = []
+    writer.on_file_done = lambda path, digest: events.append(("done", path.name))
+    for block in merge_blocks(plan, 4096):
+        events.append(("block", block.name))
+        writer.write(block)
+    events.append(("close", ""))
+    writer.close()
+    shard_of = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(shard_of.values())) >= 3
+    for i, (kind, name) in enumerate(events):
+        if kind == "done":  # right after the last block of that shard, before anything else
+            assert events[i - 1][0] == "block" and shard_of[events[i - 1][1]] == name
+            assert all(shard_of[n] != name for k, n in events[i + 1 :] if k == "block")
+    assert [n for k, n in events if k == "done"] == writer.shard_names  # every shard, in order, before close
+    assert events[-1] == ("close", "")
