@@ -84,11 +84,21 @@ def test_a_damaged_download_is_fetched_again_then_refused(hub, blob, tmp_path):
     assert _weights_in_cache(other, blob) == [] and not (source.local / NAME).exists()
 
 
-def test_a_cut_download_leaves_nothing_half_written(hub, blob, tmp_path):
+def test_a_cut_download_resumes_where_it_stopped(hub, blob, tmp_path):
     source, settings = _source(hub, tmp_path)
-    hub.faults.drop_after(REPO, NAME, 5 * SMALL)
-    with pytest.raises(HubAccessError):
+    hub.faults.drop_after(REPO, NAME, 5 * SMALL + 77)  # once, mid-buffer
+    hub.clear_requests()
+    assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+    gets = [r for r in hub.requests if r.method == "GET" and r.path.split("?")[0].endswith(NAME)]
+    assert len(gets) == 2  # the second asked only for the rest (Range), and the SHA256 still matched
+
+
+def test_a_download_that_never_progresses_gives_up_in_one_line_leaving_nothing(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    hub.faults.drop_after(REPO, NAME, 0, times=None)
+    with pytest.raises(HubAccessError) as err:
         download.download_verified(source, NAME, settings, Progress())
+    assert "\n" not in str(err.value)
     assert _weights_in_cache(tmp_path, blob) == [] and not (source.local / NAME).exists()
 
 

@@ -18,6 +18,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2
+
 from ..directio import STAGE_BYTES, DirectAppender
 from ..errors import VerificationError
 from ..progress import Progress, ProgressEvent
@@ -26,6 +28,7 @@ from .hub import Hub, hub_errors
 from .sources import Source, repo_cache
 
 CHUNK = STAGE_BYTES  # bytes gathered from the socket before they are hashed and written in one go
+_MAX_ATTEMPTS = 20  # a bound of its own; the guard's retry budget (HUBMERGE_HUB_RETRIES) ends it well before
 
 
 def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
@@ -111,23 +114,31 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
         with (
             progress.task("download", name, record.size) as update,
             hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name, expected=record.expected),
-            get_session().stream(
-                "GET",
-                url,
-                headers=build_hf_headers(token=hub.token),
-                follow_redirects=True,
-                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-            ) as response,
         ):
-            hf_raise_for_status(response)
-            for chunk in response.iter_bytes():
-                piece = memoryview(chunk)
-                while piece:
-                    k = min(len(piece), CHUNK - filled)
-                    buffers[current][filled : filled + k] = piece[:k]
-                    filled, piece = filled + k, piece[k:]
-                    if filled == CHUNK:
-                        hand_over(update)
+            for attempt in range(_MAX_ATTEMPTS):
+                # A cut connection resumes where the bytes stopped (Range), as the client's own downloads do; the
+                # guard counts the attempts and gives up, in one line, after the --retries budget.
+                received = total + filled
+                headers = build_hf_headers(token=hub.token) | ({"Range": f"bytes={received}-"} if received else {})
+                try:
+                    with get_session().stream(
+                        "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+                    ) as response:
+                        hf_raise_for_status(response)
+                        skip = received if response.status_code == 200 else 0  # a server ignoring Range: from 0
+                        for chunk in response.iter_bytes():
+                            piece = memoryview(chunk)[skip:]
+                            skip = max(0, skip - len(chunk))
+                            while piece:
+                                k = min(len(piece), CHUNK - filled)
+                                buffers[current][filled : filled + k] = piece[:k]
+                                filled, piece = filled + k, piece[k:]
+                                if filled == CHUNK:
+                                    hand_over(update)
+                    break
+                except httpx2.TransportError:
+                    if attempt == _MAX_ATTEMPTS - 1:
+                        raise
             hand_over(update)
         for job in busy[1 - current]:
             job.result()
