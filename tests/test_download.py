@@ -115,6 +115,16 @@ def test_a_damaged_blob_already_in_the_cache_is_replaced(hub, blob, tmp_path):
     assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
 
 
+def test_a_stale_snapshot_link_is_pointed_at_the_verified_blob(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    other = tmp_path / "cache" / "elsewhere"
+    other.write_bytes(b"not the weights")
+    link = source.local / NAME
+    link.symlink_to(other)  # the snapshot's name points at something else
+    assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+    assert other.read_bytes() == b"not the weights"  # left as it was
+
+
 def test_download_without_o_direct_gives_the_same_file(hub, blob, tmp_path, monkeypatch):
     monkeypatch.setattr(directio, "USE_DIRECT", False)
     source, settings = _source(hub, tmp_path)
