@@ -15,6 +15,7 @@ import io
 import mmap
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -38,18 +39,22 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 
 class DirectAppender:
-    """Appends to an open file with O_DIRECT through one page-aligned buffer of ``STAGE_BYTES``: bytes are copied
-    into it and written out in full buffers; :meth:`flush` writes the partial buffer padded to ``ALIGN`` and cuts the
-    file back to its real length. Where the filesystem refuses O_DIRECT (when opening or at a write), the bytes go
-    through the page cache instead and :attr:`direct` is False (an owner that also seeks then stops using it)."""
+    """Appends to an open file with O_DIRECT through two page-aligned buffers of ``STAGE_BYTES``: bytes are copied
+    into one while the other, full, is being written out on a writing thread (so copying overlaps the disk; one
+    write in flight at a time); :meth:`flush` writes the partial buffer padded to ``ALIGN`` and cuts the file back to
+    its real length. Where the filesystem refuses O_DIRECT (when opening or at a write), the bytes go through the
+    page cache instead and :attr:`direct` is False (an owner that also seeks then stops using it). Call
+    :meth:`wait` before closing the file: a write may still be in flight."""
 
     def __init__(self, fd: int, at: int = 0):
         self.fd = fd
         self.direct = USE_DIRECT and _set_direct(fd, True)
-        self._map = mmap.mmap(-1, STAGE_BYTES)  # page-aligned
-        self._buf = np.frombuffer(self._map, dtype=np.uint8)
-        self.at = at  # file offset of the buffer's first byte (a multiple of ALIGN)
-        self.staged = 0  # bytes in the buffer
+        self._maps = [mmap.mmap(-1, STAGE_BYTES), mmap.mmap(-1, STAGE_BYTES)]  # page-aligned
+        self._cur = 0  # the buffer being filled
+        self._buf = np.frombuffer(self._maps[0], dtype=np.uint8)
+        self._pending: Future[None] | None = None  # the write of the other buffer
+        self.at = at  # file offset of the current buffer's first byte (a multiple of ALIGN)
+        self.staged = 0  # bytes in the current buffer
         self._flushed = 0  # the file's length after the last flush: flushing again changes nothing
 
     def append(self, view: memoryview) -> None:
@@ -61,28 +66,39 @@ class DirectAppender:
             self.staged += k
             done += k
             if self.staged == STAGE_BYTES:
-                self._write(STAGE_BYTES)
+                self.wait()  # the other buffer's write is done: it can be refilled, and writes stay one at a time
+                self._pending = _WRITERS.submit(self._write, self._maps[self._cur], STAGE_BYTES, STAGE_BYTES, self.at)
+                self._cur = 1 - self._cur
+                self._buf = np.frombuffer(self._maps[self._cur], dtype=np.uint8)
                 self.at += STAGE_BYTES
                 self.staged = 0
 
+    def wait(self) -> None:
+        """Wait for the write in flight (raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def flush(self, end: int) -> None:
         """Put the buffered bytes in the file too (the file is then ``end`` bytes long); appending goes on."""
+        self.wait()
         if self.staged and end != self._flushed:
             self._flushed = end
             padded = -(-self.staged // ALIGN) * ALIGN
             self._buf[self.staged : padded] = 0
-            self._write(padded if self.direct else self.staged)
+            self._write(self._maps[self._cur], padded if self.direct else self.staged, self.staged, self.at)
             os.ftruncate(self.fd, end)
 
     @property
     def flushed(self) -> bool:
         """Every byte appended is in the file."""
-        return self.staged == 0 or self._flushed == self.at + self.staged
+        return self._pending is None and (self.staged == 0 or self._flushed == self.at + self.staged)
 
     def stop(self) -> None:
         """Write the buffered bytes through the page cache and leave O_DIRECT (to seek back, or read back)."""
+        self.wait()
         self._fall_back()
-        self._write(self.staged)
+        self._write(self._maps[self._cur], self.staged, self.staged, self.at)
         self.staged = 0
 
     def _fall_back(self) -> None:
@@ -90,17 +106,22 @@ class DirectAppender:
             self.direct = False
             _set_direct(self.fd, False)
 
-    def _write(self, nbytes: int) -> None:
-        buf = memoryview(self._map)
+    def _write(self, buffer: mmap.mmap, nbytes: int, real: int, at: int) -> None:
+        """Write ``nbytes`` of ``buffer`` at ``at`` (``real`` of them are data, the rest padding)."""
+        buf = memoryview(buffer)
         done = 0
         while done < nbytes:
             try:
-                done += os.pwrite(self.fd, buf[done:nbytes], self.at + done)
+                done += os.pwrite(self.fd, buf[done:nbytes], at + done)
             except OSError as exc:
                 if not self.direct or exc.errno not in _REFUSED:
                     raise
                 self._fall_back()  # refused (or a short direct write left the rest unaligned): use the page cache
-                nbytes = min(nbytes, self.staged)  # and no padding
+                nbytes = min(nbytes, real)  # and no padding
+
+
+# The writing threads of every DirectAppender (each has at most one write in flight).
+_WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubmerge-direct-write")
 
 
 class DirectReader(io.BufferedIOBase):

@@ -12,6 +12,7 @@ The result is the cache entry ``hf_hub_download`` makes: ``blobs/<sha256>`` (dow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -97,6 +98,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     # writes meanwhile, and a download queued behind them would hold up both.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-write")
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-hash")
+    out = None
     try:
         sha, out = hashlib.sha256(), DirectAppender(fd)
         buffers = [memoryview(bytearray(CHUNK)) for _ in range(2)]
@@ -153,5 +155,8 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     finally:
         for pool in (writer, hasher):
             pool.shutdown(wait=True, cancel_futures=True)
+        if out is not None:
+            with contextlib.suppress(OSError):  # no write may outlive the file descriptor
+                out.wait()
         os.close(fd)
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ started early so that the final fsync waits for the tail of the file, not all of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import Future
@@ -133,6 +134,9 @@ class OutputFile:
             if self._valid and not self._held:
                 self._digest = self._sha.hexdigest()
         finally:
+            if self._direct is not None:
+                with contextlib.suppress(OSError):  # no write may outlive the file (an abort: its error is moot)
+                    self._direct.wait()
             self._direct = None
             self._raw.close()
 

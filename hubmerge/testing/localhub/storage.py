@@ -16,6 +16,7 @@ library. Big files are streamed in chunks and hashed while they are written; not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -780,16 +781,20 @@ class HubStorage:
                 # Straight to the disk (O_DIRECT): this server stands in for the Hub's machines, and filling the
                 # page cache with what it receives would take CPU from the client it is measured against.
                 out = DirectAppender(f.fileno())
-                while True:
-                    chunk = stream.read(CHUNK_SIZE)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if expected_size is not None and size > expected_size:
-                        raise BadRequest(f"Upload is larger than the announced size {expected_size}")
-                    h.update(chunk)
-                    out.append(memoryview(chunk))
-                out.flush(size)
+                try:
+                    while True:
+                        chunk = stream.read(CHUNK_SIZE)
+                        if not chunk:
+                            break
+                        size += len(chunk)
+                        if expected_size is not None and size > expected_size:
+                            raise BadRequest(f"Upload is larger than the announced size {expected_size}")
+                        h.update(chunk)
+                        out.append(memoryview(chunk))
+                    out.flush(size)
+                finally:
+                    with contextlib.suppress(OSError):  # no write may outlive the file (flush raised its error)
+                        out.wait()
             sha = h.hexdigest()
             if expected_size is not None and size != expected_size:
                 raise BadRequest(f"Size mismatch: expected {expected_size} bytes, received {size}")
