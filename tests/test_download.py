@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import random
 
@@ -82,6 +83,19 @@ def test_a_damaged_download_is_fetched_again_then_refused(hub, blob, tmp_path):
         download.download_verified(source, NAME, settings, Progress())
     assert NAME in str(err.value) and "\n" not in str(err.value)
     assert _weights_in_cache(other, blob) == [] and not (source.local / NAME).exists()
+
+
+def test_a_file_the_known_hash_table_knows_otherwise_is_refused(hub, blob, tmp_path, monkeypatch):
+    # the same check as every other download: the published SHA256 of a known repo's file wins over the Hub's
+    import hubmerge.verification.known as known
+
+    table = json.loads(json.dumps(known.known_hashes()))
+    table["adapters"].append({"name": "a published file", "repos": [REPO], "file": NAME, "sha256": "0" * 64})
+    monkeypatch.setattr(known, "known_hashes", lambda: table)
+    source, settings = _source(hub, tmp_path)
+    with pytest.raises(VerificationError, match="published a published file"):
+        download.download_verified(source, NAME, settings, Progress())
+    assert _weights_in_cache(tmp_path, blob) == [] and not (source.local / NAME).exists()
 
 
 def test_a_cut_download_resumes_where_it_stopped(hub, blob, tmp_path):

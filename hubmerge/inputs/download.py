@@ -23,10 +23,10 @@ import httpx2
 
 from ..directio import STAGE_BYTES, DirectAppender
 from ..errors import VerificationError
-from ..progress import Progress, ProgressEvent
-from ..verification.hashing import file_digest, remember
+from ..progress import Progress
+from ..verification.hashing import remember
 from .hub import Hub, hub_errors
-from .sources import Source, repo_cache
+from .sources import Source, mismatch, repo_cache
 
 CHUNK = STAGE_BYTES  # bytes gathered from the socket before they are hashed and written in one go
 _MAX_ATTEMPTS = 20  # a bound of its own; the guard's retry budget (HUBMERGE_HUB_RETRIES) ends it well before
@@ -34,8 +34,8 @@ _MAX_ATTEMPTS = 20  # a bound of its own; the guard's retry budget (HUBMERGE_HUB
 
 def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
     """Download the LFS file ``name`` of the Hub ``source`` into the cache and check its size and SHA256 against the
-    Hub's record as it arrives (a mismatch is downloaded once more before it is an error); returns the snapshot
-    path. The SHA256 goes into ``source.hashes`` and the hash cache.
+    Hub's record as it arrives, and against the known-hash table (a mismatch is downloaded once more before it is
+    an error); returns the snapshot path. The SHA256 goes into ``source.hashes`` and the hash cache.
 
     Raises:
         HubAccessError, OutputError (the disk filled), VerificationError.
@@ -51,39 +51,30 @@ def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -
     lock.parent.mkdir(parents=True, exist_ok=True)
     blob.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(lock):
-        # A blob already there (another run's, or the CLI's head start) is verified like any cached file; a damaged
-        # one is downloaded again over it, as the client's force_download does.
-        if not blob.exists() or _mismatch(blob, record.size, record.sha256) is not None:
+        # A blob already there (another run's, or the CLI's head start) is verified like any download (the hash
+        # cache answers for one hashed before); a damaged one is downloaded again over it, as force_download does.
+        problem = mismatch(source, name, blob, progress) if blob.exists() else "missing"
+        for _ in range(2):  # a mismatch is downloaded once more before it is an error
+            if problem is None:
+                break
             problem = _fetch(source, name, hub, progress, blob)
-            if problem is not None:
-                problem = _fetch(source, name, hub, progress, blob)
-            if problem is not None:
-                raise VerificationError(
-                    f"{source.label}/{name}: {problem} even after downloading it again; the copy on the Hub is "
-                    "damaged or altered: report it to the repository owner",
-                    repo_id=source.repo_id,
-                )
+        if problem is not None:
+            raise VerificationError(
+                f"{source.label}/{name}: {problem} even after downloading it again; the copy on the Hub is "
+                "damaged or altered: report it to the repository owner",
+                repo_id=source.repo_id,
+            )
         link.parent.mkdir(parents=True, exist_ok=True)
         if not (link.exists() and link.resolve() == blob.resolve()):  # missing, or stale: this commit's file is blob
             fresh_link = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.link")
             fresh_link.symlink_to(os.path.relpath(blob, link.parent))
             os.replace(fresh_link, link)
-    source.hashes[name] = record.sha256
-    progress.emit(ProgressEvent("verify", name, record.size, record.size, finished=True))
     return link
 
 
-def _mismatch(path: Path, size: int, sha256: str, digest: str | None = None) -> str | None:
-    """What differs between a file (or its ``digest``, already known) and the Hub's record; None when nothing."""
-    if path.stat().st_size != size:
-        return f"size {path.stat().st_size} differs from the Hub's {size}"
-    digest = digest or file_digest(path)  # the hash cache answers for a file hashed before and unchanged since
-    return None if digest == sha256 else f"SHA256 {digest[:16]}... differs from the Hub's {sha256[:16]}..."
-
-
 def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) -> str | None:
-    """Download into a temporary file beside ``blob`` and rename it to ``blob`` when its size and SHA256 are the
-    Hub's; returns what differs, or None. The temporary file never outlives the call.
+    """Download into a temporary file beside ``blob`` and rename it to ``blob`` when it passes :func:`mismatch`
+    (size, SHA256 as it arrived, the known-hash table); returns what differs, or None. The temporary file never outlives the call.
 
     The socket is read into one of two buffers while the other, once full, is hashed (hashing thread) and written
     (a writer thread): receiving never waits for the disk or the hash unless both buffers are still busy."""
@@ -147,7 +138,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
         for job in busy[1 - current]:
             job.result()
         out.flush(total)
-        problem = _mismatch(tmp, record.size, record.sha256 or "", sha.hexdigest())
+        problem = mismatch(source, name, tmp, progress, sha256=sha.hexdigest())
         if problem is None:
             os.replace(tmp, blob)
             remember(os.stat(blob), sha.hexdigest())

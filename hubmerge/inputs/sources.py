@@ -353,7 +353,7 @@ def _download(source: Source, name: str, hub: Hub, progress: Progress, force: bo
 def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) -> Path:
     for attempt in (1, 2):
         local = _download(source, name, hub, progress, force=attempt == 2)
-        problem = _mismatch(source, name, local, progress)
+        problem = mismatch(source, name, local, progress)
         if problem is None:
             return local
         _discard(local, repo_cache(hub, source.repo_id or ""))
@@ -374,14 +374,22 @@ def _sha256_with_progress(path: Path, name: str, progress: Progress) -> str:
         return file_digest(path, progress=update)
 
 
-def _mismatch(source: Source, name: str, local: Path, progress: Progress) -> str | None:
+def mismatch(source: Source, name: str, local: Path, progress: Progress, *, sha256: str | None = None) -> str | None:
     """What is wrong with a downloaded file (None when it matches the Hub's record and the known-hash table);
-    records its SHA256 in ``source.hashes``."""
+    records its SHA256 in ``source.hashes``. ``sha256``: the file's digest when the caller hashed it as it arrived
+    (not read again).
+
+    Raises:
+        VerificationError: a known published file whose SHA256 differs from the published one.
+    """
     record = source.remote[name]
-    if local.stat().st_size != record.size:
-        return f"size {local.stat().st_size} differs from the Hub's {record.size}"
+    size = local.stat().st_size
+    if size != record.size:
+        return f"size {size} differs from the Hub's {record.size}"
+    shown = False  # whether hashing had a task of its own (a big file read again)
     if record.sha256:
-        digest = _sha256_with_progress(local, name, progress)
+        shown = sha256 is None and size >= _VERIFY_BAR_BYTES
+        digest = sha256 or _sha256_with_progress(local, name, progress)
         if digest != record.sha256:
             return f"SHA256 {digest[:16]}... differs from the Hub's {record.sha256[:16]}..."
     else:
@@ -390,8 +398,7 @@ def _mismatch(source: Source, name: str, local: Path, progress: Progress) -> str
         digest = file_digest(local)
     check_known_file(source.repo_id, name, digest)
     source.hashes[name] = digest
-    size = local.stat().st_size
-    if not record.sha256 or size < _VERIFY_BAR_BYTES:  # checked without a task of its own: one event still says so
+    if not shown:  # checked without a task of its own: one event still says so
         progress.emit(ProgressEvent("verify", name, size, size, finished=True))
     return None
 
