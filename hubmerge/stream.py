@@ -37,7 +37,7 @@ from .constants import default_out_name
 from .directio import DirectReader
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .headstart import fresh
-from .inputs.download import download_verified
+from .inputs.download import download_verified, read_range
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
@@ -269,7 +269,7 @@ class ShardFeed:
 def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
     """The JSON header of a safetensors file on the Hub, from range requests (bounded, never the whole file)."""
     size = source.remote[name].size
-    first = _get_range(source, name, hub, 0, min(size, _HEADER_PROBE))
+    first = read_range(source, name, hub, 0, min(size, _HEADER_PROBE))
     fix = "the file on the Hub is not a valid safetensors file: report it to the repository owner"
     if len(first) < 8:
         raise CorruptFileError(
@@ -282,31 +282,7 @@ def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
         )
     if len(first) >= 8 + hlen:
         return first[8 : 8 + hlen]
-    return first[8:] + _get_range(source, name, hub, len(first), 8 + hlen)
-
-
-def _get_range(source: Source, name: str, hub: Hub, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of a Hub file (reads no more than that even if the server sends more)."""
-    from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    url = hf_hub_url(source.repo_id or "", name, revision=source.commit, endpoint=hub.url)
-    headers = {**build_hf_headers(token=hub.token), "Range": f"bytes={start}-{end - 1}"}
-    data = bytearray()
-    with hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name):
-        with get_session().stream(
-            "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
-        ) as response:
-            hf_raise_for_status(response)
-            skip = start if response.status_code == 200 else 0  # a server ignoring Range sends the whole file
-            for chunk in response.iter_bytes():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                data += chunk
-                if len(data) >= end - start:
-                    break
-    return bytes(data[: end - start])
+    return first[8:] + read_range(source, name, hub, len(first), 8 + hlen)
 
 
 def _remove_download(path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import BASE_REPO as BASE
 from support import LLAMA_REPO as LLAMA
 
 from hubmerge.testing.localhub.hostile import Exchange, HostileProxy
@@ -315,3 +316,66 @@ def test_failed_verification_never_deletes_a_file_outside_the_cache(scene, hub):
     assert done.returncode == 0, done.stderr  # downloaded again, verified, merged
     assert thesis.read_text() == "years of work\n"
     assert not (snapshot / "adapter_config.json").resolve().is_relative_to(thesis.parent)
+
+
+# The streamed push downloads its Hub base with its own downloader (hubmerge/inputs/download.py): the same answers.
+STREAM_WEIGHTS = "model.safetensors"
+
+
+def _stream(scene: Scene, repo: str) -> subprocess.CompletedProcess:
+    return scene.run(LLAMA, "--base", BASE, "--push-to", repo, "--out", scene.tmp / "out", "-q")
+
+
+def test_streamed_base_with_an_endless_body_stops_at_its_size_in_one_line(scene, hub):
+    from huggingface_hub import HfApi
+
+    before = scene.files_outside_cache()
+    scene.proxy.rewrite = lambda x: setattr(x, "endless", True) if _stream_get(x) else None
+    done = _stream(scene, "alice/endless-base")
+    line = _one_line(done)
+    assert "more bytes than it declared" in line and TRUST in line, line
+    assert scene.proxy.endless_bytes < 80 * 2**20
+    declared = hub.file_entry(BASE, STREAM_WEIGHTS).size
+    assert all(p.stat().st_size <= declared for p in scene.cache.rglob("*") if p.is_file())
+    assert not HfApi(endpoint=hub.url, token=scene.token).repo_exists("alice/endless-base")  # created, then removed
+    scene.assert_nothing_lost_or_run(before)
+
+
+def test_streamed_base_cut_then_resumed_from_a_server_that_ignores_range(scene, hub, tmp_path):
+    # Every answer from the start stops halfway (its Content-Length promises the rest); every ranged request, the resume and
+    # the header probes, gets the whole file with 200, as from a server that ignores Range: the bytes before the
+    # asked offset must be dropped, and the result is the same file.
+    whole = (hub.local["base"] / STREAM_WEIGHTS).read_bytes()
+    cut = []
+
+    def ignore_range(x: Exchange) -> None:
+        if not _stream_get(x):
+            return
+        if any(k.lower() == "range" for k in x.request_headers):
+            x.status, x.body = 200, whole
+            x.set("Content-Range", None)
+        else:  # every download from the start is cut: only resuming at the right offset completes the file
+            cut.append(True)
+            x.body, x.declared = whole[: len(whole) // 2], len(whole)
+
+    scene.proxy.rewrite = ignore_range
+    done = _stream(scene, "alice/range-ignored")
+    assert done.returncode == 0, done.stderr
+    assert cut, "the download was never cut"
+    from hubmerge import merge
+
+    reference = merge([hub.local[LLAMA]], hub.local["base"], tmp_path / "reference", progress=False)
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        ours, theirs = scene.tmp / "out" / name, reference.out / name
+        assert ours.exists() == theirs.exists()
+        if ours.exists():
+            assert ours.read_bytes() == theirs.read_bytes()
+
+
+def _stream_get(x: Exchange) -> bool:
+    return (
+        x.method == "GET"
+        and "/resolve/" in x.path
+        and x.path.split("?")[0].endswith(f"/{STREAM_WEIGHTS}")
+        and (f"/{BASE}/" in x.path)
+    )

@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -72,17 +74,60 @@ def download_verified(source: Source, name: str, hub: Hub, progress: Progress) -
     return link
 
 
-def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) -> str | None:
-    """Download into a temporary file beside ``blob`` and rename it to ``blob`` when it passes :func:`mismatch`
-    (size, SHA256 as it arrived, the known-hash table); returns what differs, or None. The temporary file never outlives the call.
+def read_range(source: Source, name: str, hub: Hub, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a Hub file (no more is read, even from a server that sends more).
 
-    The socket is read into one of two buffers while the other, once full, is hashed (hashing thread) and written
-    (a writer thread): receiving never waits for the disk or the hash unless both buffers are still busy."""
+    Raises:
+        HubAccessError.
+    """
+    data = bytearray()
+    with (
+        hub_errors(hub, source.repo_id or "", revision=source.revision, filename=name),
+        _hub_bytes(source, name, hub, start, end) as body,
+    ):
+        for piece in body:
+            data += piece
+            if len(data) >= end - start:
+                break
+    return bytes(data[: end - start])
+
+
+@contextmanager
+def _hub_bytes(
+    source: Source, name: str, hub: Hub, start: int, end: int | None = None
+) -> Iterator[Iterator[memoryview]]:
+    """The bytes of the Hub file ``name`` from ``start`` (to ``end``, or to its end) as they arrive, from one GET with
+    a Range header: a server that ignores Range sends the whole file, whose first ``start`` bytes are dropped here."""
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    record = source.remote[name]
     url = hf_hub_url(source.repo_id or "", name, revision=source.commit, endpoint=hub.url)
+    headers = build_hf_headers(token=hub.token)
+    if start or end is not None:
+        headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+    with get_session().stream(
+        "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+    ) as response:
+        hf_raise_for_status(response)
+        yield _skipped(response.iter_bytes(), start if response.status_code == 200 else 0)
+
+
+def _skipped(chunks: Iterator[bytes], skip: int) -> Iterator[memoryview]:
+    for chunk in chunks:
+        piece = memoryview(chunk)[skip:]
+        skip = max(0, skip - len(chunk))
+        if piece:
+            yield piece
+
+
+def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) -> str | None:
+    """Download into a temporary file beside ``blob`` and rename it to ``blob`` when it passes :func:`mismatch`
+    (size, SHA256 as it arrived, the known-hash table); returns what differs, or None. The temporary file never
+    outlives the call.
+
+    The socket is read into one of two buffers while the other, once full, is hashed and written (each on a thread
+    of its own): receiving never waits for the disk or the hash unless both buffers are still busy."""
+    record = source.remote[name]
     tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     # Its own hashing and writing threads: the shared hashing thread is busy with the output shards the merge
@@ -113,17 +158,9 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
             for attempt in range(_MAX_ATTEMPTS):
                 # A cut connection resumes where the bytes stopped (Range), as the client's own downloads do; the
                 # guard counts the attempts and gives up, in one line, after the --retries budget.
-                received = total + filled
-                headers = build_hf_headers(token=hub.token) | ({"Range": f"bytes={received}-"} if received else {})
                 try:
-                    with get_session().stream(
-                        "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
-                    ) as response:
-                        hf_raise_for_status(response)
-                        skip = received if response.status_code == 200 else 0  # a server ignoring Range: from 0
-                        for chunk in response.iter_bytes():
-                            piece = memoryview(chunk)[skip:]
-                            skip = max(0, skip - len(chunk))
+                    with _hub_bytes(source, name, hub, total + filled) as body:
+                        for piece in body:
                             while piece:
                                 k = min(len(piece), CHUNK - filled)
                                 buffers[current][filled : filled + k] = piece[:k]
