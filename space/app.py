@@ -322,6 +322,19 @@ def job_folder(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def job(
+    adapters: str, base: str, target: str, token: str, settings: Settings
+) -> Iterator[tuple[list[str], str, str, Path]]:
+    """What both buttons start from: the checked inputs, the target repo and a job folder, with hubmerge's errors
+    shown as the page words them (:func:`shown_errors`). Yields ``(adapter ids, base, repo, folder)``."""
+    ids, base = checked_inputs(adapters, base, settings)
+    with shown_errors(token):
+        repo = target_repo(target, ids, lambda: whoami(token, settings))
+        with job_folder(settings) as folder:
+            yield ids, base, repo, folder
+
+
 def remove_stale_jobs(settings: Settings) -> None:
     """Jobs of a previous run of the app (killed mid-job) left their folders: remove them at start-up."""
     if settings.workdir.is_dir():
@@ -569,11 +582,8 @@ def run_check(
     settings: Settings,
 ) -> CheckResult:
     """The dry run (configs and tokenizers are fetched; no weights) and the publish target's state."""
-    ids, base = checked_inputs(adapters, base, settings)
-    with shown_errors(token):
-        repo = target_repo(target, ids, lambda: whoami(token, settings))
-        with job_folder(settings) as job:
-            preview = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
+    with job(adapters, base, target, token, settings) as (ids, base, repo, folder):
+        preview = dry_run(ids, base, folder, dtype, repo, private, overwrite, token, settings)
     # hubmerge's push preflight (creates nothing, always made with push_to): what Merge and push would do, or why not
     push = preview.target
     assert push is not None
@@ -609,28 +619,25 @@ def run_merge(
     from hubmerge.output.recipe import reproduce_command
     from hubmerge.plan import dtype_name
 
-    ids, base = checked_inputs(adapters, base, settings)
-    with shown_errors(token):
-        repo = target_repo(target, ids, lambda: whoami(token, settings))
-        with job_folder(settings) as job:
-            if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
-                ahead = dry_run(ids, base, job, dtype, repo, private, overwrite, token, settings)
-                progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
-            result = hubmerge.merge(  # streamed: the job folder only ever holds the shards in flight
-                ids,
-                base,
-                formats=["hf"],
-                work_dir=job,
-                dtype=dtype or None,
-                push_to=repo,
-                public=not private,
-                overwrite=bool(overwrite),
-                token=token,
-                cache_dir=job / "cache",
-                endpoint=settings.endpoint,
-                progress=False,
-                progress_callback=progress,
-            )
+    with job(adapters, base, target, token, settings) as (ids, base, repo, folder):
+        if progress is not None:  # the download's size, known before it starts, gives its bar a fixed end
+            ahead = dry_run(ids, base, folder, dtype, repo, private, overwrite, token, settings)
+            progress.expect("download", sum(row.download or 0 for row in ahead.inputs))
+        result = hubmerge.merge(  # streamed: the job folder only ever holds the shards in flight
+            ids,
+            base,
+            formats=["hf"],
+            work_dir=folder,
+            dtype=dtype or None,
+            push_to=repo,
+            public=not private,
+            overwrite=bool(overwrite),
+            token=token,
+            cache_dir=folder / "cache",
+            endpoint=settings.endpoint,
+            progress=False,
+            progress_callback=progress,
+        )
     pushed, plan = result.push, result.plan
     assert pushed is not None  # merge() with push_to always publishes
     command = reproduce_command(pushed.recipe)

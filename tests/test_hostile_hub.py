@@ -342,9 +342,9 @@ def test_streamed_base_with_an_endless_body_stops_at_its_size_in_one_line(scene,
 
 
 def test_streamed_base_cut_then_resumed_from_a_server_that_ignores_range(scene, hub, tmp_path):
-    # Every answer from the start stops halfway (its Content-Length promises the rest); every ranged request, the resume and
-    # the header probes, gets the whole file with 200, as from a server that ignores Range: the bytes before the
-    # asked offset must be dropped, and the result is the same file.
+    # Every answer from the start stops halfway (its Content-Length promises the rest); every ranged request, the
+    # resume and the header probes, gets the whole file with 200, as from a server that ignores Range: the bytes
+    # before the asked offset must be dropped, and the result is the same file.
     whole = (hub.local["base"] / STREAM_WEIGHTS).read_bytes()
     cut = []
 
