@@ -1,5 +1,6 @@
 """Files written with O_DIRECT (hubmerge/directio.py, through hubmerge/tensorio/output.py) hold the same bytes and
-SHA256 as through the page cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway, or the writer seeks back."""
+SHA256 as through the page cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway,
+or the writer seeks back."""
 
 from __future__ import annotations
 
