@@ -142,10 +142,11 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     prehash([*args.adapters, args.base])  # on the other core, while torch imports
     if args.push_to:  # a streamed push: the first base shard downloads meanwhile too
-        from .headstart import head_start
+        from .headstart import HEAD_START_WAIT, head_start
         from .inputs.hub import hub_from_args
 
-        head_start(args.base, hub_from_args(args.token, args.cache_dir, None), args.push_to, overwrite=args.overwrite)
+        hub = hub_from_args(args.token, args.cache_dir, None)
+        head_start(args.base, hub, args.push_to, overwrite=args.overwrite).wait(HEAD_START_WAIT)
     # torch's import makes a few hundred thousand objects that the collector would walk again and again as they
     # are made (~0.25 s of CPU); none of them is garbage, so it is off meanwhile, and they are frozen after.
     gc.disable()

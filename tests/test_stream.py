@@ -354,3 +354,32 @@ def test_cli_push_without_out_leaves_neither_output_nor_downloads(shared, tmp_pa
     assert not [p for p in (base_cache / "blobs").iterdir() if p.stat().st_size > 10_000]
     files = _repo_files(shared, "alice/cli-streamed")
     assert len([n for n in files if n.endswith(".safetensors")]) >= 6 and "hubmerge.json" in files
+
+
+def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub, tmp_path, models, monkeypatch):
+    # The CLI waits on this event before importing torch (both hold the GIL): it must come as the first shard's
+    # bytes start to arrive, not when they have all arrived, and at once when there is nothing to download.
+    from hubmerge import headstart
+    from hubmerge.inputs.hub import hub_from_args
+
+    hub = hub_from_args(slow_hub.tokens["alice"], tmp_path / "cache", slow_hub.url)
+    landed: list[float] = []
+    download = headstart.download_verified
+
+    def download_and_note(*args, **kw):
+        path = download(*args, **kw)
+        landed.append(time.monotonic())
+        return path
+
+    monkeypatch.setattr(headstart, "download_verified", download_and_note)
+    begun = headstart.head_start(SHARDED, hub, "alice/head-start", overwrite=False)
+    assert begun.wait(30)
+    at = time.monotonic()
+    deadline = time.monotonic() + 30
+    while not landed and time.monotonic() < deadline:  # 66 kB at 300 kB/s: ~0.2 s after the first bytes
+        time.sleep(0.01)
+    assert landed and at < landed[0], "set only after the first shard had fully arrived"
+    assert (_snapshot(tmp_path / "cache", SHARDED) / SHARDS[0]).is_file()
+
+    local = headstart.head_start(str(models.base()), hub, "alice/head-start", overwrite=False)
+    assert local.wait(5), "nothing to download: the import should not wait"
