@@ -146,7 +146,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         from .inputs.hub import hub_from_args
 
         hub = hub_from_args(args.token, args.cache_dir, None)
-        head_start(args.base, hub, args.push_to, overwrite=args.overwrite).wait(HEAD_START_WAIT)
+        head_start(args.base, hub, args.push_to, overwrite=args.overwrite).begun.wait(HEAD_START_WAIT)
     # torch's import makes a few hundred thousand objects that the collector would walk again and again as they
     # are made (~0.25 s of CPU); none of them is garbage, so it is off meanwhile, and they are frozen after.
     gc.disable()

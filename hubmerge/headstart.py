@@ -7,7 +7,7 @@ this run downloads, see :func:`fresh`), and downloads the first shard on a backg
 arrives (:func:`~hubmerge.inputs.download.download_verified`). The stream checks the cached file again (the hash
 cache answers) before any of its tensors is read, as it does for every shard.
 
-The CLI imports torch only once the download has begun (the returned event): the Hub calls before it are Python
+The CLI imports torch only once the download has begun (:attr:`HeadStart.begun`): the Hub calls before it are Python
 that holds the GIL, as torch's import does, so run side by side each slowed the other and the link sat idle for
 both (0.43 s to the first byte instead of ~0.2 s, profiled on the hub benchmark). The download itself hashes and
 writes off the GIL, so the import then runs beside it at full speed.
@@ -15,16 +15,20 @@ writes off the GIL, so the import then runs beside it at full speed.
 
 from __future__ import annotations
 
+import atexit
 import threading
 
+from .errors import Interrupted
 from .inputs.download import download_verified
 from .inputs.hub import Hub
 from .inputs.sources import Source, fetch, resolve, streamable_shards
-from .progress import Progress
+from .progress import Progress, ProgressEvent
 from .publish import check_push_target
 
 # How long the CLI holds torch's import back for the first byte: on a slow Hub the import should not wait for it.
 HEAD_START_WAIT = 1.0  # seconds
+# How long a cancelled download may take to stop: its next 16 MB chunk must arrive (over 3 MB/s).
+CANCEL_WAIT = 5.0  # seconds
 
 _FRESH: dict[tuple[str, str, str], bool] = {}  # (repo, commit, file) -> its blob was not in the cache before the run
 
@@ -48,15 +52,36 @@ def fresh(source: Source, name: str, hub: Hub) -> bool:
     return source.remote[name].sha256 is not None and not blob_cached(source, name, hub)
 
 
-def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> threading.Event:
-    """Start downloading the first safetensors shard of the Hub base ``base`` on a daemon thread. Does nothing for a
-    local folder, other weight formats, a push the run will refuse (the push-target check says no), or when anything
-    goes wrong (the run itself then reports it).
+class HeadStart:
+    """A head start under way: ``begun`` is set once the download has begun, or once there is nothing (more) to do;
+    :meth:`cancel` ends the download if it is still running (its partial file is removed, as on any failure)."""
+
+    def __init__(self) -> None:
+        self.begun = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _report(self, _: ProgressEvent) -> None:
+        if self._stop.is_set():  # raised out of the download's progress report: the download cleans up and ends
+            raise Interrupted("the head start was cancelled")
+        self.begun.set()
+
+    def cancel(self, wait: float = CANCEL_WAIT) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(wait)
+
+
+def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> HeadStart:
+    """Start downloading the first shard of the Hub base ``base`` on a daemon thread. Does nothing for a local
+    folder, Meta weights, a push the run will refuse (the push-target check says no), or when anything goes wrong
+    (the run itself then reports it). A run that ends first (it failed early) cancels it on its way out: a daemon
+    thread killed at exit would leave its partial download in the cache.
 
     Returns:
-        an event set once the download has begun, or once the head start has nothing (more) to do.
+        the :class:`HeadStart`.
     """
-    begun = threading.Event()
+    started = HeadStart()
 
     def run() -> None:
         try:
@@ -70,11 +95,13 @@ def head_start(base: str, hub: Hub, push_to: str, *, overwrite: bool) -> threadi
             for name in names:
                 _FRESH[(source.repo_id, source.commit or "", name)] = fresh(source, name, hub)
             if names and fresh(source, names[0], hub):  # the stream finds it in the cache, verified
-                download_verified(source, names[0], hub, Progress(lambda _: begun.set()))
+                download_verified(source, names[0], hub, Progress(started._report))
         except Exception:  # the run resolves and downloads again, and reports what is wrong in one line
             pass
         finally:
-            begun.set()
+            started.begun.set()
 
-    threading.Thread(target=run, name="hubmerge-head-start", daemon=True).start()
-    return begun
+    started._thread = threading.Thread(target=run, name="hubmerge-head-start", daemon=True)
+    started._thread.start()
+    atexit.register(started.cancel)
+    return started

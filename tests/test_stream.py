@@ -372,7 +372,7 @@ def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub,
         return path
 
     monkeypatch.setattr(headstart, "download_verified", download_and_note)
-    begun = headstart.head_start(SHARDED, hub, "alice/head-start", overwrite=False)
+    begun = headstart.head_start(SHARDED, hub, "alice/head-start", overwrite=False).begun
     assert begun.wait(30)
     at = time.monotonic()
     deadline = time.monotonic() + 30
@@ -382,4 +382,20 @@ def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub,
     assert (_snapshot(tmp_path / "cache", SHARDED) / SHARDS[0]).is_file()
 
     local = headstart.head_start(str(models.base()), hub, "alice/head-start", overwrite=False)
-    assert local.wait(5), "nothing to download: the import should not wait"
+    assert local.begun.wait(5), "nothing to download: the import should not wait"
+
+
+def test_a_run_that_fails_first_cancels_the_head_start_leaving_nothing_half_written(slow_hub, tmp_path, monkeypatch):
+    # A push that fails early (a bad adapter, say) exits while the head start is still downloading: at exit it is
+    # cancelled, and its partial file goes, instead of staying in the cache under a name no run will resume.
+    from hubmerge import headstart
+    from hubmerge.inputs import download
+    from hubmerge.inputs.hub import hub_from_args
+
+    monkeypatch.setattr(download, "CHUNK", 16 * 1024)  # progress reports (where a cancel is noticed) every 16 kB
+    hub = hub_from_args(slow_hub.tokens["alice"], tmp_path / "cache", slow_hub.url)
+    started = headstart.head_start(SHARDED, hub, "alice/head-start-cancelled", overwrite=False)
+    assert started.begun.wait(30)
+    started.cancel()  # what the exit does
+    blobs = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}" / "blobs"
+    assert not [p.name for p in blobs.iterdir() if p.stat().st_size > 10_000 or p.name.endswith(".incomplete")]
