@@ -2,11 +2,11 @@
 
 ``hubmerge ADAPTER... --base org/base --push-to you/out`` runs here (:func:`merge_push`):
 
-* the base's safetensors shards are downloaded on a thread of their own, in the order the merge reads them and at
-  most a couple ahead of it (:class:`ShardFeed`); their headers are read from the Hub first (two small range
-  requests each) so the merge can be planned before any weight arrives. A shard's tensors are read only once the
-  whole shard is downloaded, its SHA256 checked against the Hub's record and its header found identical to the one
-  planned with. Shards this run downloaded are removed from the cache once merged when the disk cannot keep them
+* the base's shards (safetensors, or torch ``.bin`` zips) are downloaded on a thread of their own, in the order the
+  merge reads them and at most a couple ahead of it (:class:`ShardFeed`); their indexes are read from the Hub first
+  by range requests (a safetensors header: one or two; a ``.bin``'s zip directory and ``data.pkl``: two or three) so
+  the merge can be planned before any weight arrives. A shard's tensors are read only once the whole shard is
+  downloaded, its SHA256 checked against the Hub's record and its tensors found to be the ones planned with. Shards this run downloaded are removed from the cache once merged when the disk cannot keep them
   (or with ``keep_downloads=False``); files that were in the cache before the run are never touched;
 * each output shard is pre-uploaded (LFS) as soon as it is written (:class:`ShardUploader`) and, without ``--out``,
   deleted once the Hub has it. One commit at the end adds every file with the model card, so the repo never shows
@@ -37,7 +37,7 @@ from .constants import default_out_name
 from .directio import DirectReader
 from .errors import CorruptFileError, Interrupted, OutputError, VerificationError
 from .headstart import fresh
-from .inputs.download import download_verified, read_range
+from .inputs.download import RemoteFile, download_verified, read_range
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
@@ -49,6 +49,7 @@ from .result import MergeResult
 from .sizes import format_size, parse_size
 from .tensorio.safetensors import parse_header, read_safetensors
 from .tensorio.source import TensorRef, TensorSource
+from .tensorio.torchzip import read_torch_zip
 
 # Output shards of a streamed push: about a sixteenth of the model, so the first upload starts early and the last
 # one is a short tail, but never smaller than 200 MB (no flood of small files) nor larger than 2 GB (disk).
@@ -72,7 +73,7 @@ class _Shard:
     path: Path  # where the download lands (the cache snapshot)
     size: int
     fresh: bool  # not in the cache before this run: this run downloads it and may remove it
-    refs: dict[str, TensorRef]  # from the Hub's copy of its header
+    refs: dict[str, TensorRef]  # planned from the Hub's copy of its index; the downloaded file's once verified
     ready: threading.Event
     error: BaseException | None = None
     first: int = -1  # plan positions of its first and last tensor the merge reads; -1: none
@@ -83,16 +84,16 @@ class _Shard:
 class _Arriving:
     """A base tensor whose shard is still arriving: reading it waits until the shard is downloaded and verified."""
 
-    def __init__(self, feed: ShardFeed, shard: _Shard, ref: TensorRef) -> None:
-        self._feed, self._shard, self._ref = feed, shard, ref
+    def __init__(self, feed: ShardFeed, shard: _Shard, name: str) -> None:
+        self._feed, self._shard, self._name = feed, shard, name
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._ref.shape
+        return self._shard.refs[self._name].shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._ref.dtype
+        return self._shard.refs[self._name].dtype
 
     @property
     def label(self) -> str:
@@ -104,7 +105,7 @@ class _Arriving:
             pass
         if self._shard.error is not None:
             raise self._shard.error
-        return self._ref
+        return self._shard.refs[self._name]
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._ready().read(start, stop)
@@ -114,11 +115,11 @@ class _Arriving:
 
     def prefetch(self) -> None:
         if self._shard.ready.is_set() and self._shard.error is None:
-            self._ref.prefetch()
+            self._shard.refs[self._name].prefetch()
 
 
 class ShardFeed:
-    """The safetensors shards of a Hub base, downloaded on a thread in the order the merge reads them, a bounded
+    """The shards of a Hub base, downloaded on a thread in the order the merge reads them, a bounded
     number ahead of it, each verified before any of its tensors is read (see the module docstring).
 
     Use: :meth:`open` (headers from the Hub; None when the base is not safetensors), ``open_base(...,
@@ -140,12 +141,12 @@ class ShardFeed:
 
     @classmethod
     def open(cls, source: Source, hub: Hub, progress: Progress) -> ShardFeed | None:
-        """Read the headers of a Hub base's safetensors shards from the Hub (``source`` fetched without weights).
+        """Read the indexes of a Hub base's shards from the Hub (``source`` fetched without weights).
 
         Returns:
-            the feed, or None for a local base or weights in another format (downloaded whole, as before).
+            the feed, or None for a local base or Meta ``.pth`` weights (downloaded whole, as before).
         Raises:
-            HubAccessError, CorruptFileError (a header that is not safetensors).
+            HubAccessError; CorruptFileError, UnsafeFileError, InputError (an index hubmerge cannot read).
         """
         if source.repo_id is None or source.path is None:
             return None
@@ -156,11 +157,8 @@ class ShardFeed:
         for name in names:
             record = source.remote[name]
             path = source.path / name
-            head = _remote_header(source, name, hub)
-            new = fresh(source, name, hub)
-            shards.append(
-                _Shard(name, path, record.size, new, parse_header(path, head, record.size), threading.Event())
-            )
+            refs = _remote_refs(source, name, hub, path)
+            shards.append(_Shard(name, path, record.size, fresh(source, name, hub), refs, threading.Event()))
             if record.sha256:  # what verification will confirm before any of its bytes is used
                 source.hashes.setdefault(name, record.sha256)
         return cls(source, hub, shards, progress)
@@ -171,7 +169,7 @@ class ShardFeed:
 
     def read(self, path: Path) -> dict[str, TensorSource]:
         shard = self._by_path[path]
-        return {name: _Arriving(self, shard, ref) for name, ref in shard.refs.items()}
+        return {name: _Arriving(self, shard, name) for name in shard.refs}
 
     @property
     def fresh_bytes(self) -> int:
@@ -222,17 +220,19 @@ class ShardFeed:
 
     def _fetch(self, shard: _Shard) -> None:
         """Download ``shard`` (hashed as it arrives: verified when its last byte lands) or verify the cached copy,
-        then check its header is the one planned with."""
+        then check it holds the tensors planned with, and read them from it from now on."""
         if shard.fresh and self.source.remote[shard.name].sha256:
             local = download_verified(self.source, shard.name, self.hub, self.progress)
         else:
             local = fetch_file(self.source, shard.name, self.hub, self.progress)
-        if read_safetensors(local) != shard.refs:
+        refs = _read_weights(local)
+        if _layout(refs) != _layout(shard.refs):
             raise VerificationError(
-                f"{self.source.label}/{shard.name}: its header differs from the one the Hub served before the "
-                "download; the repository changed or the Hub is inconsistent: run again",
+                f"{self.source.label}/{shard.name}: its tensors differ from those of the index the Hub served "
+                "before the download; the repository changed or the Hub is inconsistent: run again",
                 repo_id=self.source.repo_id,
             )
+        shard.refs = refs
 
     def reached(self, tensor: _Arriving) -> None:
         """The merge starts reading ``tensor`` (on the merge thread): shards it is past are merged."""
@@ -264,6 +264,21 @@ class ShardFeed:
             if self._thread is not None:
                 self._thread.join()
             self._release(lambda s: True)
+
+
+def _read_weights(path: Path) -> dict[str, TensorRef]:
+    return read_safetensors(path) if path.name.endswith(".safetensors") else read_torch_zip(path)
+
+
+def _layout(refs: dict[str, TensorRef]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {name: (ref.dtype, ref.shape) for name, ref in refs.items()}
+
+
+def _remote_refs(source: Source, name: str, hub: Hub, path: Path) -> dict[str, TensorRef]:
+    """The tensors of the Hub file ``name`` (to land at ``path``), from its index alone, read by range requests."""
+    if name.endswith(".safetensors"):
+        return parse_header(path, _remote_header(source, name, hub), source.remote[name].size)
+    return read_torch_zip(Path(f"{source.label}/{name}"), fileobj=io.BufferedReader(RemoteFile(source, name, hub)))
 
 
 def _remote_header(source: Source, name: str, hub: Hub) -> bytes:
@@ -415,13 +430,13 @@ class DiskPlan:
         return (self.base_fresh if self.keep else self.base_in_flight) + self.adapters + self.output + _MARGIN
 
     def lines(self, shard_limit: int, base_from: str) -> list[str]:
-        """What the plan (dry run, summary) says about the stream; ``base_from``: ``stream`` (safetensors shards
-        from the Hub), ``whole`` (other weights from the Hub) or ``local``."""
+        """What the plan (dry run, summary) says about the stream; ``base_from``: ``stream`` (shards from the
+        Hub), ``whole`` (Meta weights from the Hub) or ``local``."""
         base = {
             "stream": f"base shards downloaded ahead of the merge and verified before use; "
             f"{format_size(self.base_fresh)} to download, "
             f"{'kept in the cache' if self.keep else 'each removed from the cache once merged'} ({self.reason})",
-            "whole": "base downloaded whole before the merge (its weights are not safetensors)",
+            "whole": "base downloaded whole before the merge (its weights are Meta .pth files)",
             "local": "base read from its local folder",
         }[base_from]
         return [

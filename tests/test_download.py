@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import hf_hub_download
 
 from hubmerge import directio
-from hubmerge.errors import HubAccessError, VerificationError
+from hubmerge.errors import CorruptFileError, HubAccessError, VerificationError
 from hubmerge.inputs import download
 from hubmerge.inputs.hub import Hub
 from hubmerge.inputs.sources import fetch, resolve
@@ -143,6 +143,27 @@ def test_download_without_o_direct_gives_the_same_file(hub, blob, tmp_path, monk
     monkeypatch.setattr(directio, "USE_DIRECT", False)
     source, settings = _source(hub, tmp_path)
     assert download.download_verified(source, NAME, settings, Progress()).read_bytes() == blob
+
+
+def test_remote_file_reads_by_few_ranges_within_its_budget(hub, blob, tmp_path):
+    source, settings = _source(hub, tmp_path)
+    before = len(hub.requests)
+    f = io.BufferedReader(download.RemoteFile(source, NAME, settings, chunk=SMALL))
+    assert f.read(10) == blob[:10] and f.read(100) == blob[10:110]  # one range: the first chunk
+    f.seek(-30, io.SEEK_END)
+    assert f.read() == blob[-30:]  # one range: the last chunk
+    f.seek(-SMALL // 2, io.SEEK_END)
+    f.seek(5)
+    assert f.read(7) == blob[5:12] and f.read(SMALL) == blob[12 : 12 + SMALL]  # the first chunk, then one more range
+    assert [r.range for r in hub.requests[before:] if r.method == "GET"] == [
+        f"bytes=0-{SMALL - 1}",
+        f"bytes={len(blob) - SMALL}-{len(blob) - 1}",
+        f"bytes={SMALL}-{2 * SMALL - 1}",
+    ]
+    greedy = io.BufferedReader(download.RemoteFile(source, NAME, settings, chunk=SMALL, budget=3 * SMALL))
+    greedy.read(2 * SMALL)
+    with pytest.raises(CorruptFileError, match=f"{NAME}: its index would take more than"):
+        greedy.read(2 * SMALL)
 
 
 @pytest.mark.parametrize("refuse", [False, True])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx2
 
 from ..directio import STAGE_BYTES, DirectAppender
-from ..errors import VerificationError
+from ..errors import CorruptFileError, VerificationError
 from ..progress import Progress
 from ..verification.hashing import remember
 from .hub import Hub, hub_errors
@@ -90,6 +91,66 @@ def read_range(source: Source, name: str, hub: Hub, start: int, end: int) -> byt
             if len(data) >= end - start:
                 break
     return bytes(data[: end - start])
+
+
+class RemoteFile(io.RawIOBase):
+    """A Hub file read by range requests, for a parser that seeks about a file it only needs a little of (the zip
+    directory and ``data.pkl`` of a torch checkpoint). Reads are widened to ``chunk`` bytes (near the end, to the
+    file's last ``chunk`` bytes, where a zip keeps its directory) and every chunk is kept, so the parser's many small
+    reads cost two or three requests; at most ``budget`` bytes are fetched in all (a damaged or hostile file cannot
+    make it read gigabytes).
+
+    Raises (from reads):
+        HubAccessError; CorruptFileError past the budget.
+    """
+
+    def __init__(self, source: Source, name: str, hub: Hub, *, chunk: int = 64 * 1024, budget: int = 32 * 2**20):
+        super().__init__()
+        self.source, self.name, self.hub = source, name, hub
+        self.size = source.remote[name].size
+        self._chunk, self._left = chunk, budget
+        self._chunks: list[tuple[int, bytes]] = []  # (file offset, bytes) of every range fetched
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        out = memoryview(b).cast("B")
+        want = min(len(out), self.size - self._pos)
+        if want <= 0:
+            return 0
+        at, data = next(((a, d) for a, d in self._chunks if a <= self._pos < a + len(d)), (0, b""))
+        if not data:
+            at = max(0, self.size - self._chunk) if self._pos >= self.size - self._chunk else self._pos
+            end = min(self.size, max(self._pos + want, at + self._chunk))
+            if end - at > self._left:
+                raise CorruptFileError(
+                    f"{self.source.label}/{self.name}: its index would take more than {self._left} more bytes to "
+                    "read; the file on the Hub is damaged: report it to the repository owner",
+                    repo_id=self.source.repo_id,
+                )
+            data = read_range(self.source, self.name, self.hub, at, end)
+            self._left -= len(data)
+            self._chunks.append((at, data))
+            if self._pos >= at + len(data):  # the server sent less than asked: the file ends there
+                return 0
+        start = self._pos - at
+        n = min(want, len(data) - start)
+        out[:n] = data[start : start + n]
+        self._pos += n
+        return n
 
 
 @contextmanager

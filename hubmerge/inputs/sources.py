@@ -285,12 +285,12 @@ def fetch(source: Source, hub: Hub, *, weights: bool = True, progress: Progress 
 
 
 def streamable_shards(source: Source) -> list[str]:
-    """The safetensors weight files of a Hub base fetched without weights (its index is local), sorted by name;
-    [] when its weights are in another format."""
+    """The weight files of a Hub base fetched without weights (its index is local) that can be planned from their
+    index and downloaded one at a time: safetensors or torch ``.bin`` files, sorted by name; [] for Meta ``.pth``."""
     weights = _first_layout(set(source.remote), BASE_WEIGHTS)
-    if weights == ["model.safetensors"]:
+    if weights in (["model.safetensors"], ["pytorch_model.bin"]):
         return weights
-    if weights == ["model.safetensors.index.json"] and source.path is not None:
+    if weights and weights[0] in SHARDS_OF_INDEX and source.path is not None:
         return _index_shards(source, source.path / weights[0])
     return []
 

@@ -90,7 +90,7 @@ def read_config(folder: Path) -> tuple[dict[str, Any], Architecture]:
 
 
 class ArrivingWeights(Protocol):
-    """safetensors files of a base that are still being downloaded: their headers are known, their bytes not yet."""
+    """Weight files of a base that are still being downloaded: their indexes are known, their bytes not yet."""
 
     def has(self, path: Path) -> bool:
         """Whether ``path`` is one of the arriving files."""
@@ -114,10 +114,10 @@ def open_checkpoint(
     def present(path: Path) -> bool:
         return path.is_file() or (arriving is not None and arriving.has(path))
 
+    def read(path: Path, layout_reader: Callable[[Path], Mapping[str, TensorSource]]) -> Mapping[str, TensorSource]:
+        return arriving.read(path) if arriving is not None and arriving.has(path) else layout_reader(path)
+
     for index_name, single_name, layout_reader in _WEIGHT_LAYOUTS:
-        reader: Callable[[Path], Mapping[str, TensorSource]] = layout_reader
-        if arriving is not None and layout_reader is read_safetensors:
-            reader = arriving.read
         index_path, single_path = folder / index_name, folder / single_name
         if index_path.is_file():
             weight_map = index_weight_map(index_path)
@@ -129,7 +129,7 @@ def open_checkpoint(
                     )
             tensors: dict[str, TensorSource] = {}
             for f in files:
-                tensors.update(reader(f))
+                tensors.update(read(f, layout_reader))
             missing = [n for n, f in weight_map.items() if n not in tensors]
             if missing:
                 raise CorruptFileError(
@@ -138,7 +138,7 @@ def open_checkpoint(
                 )
             return tensors, files
         if present(single_path):
-            return dict(reader(single_path)), [single_path]
+            return dict(read(single_path, layout_reader)), [single_path]
     raise InputError(
         f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded index); "
         "point --base at a complete Hugging Face-format model folder"

@@ -408,12 +408,17 @@ _OPS: dict[int, _Op] = {
 }
 
 
-def read_torch_zip(path: Path) -> dict[str, TensorRef]:
+def read_torch_zip(path: Path, *, fileobj: IO[bytes] | None = None) -> dict[str, TensorRef]:
     """Index the tensors of a ``torch.save`` zip file without loading them or executing anything.
 
     Everything ``torch.load(weights_only=True)`` would read differently is refused: a record stored twice, big-endian
     data, a storage named with two dtypes, a view reaching past its storage or repeating elements beyond it.
 
+    Args:
+        path: the file, or with ``fileobj`` the name its errors give.
+        fileobj: the file as read from elsewhere (a Hub file read by range requests). Only its index is read then
+            (the zip directory and ``data.pkl``, not each record's own header), so the refs have the right names,
+            dtypes and shapes but offset 0: a layout to plan with, never to read from.
     Returns:
         ``{name: TensorRef}`` for a top-level dict of tensors (non-tensor values are ignored).
     Raises:
@@ -423,53 +428,63 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
     """
     path = Path(path)
     fix = "download or copy it again"
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    if magic[:2] == b"\x80\x02" or magic[:1] == b"\x80":
-        raise InputError(f"{path}: legacy (pre-1.6) torch pickle; re-save it with a current torch or use safetensors")
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
-        raise CorruptFileError(f"{path}: not a complete torch zip file (truncated or damaged); {fix}") from None
-    with zf, open(path, "rb") as raw:
-        names = zf.namelist()
-        twice = next((n for n, count in collections.Counter(names).items() if count > 1), None)
-        if twice is not None:
-            raise CorruptFileError(
-                f"{path}: the zip holds the record {twice[:200]!r} twice; torch.load would read only one of them, "
-                f"so hubmerge refuses to guess; {fix}"
-            )
-        # torch.load reads the records under the first entry's folder
-        prefix = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
-        if not prefix or prefix + "data.pkl" not in names:
-            raise CorruptFileError(f"{path}: zip file without a torch data.pkl; {fix}")
-        if prefix + "byteorder" in names and _small_record(zf, prefix + "byteorder", path) != b"little":
-            raise InputError(f"{path}: big-endian tensor data is not supported; re-save it on a little-endian machine")
-        data = _small_record(zf, prefix + "data.pkl", path, _MAX_PICKLE)
+    with contextlib.ExitStack() as stack:
         try:
-            obj = _PickleReader(data, path).load()
-        except _Damaged as exc:
-            raise CorruptFileError(f"{path}: damaged or unsupported pickle in data.pkl ({exc}); {fix}") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-        refs: dict[str, TensorRef] = {}
-        starts: dict[str, tuple[int, _Storage]] = {}
-        for name, value in obj.items():
-            if not isinstance(value, _LazyTensor):
-                continue
-            st = value.storage
-            if st.key not in starts:
-                starts[st.key] = (_record_start(zf, raw, f"{prefix}data/{st.key}", st, path), st)
-            start, first = starts[st.key]
-            if (first.dtype, first.numel) != (st.dtype, st.numel):
-                raise CorruptFileError(
-                    f"{path}: storage {st.key} is named with two dtypes or sizes; torch.load would read it as the "
-                    f"first; {fix}"
-                )
-            refs[str(name)] = _tensor_ref(path, start, value)
+            raw = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
+            magic = raw.read(4)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        if magic[:2] == b"\x80\x02" or magic[:1] == b"\x80":
+            raise InputError(
+                f"{path}: legacy (pre-1.6) torch pickle; re-save it with a current torch or use safetensors"
+            )
+        try:
+            zf = stack.enter_context(zipfile.ZipFile(raw))
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
+            raise CorruptFileError(f"{path}: not a complete torch zip file (truncated or damaged); {fix}") from None
+        return _index(zf, raw if fileobj is None else None, path)
+
+
+def _index(zf: zipfile.ZipFile, raw: IO[bytes] | None, path: Path) -> dict[str, TensorRef]:
+    """:func:`read_torch_zip` on the open zip; ``raw`` (the file, to read each record's own header) or None for
+    a layout without offsets."""
+    fix = "download or copy it again"
+    names = zf.namelist()
+    twice = next((n for n, count in collections.Counter(names).items() if count > 1), None)
+    if twice is not None:
+        raise CorruptFileError(
+            f"{path}: the zip holds the record {twice[:200]!r} twice; torch.load would read only one of them, "
+            f"so hubmerge refuses to guess; {fix}"
+        )
+    # torch.load reads the records under the first entry's folder
+    prefix = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+    if not prefix or prefix + "data.pkl" not in names:
+        raise CorruptFileError(f"{path}: zip file without a torch data.pkl; {fix}")
+    if prefix + "byteorder" in names and _small_record(zf, prefix + "byteorder", path) != b"little":
+        raise InputError(f"{path}: big-endian tensor data is not supported; re-save it on a little-endian machine")
+    data = _small_record(zf, prefix + "data.pkl", path, _MAX_PICKLE)
+    try:
+        obj = _PickleReader(data, path).load()
+    except _Damaged as exc:
+        raise CorruptFileError(f"{path}: damaged or unsupported pickle in data.pkl ({exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    refs: dict[str, TensorRef] = {}
+    starts: dict[str, tuple[int, _Storage]] = {}
+    for name, value in obj.items():
+        if not isinstance(value, _LazyTensor):
+            continue
+        st = value.storage
+        if st.key not in starts:
+            info = _record_info(zf, f"{prefix}data/{st.key}", st, path)
+            starts[st.key] = (0 if raw is None else _record_start(raw, info, path), st)
+        start, first = starts[st.key]
+        if (first.dtype, first.numel) != (st.dtype, st.numel):
+            raise CorruptFileError(
+                f"{path}: storage {st.key} is named with two dtypes or sizes; torch.load would read it as the "
+                f"first; {fix}"
+            )
+        refs[str(name)] = _tensor_ref(path, start, value)
     return refs
 
 
@@ -485,8 +500,8 @@ def _small_record(zf: zipfile.ZipFile, name: str, path: Path, limit: int = 64) -
     return data
 
 
-def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: Path) -> int:
-    """Absolute file offset of a stored record's data, checked against the storage size."""
+def _record_info(zf: zipfile.ZipFile, name: str, storage: _Storage, path: Path) -> zipfile.ZipInfo:
+    """The directory entry of a storage's record, checked: stored (not compressed), of the storage's size."""
     try:
         info = zf.getinfo(name)
     except KeyError:
@@ -498,6 +513,12 @@ def _record_start(zf: zipfile.ZipFile, raw, name: str, storage: _Storage, path: 
             f"{path}: tensor data {name} has {info.file_size} bytes, expected "
             f"{storage.numel * storage.dtype.itemsize}; the file is damaged"
         )
+    return info
+
+
+def _record_start(raw: IO[bytes], info: zipfile.ZipInfo, path: Path) -> int:
+    """Absolute file offset of a stored record's data, from its own local header."""
+    name = info.filename
     raw.seek(info.header_offset)
     head = raw.read(30)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
