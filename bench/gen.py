@@ -1,5 +1,5 @@
 """Generate the benchmark's inputs without instantiating a model: a random LLaMA-shaped HF base (sharded
-safetensors, fp16, config.json, a real 32000-piece sentencepiece tokenizer) and Chinese-LLaMA-style adapters in the
+safetensors, or .bin torch zips, fp16, config.json, a real 32000-piece sentencepiece tokenizer) and Chinese-LLaMA-style adapters in the
 2023 layout (adapter_model.bin torch zip with the 2023 keys, adapter_config.json of the PEFT 0.2/0.3 era,
 modules_to_save embed_tokens/lm_head at the extended vocabulary, the extended tokenizer).
 
@@ -111,12 +111,19 @@ def make_base(folder: Path, shape: Shape) -> Path:
         groups[-1].append(e)
         size += e.nbytes
     weight_map = {}
+    bin_weights = shape.weights == "bin"  # the same tensors as torch zips, as transformers 4 saved them by default
+    stem, ext = ("pytorch_model", "bin") if bin_weights else ("model", "safetensors")
     for k, entries in enumerate(groups):
-        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        _stream(SafetensorsWriter(tmp / file, entries, metadata={"format": "pt"}), entries, seed=0)
+        file = f"{stem}-{k + 1:05d}-of-{len(groups):05d}.{ext}"
+        writer = (
+            TorchZipWriter(tmp / file, entries)
+            if bin_weights
+            else SafetensorsWriter(tmp / file, entries, metadata={"format": "pt"})
+        )
+        _stream(writer, entries, seed=0)
         weight_map.update(dict.fromkeys((e.name for e in entries), file))
     total = sum(e.nbytes for g in groups for e in g)
-    (tmp / "model.safetensors.index.json").write_text(
+    (tmp / f"{stem}.{ext}.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
     tmp.rename(folder)
@@ -193,8 +200,9 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
     p.add_argument("--shard-bytes", type=int, help="base shard size (default: the shape's)")
+    p.add_argument("--base-format", choices=("safetensors", "bin"), default="safetensors", help="the base's shards")
     args = p.parse_args()
-    shape = SHAPES[args.shape]
+    shape = dataclasses.replace(SHAPES[args.shape], weights=args.base_format)
     if args.shard_bytes:
         shape = dataclasses.replace(shape, shard_bytes=args.shard_bytes)
     base, adapters = generate(args.work, shape)

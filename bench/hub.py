@@ -2,8 +2,9 @@
 network link, compared with the time the same bytes take to move with the ``hf`` CLI at the same rate.
 
     python -m bench.hub [--shape 1b|7b] [--rates 80MB,400MB] [--adapter local|hub] [--shard-mb 450] [--repeat 3]
+                        [--base-format safetensors|bin]
 
-Generates (once, under ``bench/work/``) the shape's random base in ~450 MB safetensors shards and its
+Generates (once, under ``bench/work/``) the shape's random base in ~450 MB safetensors (or ``.bin``) shards and its
 Chinese-LLaMA-style adapter, puts them into a fresh local Hub, then for each rate starts the Hub in a child process
 (``python -m hubmerge.testing.localhub --bandwidth RATE``: that rate in each direction, shared by all transfers) and
 times, each in a child process with an empty cache:
@@ -213,7 +214,7 @@ def format_rate(rate: int) -> str:
 def table(result: dict) -> str:
     lines = [
         f"hub benchmark, shape {result['shape']}: base {result['inputs']['base_gb']} GB in "
-        f"{result['inputs']['base_shards']} shards, adapter {result['inputs']['adapter_gb']} GB ({result['adapter']})",
+        f"{result['inputs']['base_shards']} {result['inputs'].get('base_format', 'safetensors')} shards, adapter {result['inputs']['adapter_gb']} GB ({result['adapter']})",
         "",
         f"{'rate':>10} {'hf download s':>14} {'hf upload s':>12} {'stream s':>9} {'stream/max':>11} {'peak disk GB':>13}",
     ]
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="80MB,400MB", help="comma-separated link rates (default 80MB,400MB)")
     p.add_argument("--adapter", choices=("local", "hub"), default="local", help="where the adapter comes from")
     p.add_argument("--shard-mb", type=int, default=450, help="base shard size in MB (default 450)")
+    p.add_argument("--base-format", choices=("safetensors", "bin"), default="safetensors", help="the base's shards")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the three commands per rate; medians (default 3)")
     p.add_argument("--work", type=Path, default=HERE / "work", help="inputs and scratch (default bench/work)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
@@ -243,15 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     shard_bytes = args.shard_mb * 10**6
     subprocess.run(
         [sys.executable, "-m", "bench.gen", "--shape", args.shape, "--work", str(args.work)]
-        + ["--shard-bytes", str(shard_bytes)],
+        + ["--shard-bytes", str(shard_bytes), "--base-format", args.base_format],
         check=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     import dataclasses
 
-    shape = dataclasses.replace(SHAPES[args.shape], shard_bytes=shard_bytes)
+    shape = dataclasses.replace(SHAPES[args.shape], shard_bytes=shard_bytes, weights=args.base_format)
     base, adapters = input_folders(args.work, shape)
+    weights = shape.weights
     adapter = adapters[0]  # one Chinese-style adapter (the 7b shape's first: llama-plus)
     scratch = args.work / shape.name / "hub-run"
     hub_root = scratch / "hub"
@@ -280,15 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "adapter": f"{args.adapter} folder" if args.adapter == "local" else "downloaded from the Hub",
         "inputs": {
-            "base_gb": round(folder_bytes(base, "*.safetensors") / 1e9, 2),
-            "base_shards": len(list(base.glob("*.safetensors"))),
+            "base_gb": round(folder_bytes(base, f"*.{weights}") / 1e9, 2),
+            "base_shards": len(list(base.glob(f"*.{weights}"))),
+            "base_format": weights,
             "adapter_gb": round(folder_bytes(adapter) / 1e9, 2),
         },
         "rates": results,
         "targets_met": targets,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"hub-{shape.name}-{date}.json"
+    path = args.results / f"hub-{shape.name}{'' if weights == 'safetensors' else '-' + weights}-{date}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(table(result))

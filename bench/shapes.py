@@ -29,8 +29,9 @@ class Shape:
     intermediate: int
     heads: int
     kv_heads: int
-    shard_bytes: int  # base safetensors shard limit
+    shard_bytes: int  # base shard limit
     adapters: tuple[AdapterSpec, ...]
+    weights: str = "safetensors"  # the base's shards: "safetensors" or "bin" (torch zip, as LLaMA-1-era bases)
 
     def config(self) -> dict:
         """config.json as transformers 5 writes it for LlamaForCausalLM."""
@@ -64,10 +65,12 @@ class Shape:
 
 def input_folders(work: Path, shape: Shape) -> tuple[Path, list[Path]]:
     """Where the base and the adapters of ``shape`` live under the work folder (a base sharded other than the
-    shape's default, e.g. for the hub benchmark, gets a folder of its own)."""
+    shape's default, e.g. for the hub benchmark, or in .bin shards gets a folder of its own)."""
     root = work / shape.name
     default = SHAPES[shape.name].shard_bytes == shape.shard_bytes
     base = root / ("base" if default else f"base-{shape.shard_bytes // 10**6}MB")
+    if shape.weights != "safetensors":
+        base = base.with_name(f"{base.name}-{shape.weights}")
     return base, [root / spec.name for spec in shape.adapters]
 
 
