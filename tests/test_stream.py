@@ -208,6 +208,9 @@ def test_a_bin_base_streams_shard_by_shard_into_the_files_a_local_merge_writes(s
     ref = tmp_path / "ref"
     done = hubmerge(shared, tmp_path, LLAMA, ALPACA, "--base", base, "--out", ref, "--max-shard-size", OUT_SHARD)
     assert done.returncode == 0, done.stderr
+    dry = hubmerge(shared, tmp_path, LLAMA, ALPACA, "--base", repo, "--push-to", "alice/bin-streamed", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "base shards downloaded ahead of the merge" in dry.stdout and "downloaded whole" not in dry.stdout
 
     snapshot_dir = tmp_path / "cache" / f"models--{repo.replace('/', '--')}"
     on_disk: list[int] = []
