@@ -1,6 +1,6 @@
 """Files written with O_DIRECT (hubmerge/directio.py, through hubmerge/tensorio/output.py) hold the same bytes and
-SHA256 as through the page cache, whether the filesystem refuses O_DIRECT from the start, refuses a write halfway,
-or the writer seeks back."""
+SHA256 as through the page cache, whether the filesystem refuses O_DIRECT from the start or refuses a write halfway,
+for safetensors and torch zips alike."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hubmerge import directio as direct
-from hubmerge.tensorio import SafetensorsWriter, output
+from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter, output
 from hubmerge.tensorio.source import Entry
 
 STAGE = 3 * direct.ALIGN  # a small aligned buffer: blocks cross it many times
@@ -111,22 +111,29 @@ def test_filesystem_refusing_a_direct_write_falls_back_midway(tmp_path, monkeypa
     check_same(tmp_path / "midway.safetensors", ref, [digest, ref_digest])
 
 
-def test_seeking_back_leaves_direct_mode_with_the_same_bytes(tmp_path):
-    """A writer that patches what it wrote (zipfile: each record's CRC) gets the page cache from then on."""
-    payload = os.urandom(5 * STAGE + 123)
+def test_a_torch_zip_is_written_front_to_back_direct_and_hashed(tmp_path, monkeypatch):
+    """A .pth (torch zip) carries each record's CRC after its data, so nothing is patched: the file stays direct to
+    its end, its SHA256 is known as it closes, and torch.load reads it (mmap too), as through the page cache."""
+    ts = tensors()
     files = {}
-    for name, use_direct in (("direct.zip", True), ("buffered.zip", False)):
-        f = output.OutputFile(tmp_path / name, direct=use_direct)
-        f.write(payload[: 2 * STAGE + 7])  # plain appends first
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-            z.writestr("a", payload)
-            z.writestr("b", payload[::-1])
-        assert not f.direct
-        f.close()
-        files[name] = (tmp_path / name).read_bytes()
-        assert f.digest() in (None, hashlib.sha256(files[name]).hexdigest())
-    assert files["direct.zip"] == files["buffered.zip"]
-    assert files["direct.zip"].startswith(payload[: 2 * STAGE + 7])
+    for name, use_direct in (("direct", True), ("buffered", False)):
+        path = tmp_path / name / "consolidated.00.pth"  # the zip's records live under the file's name
+        path.parent.mkdir()
+        with monkeypatch.context() as m:
+            m.setattr(output, "USE_DIRECT", use_direct)
+            w = TorchZipWriter(path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()])
+            for v in ts.values():
+                for block in v.split(13):
+                    w.write(block)
+            assert w._file.direct == (use_direct and supports_direct(tmp_path))
+            w.close()
+        files[name] = path.read_bytes()
+        assert w.sha256 == hashlib.sha256(files[name]).hexdigest()
+        for mmap in (False, True):
+            loaded = torch.load(path, weights_only=True, mmap=mmap)
+            assert all(torch.equal(loaded[k], v) for k, v in ts.items())
+    assert files["direct"] == files["buffered"]
+    assert all(info.flag_bits & 0x08 for info in zipfile.ZipFile(tmp_path / "direct" / path.name).infolist())
 
 
 def test_disk_full_mid_write_then_abort_raises_nothing_more(tmp_path, monkeypatch):

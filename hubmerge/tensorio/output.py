@@ -19,26 +19,22 @@ from ..directio import USE_DIRECT, DirectAppender
 from ..verification.hashing import remember, submit
 
 WRITEBACK_BYTES = 64 * 2**20  # start writing out final bytes every this many
-_READBACK_CHUNK = 8 * 2**20
 _PARALLEL_HASH_BYTES = 2**20
 
 
 class OutputFile:
-    """A new binary file written front to back (``write``, ``tell``, ``seek``, ``flush``, ``fileno``, ``close``:
-    enough for ``zipfile``).
+    """A new binary file written front to back, never patched (``write``, ``tell``, ``flush``, ``fileno``,
+    ``close``; a zip is written with data descriptors, see :class:`~hubmerge.tensorio.torchzip.TorchZipWriter`).
 
-    SHA256: the bytes are hashed in file order on the hashing thread, while the writing thread goes on: each large
-    write is hashed from the caller's buffer while it is being written. A writer that patches bytes after writing
-    them (a zip record's header gets its CRC once the record is complete) brackets them with :meth:`hold` /
-    :meth:`release`; held bytes are read back (from the page cache) and hashed after release. Patching a byte that
-    was already hashed, or failing to read one back, makes :meth:`digest` return None: callers then hash the file.
+    SHA256: the bytes are hashed in file order on the hashing thread while the writing thread goes on: each large
+    write is hashed from the caller's buffer while it is being written, a small one from a copy. A failed hashing job
+    makes :meth:`digest` return None: callers then hash the file.
 
-    ``direct``: append with O_DIRECT (see :class:`DirectAppender`) as long as the file is only appended to; seeking
-    back or holding bytes, or a filesystem that refuses, switches to the page cache for the rest of the file. Bytes
-    written the one way or the other are the same.
+    ``direct``: append with O_DIRECT (see :class:`DirectAppender`); a filesystem that refuses it (at the start or
+    halfway) gets the rest of the file through the page cache. Bytes written the one way or the other are the same.
 
-    Writeback (page cache only): every ``WRITEBACK_BYTES`` of hashed (final) bytes, ``posix_fadvise(DONTNEED)`` asks
-    the kernel to start writing them out (asynchronously) and to drop those of them already on disk from the cache.
+    Writeback (page cache only): every ``WRITEBACK_BYTES`` of hashed bytes, ``posix_fadvise(DONTNEED)`` asks the
+    kernel to start writing them out (asynchronously) and to drop those of them already on disk from the cache.
     """
 
     def __init__(self, path: Path, *, direct: bool = False):
@@ -48,11 +44,8 @@ class OutputFile:
         if direct and USE_DIRECT:
             appender = DirectAppender(self._raw.fileno())
             self._direct = appender if appender.direct else None
-        self._pos = 0  # where the next write goes
-        self._end = 0  # bytes in the file
-        self._claimed = 0  # [0, _claimed) is final and handed to the hashing thread
+        self._end = 0  # bytes in the file (where the next write goes)
         self._advised = 0  # [0, _advised) was handed to writeback (hashing thread only)
-        self._held = False
         self._valid = True
         self._sha = hashlib.sha256()
         self._last: Future | None = None  # the latest hashing job (jobs run in order)
@@ -63,20 +56,11 @@ class OutputFile:
         """Bytes are still being appended with O_DIRECT."""
         return self._direct is not None
 
-    # The file interface zipfile and the writers use.
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = view.nbytes
-        if self._pos < self._claimed:
-            self._valid = False  # a final byte changed: the running hash no longer describes the file
-        inline = self._valid and not self._held and self._pos == self._claimed  # hash from the caller's buffer
-        if inline and n < _PARALLEL_HASH_BYTES:
-            self._submit(self._hash_bytes, bytes(view), self._pos + n)  # a copy: no need to wait for it
-            inline = False
-            self._claimed += n
-        elif inline:
-            job = self._submit(self._hash_bytes, view, self._pos + n)
-            self._claimed += n
+        inline = n >= _PARALLEL_HASH_BYTES  # hashed from the caller's buffer, while it is written
+        job = self._submit(self._hash_bytes, view if inline else bytes(view), self._end + n)
         try:
             if self._direct is not None:
                 self._direct.append(view)
@@ -89,23 +73,11 @@ class OutputFile:
         finally:
             if inline:
                 job.result()  # the caller may reuse ``data`` once write returns
-        self._pos += n
-        self._end = max(self._end, self._pos)
+        self._end += n
         return n
 
     def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if self._direct is not None:
-            if (whence, offset) in ((os.SEEK_SET, self._end), (os.SEEK_CUR, 0), (os.SEEK_END, 0)):
-                return self._pos  # appending goes on
-            self._leave_direct()
-        self._pos = self._raw.seek(offset, whence)
-        return self._pos
-
-    def seekable(self) -> bool:
-        return True
+        return self._end
 
     def flush(self) -> None:
         """Put every byte written so far into the file (only a direct file holds some back)."""
@@ -127,11 +99,9 @@ class OutputFile:
         try:
             if self._direct is not None:
                 self._valid = self._valid and self._direct.flushed
-            if not self._held:
-                self._read_back()
             if self._last is not None:
                 self._last.result()  # every job is done: the hash is complete
-            if self._valid and not self._held:
+            if self._valid:
                 self._digest = self._sha.hexdigest()
         finally:
             if self._direct is not None:
@@ -150,22 +120,12 @@ class OutputFile:
             remember(st, self._digest)
 
     def _leave_direct(self) -> None:
+        """The filesystem refused a direct write: the rest goes through the page cache, after the staged bytes."""
         if self._direct is not None:
             end = self._direct.at + self._direct.staged
             self._direct.stop()
             self._direct = None
             self._raw.seek(end)  # direct writes were positioned: the file's own offset never moved
-
-    # Hashing.
-    def hold(self) -> None:
-        """Bytes written from now until :meth:`release` may still be patched: hash them after release."""
-        self._leave_direct()  # they are read back through the page cache
-        self._held = True
-
-    def release(self) -> None:
-        """The held bytes are final: read them back and hash them (on the hashing thread)."""
-        self._held = False
-        self._read_back()
 
     def digest(self) -> str | None:
         """SHA256 (hex) of the closed file, or None when it is unknown (hash the file instead)."""
@@ -183,30 +143,10 @@ class OutputFile:
             self._valid = False
             raise
 
-    def _read_back(self) -> None:
-        if self._valid and self._claimed < self._end:
-            self._submit(self._hash_file, self._claimed, self._end)
-            self._claimed = self._end
-
     def _hash_bytes(self, data, end: int) -> None:
         self._sha.update(data)  # releases the GIL for large buffers
-        self._advise(end)
-
-    def _hash_file(self, start: int, end: int) -> None:
-        buf = bytearray(min(_READBACK_CHUNK, end - start))
-        view = memoryview(buf)
-        fd = self._raw.fileno()
-        while start < end:
-            got = os.preadv(fd, [view[: min(len(buf), end - start)]], start)
-            if got <= 0:
-                raise OSError(f"{self.path}: could not read back bytes at {start}")
-            self._sha.update(view[:got])
-            start += got
-        self._advise(end)
-
-    def _advise(self, hashed: int) -> None:
         if self._direct is not None:
             return  # nothing of it is in the page cache
-        if hashed - self._advised >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._raw.fileno(), self._advised, hashed - self._advised, os.POSIX_FADV_DONTNEED)
-            self._advised = hashed
+        if end - self._advised >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._raw.fileno(), self._advised, end - self._advised, os.POSIX_FADV_DONTNEED)
+            self._advised = end

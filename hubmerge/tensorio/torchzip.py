@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -576,6 +576,24 @@ class _PlaceholderPickler(pickle.Pickler):
         return None
 
 
+class _AppendOnly:
+    """An output file as ``zipfile`` sees it: without ``seek``, zipfile puts each record's CRC and sizes after its
+    data (a data descriptor, which torch.load and every zip reader read) instead of going back to patch its header,
+    so the file is written front to back: with O_DIRECT, and hashed as it is written."""
+
+    def __init__(self, file: OutputFile) -> None:
+        self._file = file
+
+    def write(self, data) -> int:
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 class TorchZipWriter(StreamingTensorWriter):
     """Writes a ``torch.save``-compatible zip holding a flat ``{name: tensor}`` dict, streaming the tensor data.
 
@@ -585,8 +603,9 @@ class TorchZipWriter(StreamingTensorWriter):
     def __init__(self, path: Path, entries: Sequence[Entry]):
         super().__init__(path, entries)
         self._root = self.path.name.rsplit(".", 1)[0]
-        self._file = OutputFile(self.path)
-        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = OutputFile(self.path, direct=True)
+        append_only = cast(IO[bytes], _AppendOnly(self._file))  # zipfile calls only write, tell and flush on it
+        self._zip = zipfile.ZipFile(append_only, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._handle: IO[bytes] | None = None
         buf = io.BytesIO()
         _PlaceholderPickler(buf, protocol=2).dump(
@@ -606,13 +625,10 @@ class TorchZipWriter(StreamingTensorWriter):
         return info
 
     def _record(self, name: str, data: bytes) -> None:
-        self._file.hold()  # zipfile patches each record's header (its CRC) once the record is complete
         with self._zip.open(self._zipinfo(name, len(data)), "w") as f:
             f.write(data)
-        self._file.release()
 
     def _begin(self, index: int) -> None:
-        self._file.hold()
         self._handle = self._zip.open(self._zipinfo(f"data/{index}", self.entries[index].nbytes), "w")
 
     def _put(self, data: memoryview) -> None:
@@ -623,7 +639,6 @@ class TorchZipWriter(StreamingTensorWriter):
         assert self._handle is not None
         self._handle.close()
         self._handle = None
-        self._file.release()
 
     def _close(self, complete: bool) -> None:
         if self._file.closed:
