@@ -32,6 +32,7 @@ from ...model import layouts
 from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
+from ...tensorio.output import OutputFile
 from ...tensorio.source import Entry, StreamingTensorWriter, close_written
 from .base import Writer
 
@@ -361,7 +362,11 @@ class GGUFOutput(Writer):
         self._metadata(writer, gguf, vocab, gguf.LlamaFileType[ftype], side)
         self.path = self.folder / file_name(self.outtype)
         self.folder.mkdir(parents=True, exist_ok=True)
-        writer.write_header_to_file(path=self.path)
+        writer.open_output_file(self.path)
+        writer.fout[0].close()
+        # appended with O_DIRECT and hashed as it is written, as every output file (gguf-py only ever appends)
+        writer.fout = [OutputFile(self.path, direct=True)]
+        writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         self._stream = _DataStream(self.path, entries, writer.fout[0], writer.data_alignment)
