@@ -4,6 +4,7 @@ output of the same merge."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -90,6 +91,9 @@ def test_gguf_tensors_equal_the_hf_output_in_llamacpp_layout(plus):
     assert_gguf_matches_hf(plus.folders["gguf"] / "model-f16.gguf", plus.folders["hf"], torch.float16)
     recipe = json.loads((plus.out / "hubmerge.json").read_text())
     assert recipe["formats"]["gguf"] == {"folder": "gguf", "file": "model-f16.gguf", "type": "f16"}
+    # hashed while it was written (with O_DIRECT): the recorded SHA256 is the file's own, read here from scratch
+    data = (plus.folders["gguf"] / "model-f16.gguf").read_bytes()
+    assert recipe["files"]["gguf/model-f16.gguf"] == hashlib.sha256(data).hexdigest()
 
 
 def test_gguf_hyperparameters_follow_config(plus):

@@ -18,7 +18,7 @@ import torch
 from ..errors import CorruptFileError, InputError
 from ..jsonio import parse_json
 from .output import OutputFile
-from .source import Entry, StreamingTensorWriter, TensorRef, close_written
+from .source import Entry, StreamingTensorWriter, TensorRef
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -160,6 +160,3 @@ class SafetensorsWriter(StreamingTensorWriter):
 
     def _put(self, data: memoryview) -> None:
         self._file.write(data)
-
-    def _close(self, complete: bool) -> None:
-        close_written(self._file, complete)

@@ -151,18 +151,6 @@ def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
         os.close(fd)
 
 
-def close_written(file, complete: bool) -> None:
-    """Close a file a writer produced; a complete one is flushed and fsynced first (it is hashed and moved into
-    place next, so it must be on disk)."""
-    if isinstance(file, OutputFile) and complete and not file.closed:
-        file.finish()  # also records its SHA256 in the hash cache
-    elif not file.closed:
-        if complete:
-            file.flush()
-            os.fsync(file.fileno())
-        file.close()
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
@@ -184,7 +172,9 @@ class Entry:
 
 class StreamingTensorWriter:
     """Shared logic of the file writers: tensors arrive as row blocks in the declared order; the writer checks that
-    every declared byte arrives exactly once, and subclasses only move bytes."""
+    every declared byte arrives exactly once, and subclasses only move bytes, into ``_file`` (opened by them)."""
+
+    _file: OutputFile
 
     def __init__(self, path: Path, entries: Sequence[Entry]):
         self.path = Path(path)
@@ -239,8 +229,7 @@ class StreamingTensorWriter:
     @property
     def sha256(self) -> str | None:
         """SHA256 of the closed file when it was hashed while being written, else None (hash the file)."""
-        digest = getattr(getattr(self, "_file", None), "digest", None)
-        return digest() if callable(digest) else None
+        return self._file.digest()
 
     # Subclass hooks.
     def _begin(self, index: int) -> None:
@@ -253,4 +242,11 @@ class StreamingTensorWriter:
         pass
 
     def _close(self, complete: bool) -> None:
-        raise NotImplementedError
+        """Close the file; a complete one is written out, fsynced and its SHA256 recorded first (it is moved into
+        place next, so it must be on disk)."""
+        if self._file.closed:
+            return
+        if complete:
+            self._file.finish()
+        else:
+            self._file.close()

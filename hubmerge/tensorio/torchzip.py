@@ -28,7 +28,7 @@ import torch
 
 from ..errors import CorruptFileError, InputError, UnsafeFileError
 from .output import OutputFile
-from .source import Entry, StreamingTensorWriter, TensorRef, close_written
+from .source import Entry, StreamingTensorWriter, TensorRef
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "HalfStorage": torch.float16,
@@ -653,4 +653,4 @@ class TorchZipWriter(StreamingTensorWriter):
                 with contextlib.suppress(OSError, ValueError):
                     if finish is not None:
                         finish.close()
-        close_written(self._file, complete)
+        super()._close(complete)

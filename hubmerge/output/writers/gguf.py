@@ -33,7 +33,7 @@ from ...model.architectures import rope_parameters
 from ...model.tokenizer import TokenizerInfo, load_json
 from ...plan import MergePlan, dtype_name
 from ...tensorio.output import OutputFile
-from ...tensorio.source import Entry, StreamingTensorWriter, close_written
+from ...tensorio.source import Entry, StreamingTensorWriter
 from .base import Writer
 
 # llama.cpp's --outtype spelling -> (GGML tensor type, llama.cpp file type), as the gguf package names them.
@@ -167,7 +167,7 @@ def sentencepiece_vocabulary(tokenizer: TokenizerInfo, configs: Mapping[str, Any
 class _DataStream(StreamingTensorWriter):
     """Appends the tensor data section to an open GGUF file: each tensor starts at the file's alignment."""
 
-    def __init__(self, path: Path, entries: Sequence[Entry], file, alignment: int):
+    def __init__(self, path: Path, entries: Sequence[Entry], file: OutputFile, alignment: int):
         super().__init__(path, entries)
         self._file, self._alignment = file, alignment
 
@@ -179,9 +179,6 @@ class _DataStream(StreamingTensorWriter):
 
     def _finish(self, index: int) -> None:
         self._begin(index)  # pad the tensor's end, as GGUFWriter does: offsets were computed padded
-
-    def _close(self, complete: bool) -> None:
-        close_written(self._file, complete)
 
 
 @dataclass
@@ -365,11 +362,12 @@ class GGUFOutput(Writer):
         writer.open_output_file(self.path)
         writer.fout[0].close()
         # appended with O_DIRECT and hashed as it is written, as every output file (gguf-py only ever appends)
-        writer.fout = [OutputFile(self.path, direct=True)]
+        out = OutputFile(self.path, direct=True)
+        writer.fout = [out]
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        self._stream = _DataStream(self.path, entries, writer.fout[0], writer.data_alignment)
+        self._stream = _DataStream(self.path, entries, out, writer.data_alignment)
         for data in extra.values():
             self._stream.write(data)
 
@@ -466,6 +464,10 @@ class GGUFOutput(Writer):
 
     def describe(self) -> dict:
         return {"file": self.path.name, "type": self.outtype}
+
+    def digests(self) -> dict[Path, str]:
+        """SHA256 of the GGUF file, computed while writing it (after close)."""
+        return {self.path: self._stream.sha256} if self._stream.sha256 else {}
 
     def abort(self) -> None:
         self._stream.abort()
