@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.shapes import SHAPES, folder_bytes, input_folders
+from bench.shapes import SHAPES, folder_bytes, input_folders, result_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_met": targets,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"hub-{shape.name}{'' if weights == 'safetensors' else '-' + weights}-{date}.json"
+    path = result_path(args.results, f"hub-{shape.name}{'' if weights == 'safetensors' else '-' + weights}-{date}")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(table(result))

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.shapes import SHAPES, folder_bytes, input_folders
+from bench.shapes import SHAPES, folder_bytes, input_folders, result_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         result["check"] = ulp_compare(outputs / "hf", outputs / "today")
     shutil.rmtree(outputs, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    json_path = args.results / f"{shape.name}-{date}.json"
+    json_path = result_path(args.results, f"{shape.name}-{date}")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(table(result))

@@ -74,6 +74,15 @@ def input_folders(work: Path, shape: Shape) -> tuple[Path, list[Path]]:
     return base, [root / spec.name for spec in shape.adapters]
 
 
+def result_path(folder: Path, stem: str) -> Path:
+    """``folder/<stem>.json``, or ``<stem>-2.json``, ``-3``... when taken: a later run of the day keeps the earlier's."""
+    path, k = folder / f"{stem}.json", 1
+    while path.exists():
+        k += 1
+        path = folder / f"{stem}-{k}.json"
+    return path
+
+
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
