@@ -1,7 +1,7 @@
 """Generate the benchmark's inputs without instantiating a model: a random LLaMA-shaped HF base (sharded
-safetensors, or .bin torch zips, fp16, config.json, a real 32000-piece sentencepiece tokenizer) and Chinese-LLaMA-style adapters in the
-2023 layout (adapter_model.bin torch zip with the 2023 keys, adapter_config.json of the PEFT 0.2/0.3 era,
-modules_to_save embed_tokens/lm_head at the extended vocabulary, the extended tokenizer).
+safetensors, or .bin torch zips, fp16, config.json, a real 32000-piece sentencepiece tokenizer) and
+Chinese-LLaMA-style adapters in the 2023 layout (adapter_model.bin torch zip with the 2023 keys, adapter_config.json
+of the PEFT 0.2/0.3 era, modules_to_save embed_tokens/lm_head at the extended vocabulary, the extended tokenizer).
 
 Tensors are generated in row blocks and streamed out with hubmerge's own writers, so generating a 7B base needs
 well under 1 GB of memory. Folders are written under a temporary name and renamed when complete, so an interrupted

@@ -214,7 +214,8 @@ def format_rate(rate: int) -> str:
 def table(result: dict) -> str:
     lines = [
         f"hub benchmark, shape {result['shape']}: base {result['inputs']['base_gb']} GB in "
-        f"{result['inputs']['base_shards']} {result['inputs'].get('base_format', 'safetensors')} shards, adapter {result['inputs']['adapter_gb']} GB ({result['adapter']})",
+        f"{result['inputs']['base_shards']} {result['inputs'].get('base_format', 'safetensors')} shards, "
+        f"adapter {result['inputs']['adapter_gb']} GB ({result['adapter']})",
         "",
         f"{'rate':>10} {'hf download s':>14} {'hf upload s':>12} {'stream s':>9} {'stream/max':>11} {'peak disk GB':>13}",
     ]

@@ -6,8 +6,9 @@
   merge reads them and at most a couple ahead of it (:class:`ShardFeed`); their indexes are read from the Hub first
   by range requests (a safetensors header: one or two; a ``.bin``'s zip directory and ``data.pkl``: two or three) so
   the merge can be planned before any weight arrives. A shard's tensors are read only once the whole shard is
-  downloaded, its SHA256 checked against the Hub's record and its tensors found to be the ones planned with. Shards this run downloaded are removed from the cache once merged when the disk cannot keep them
-  (or with ``keep_downloads=False``); files that were in the cache before the run are never touched;
+  downloaded, its SHA256 checked against the Hub's record and its tensors found to be the ones planned with.
+  Shards this run downloaded are removed from the cache once merged when the disk cannot keep them (or with
+  ``keep_downloads=False``); files that were in the cache before the run are never touched;
 * each output shard is pre-uploaded (LFS) as soon as it is written (:class:`ShardUploader`) and, without ``--out``,
   deleted once the Hub has it. One commit at the end adds every file with the model card, so the repo never shows
   half a model; a rerun after an interruption finds the shards already on the Hub (their LFS objects exist) and does
@@ -122,7 +123,7 @@ class ShardFeed:
     """The shards of a Hub base, downloaded on a thread in the order the merge reads them, a bounded
     number ahead of it, each verified before any of its tensors is read (see the module docstring).
 
-    Use: :meth:`open` (headers from the Hub; None when the base is not safetensors), ``open_base(...,
+    Use: :meth:`open` (indexes from the Hub; None for a local or Meta base), ``open_base(...,
     arriving=feed)``, :meth:`start` with the plan, then :meth:`close` once the merge is done (or failed).
     """
 
