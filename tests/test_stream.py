@@ -4,6 +4,7 @@ cache left as it was found."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from support import hubmerge, one_line_error
 
 from hubmerge import merge
 from hubmerge import stream as streaming
+from hubmerge.errors import VerificationError
 from hubmerge.testing.localhub import LocalHub
 
 SHARDED = "alice/llama-tiny-sharded"
@@ -251,6 +253,26 @@ def test_a_bin_base_streams_shard_by_shard_into_the_files_a_local_merge_writes(s
         mine = [r for r in gets if r.path.split("?")[0].endswith(name)]
         assert len([r for r in mine if r.range is None]) == 1, mine
         assert 1 <= len([r for r in mine if r.range]) <= 4, mine
+
+
+def test_a_shard_unlike_the_index_it_was_planned_from_stops_the_push(shared, tmp_path, monkeypatch):
+    # The plan comes from each shard's index read by ranges; the merge reads the downloaded file. A Hub that serves
+    # the one and the other differently (verified SHA256 or not) must not get a merge of one planned from the other.
+    read = streaming._read_weights
+
+    def lying(path):
+        refs = read(path)
+        if path.name == SHARDS[1]:
+            name, ref = next(iter(refs.items()))
+            refs[name] = dataclasses.replace(ref, shape=(ref.shape[0] + 1, *ref.shape[1:]))
+        return refs
+
+    monkeypatch.setattr(streaming, "_read_weights", lying)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VerificationError, match=f"{SHARDS[1]}: its tensors differ from those of the index"):
+        _stream(shared, tmp_path, "alice/planned-otherwise")
+    assert not HfApi(endpoint=shared.url, token=shared.tokens["alice"]).repo_exists("alice/planned-otherwise")
+    assert not list(tmp_path.glob("*.hubmerge-push"))
 
 
 def test_a_bin_base_whose_index_is_damaged_is_refused_in_one_line_before_the_merge(shared, tmp_path, models):
