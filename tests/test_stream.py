@@ -49,16 +49,26 @@ def shared(hub, models):
     return hub
 
 
-@pytest.fixture
-def slow_hub(tmp_path, models, monkeypatch):
-    """A local Hub throttled to 300 kB/s each way (the tiny base takes ~1 s to download), with the recipe published."""
+def _throttled_hub(tmp_path, models, monkeypatch, rate: int):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    with LocalHub(tmp_path / "slow-hub", bandwidth=300_000) as server:
+    with LocalHub(tmp_path / "slow-hub", bandwidth=rate) as server:
         server.tokens = {name: server.add_user(name) for name in ("hfl", "alice")}
         _publish(server, models)
         yield server
+
+
+@pytest.fixture
+def slow_hub(tmp_path, models, monkeypatch):
+    """A local Hub throttled to 300 kB/s each way (the tiny base takes ~1 s to download), with the recipe published."""
+    yield from _throttled_hub(tmp_path, models, monkeypatch, 300_000)
+
+
+@pytest.fixture
+def slower_hub(tmp_path, models, monkeypatch):
+    """The same at 60 kB/s: a base shard takes ~1 s, so a test can act while it is still arriving."""
+    yield from _throttled_hub(tmp_path, models, monkeypatch, 60_000)
 
 
 def _repo_files(server, repo: str) -> dict[str, str]:
@@ -459,13 +469,13 @@ def test_cli_push_without_out_leaves_neither_output_nor_downloads(shared, tmp_pa
     assert len([n for n in files if n.endswith(".safetensors")]) >= 6 and "hubmerge.json" in files
 
 
-def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub, tmp_path, models, monkeypatch):
+def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slower_hub, tmp_path, models, monkeypatch):
     # The CLI waits on this event before importing torch (both hold the GIL): it must come as the first shard's
     # bytes start to arrive, not when they have all arrived, and at once when there is nothing to download.
     from hubmerge import headstart
     from hubmerge.inputs.hub import hub_from_args
 
-    hub = hub_from_args(slow_hub.tokens["alice"], tmp_path / "cache", slow_hub.url)
+    hub = hub_from_args(slower_hub.tokens["alice"], tmp_path / "cache", slower_hub.url)
     landed: list[float] = []
     download = headstart.download_verified
 
@@ -479,7 +489,7 @@ def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub,
     assert begun.wait(30)
     at = time.monotonic()
     deadline = time.monotonic() + 30
-    while not landed and time.monotonic() < deadline:  # 66 kB at 300 kB/s: ~0.2 s after the first bytes
+    while not landed and time.monotonic() < deadline:  # 66 kB at 60 kB/s: ~1 s after the first bytes
         time.sleep(0.01)
     assert landed and at < landed[0], "set only after the first shard had fully arrived"
     assert (_snapshot(tmp_path / "cache", SHARDED) / SHARDS[0]).is_file()
@@ -488,7 +498,7 @@ def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slow_hub,
     assert local.begun.wait(5), "nothing to download: the import should not wait"
 
 
-def test_a_run_that_fails_first_cancels_the_head_start_leaving_nothing_half_written(slow_hub, tmp_path, monkeypatch):
+def test_a_run_that_fails_first_cancels_the_head_start_leaving_nothing_half_written(slower_hub, tmp_path, monkeypatch):
     # A push that fails early (a bad adapter, say) exits while the head start is still downloading: at exit it is
     # cancelled, and its partial file goes, instead of staying in the cache under a name no run will resume.
     from hubmerge import headstart
@@ -496,7 +506,7 @@ def test_a_run_that_fails_first_cancels_the_head_start_leaving_nothing_half_writ
     from hubmerge.inputs.hub import hub_from_args
 
     monkeypatch.setattr(download, "CHUNK", 16 * 1024)  # progress reports (where a cancel is noticed) every 16 kB
-    hub = hub_from_args(slow_hub.tokens["alice"], tmp_path / "cache", slow_hub.url)
+    hub = hub_from_args(slower_hub.tokens["alice"], tmp_path / "cache", slower_hub.url)
     started = headstart.head_start(SHARDED, hub, "alice/head-start-cancelled", overwrite=False)
     assert started.begun.wait(30)
     started.cancel()  # what the exit does
