@@ -191,7 +191,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     record = source.remote[name]
     tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    # Its own hashing and writing threads: the shared hashing thread is busy with the output shards the merge
+    # Its own hashing and writing threads: the outputs' hashing thread is busy with the output shards the merge
     # writes meanwhile, and a download queued behind them would hold up both.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-write")
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-download-hash")

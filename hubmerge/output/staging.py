@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from ..plan import MergePlan, dtype_name
 from ..progress import Progress
 from ..resources import check_disk, check_memory
 from ..sizes import format_size
-from ..verification.hashing import file_digest
+from ..verification.hashing import file_digest, submit
 from .formats import format_folder
 from .recipe import RECIPE_NAME, build_recipe, hash_inputs, input_files, tool_versions, write_recipe
 from .writers import Writer, make_writer
@@ -334,10 +333,9 @@ def write_outputs(
     options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
     journal = Journal(staging, fingerprint(plan, [p for files in input_files(plan) for p in files], options))
     writers: list[Writer] = []
-    # Not the hashing thread (verification.hashing.submit): the outputs' hashes are queued there as shards close, and
-    # a shard's close would wait behind a whole pass over the inputs. Inputs the hash cache knows cost nothing here.
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-input-hash")
-    pending = background.submit(hash_inputs, plan, inputs.sources)
+    # After the CLI's prehash jobs on the same thread (it waits for their results); inputs the hash cache knows cost
+    # nothing here.
+    pending = submit(hash_inputs, plan, inputs.sources, inputs=True)
     try:
         folders = {f: staging / format_folder(f) if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
@@ -382,5 +380,6 @@ def write_outputs(
             ) from None
         raise
     finally:
-        background.shutdown(cancel_futures=True)
+        if not pending.cancel():  # under way: let it end (it only reads), so no thread outlives the write
+            pending.exception()
     return Written({f: out_dir / folders[f].relative_to(staging) for f in formats}, files, journal.kept)

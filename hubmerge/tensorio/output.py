@@ -26,7 +26,7 @@ class OutputFile:
     """A new binary file written front to back, never patched (``write``, ``tell``, ``flush``, ``fileno``,
     ``close``; a zip is written with data descriptors, see :class:`~hubmerge.tensorio.torchzip.TorchZipWriter`).
 
-    SHA256: the bytes are hashed in file order on the hashing thread while the writing thread goes on: each large
+    SHA256: the bytes are hashed in file order on the outputs' hashing thread while the writer goes on: each large
     write is hashed from the caller's buffer while it is being written, a small one from a copy. A failed hashing job
     makes :meth:`digest` return None: callers then hash the file.
 

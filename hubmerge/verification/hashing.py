@@ -44,19 +44,20 @@ def _read_into(path: Path, hashers: Iterable[Any], progress: Callable[[int], obj
                 progress(len(chunk))
 
 
-# The hashing thread: one for the process, so hashing never takes more than one core from the merge.
-_POOL: ThreadPoolExecutor | None = None
+# The hashing threads: one for the outputs (a shard's close waits for its hash), one for the inputs (the recipe's
+# hashes), so that an output never waits behind a pass over the inputs and hashing takes a core per side at most.
+_POOLS: dict[bool, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def submit(job: Callable[..., Any], *args: Any) -> Future:
-    """Run ``job(*args)`` on the hashing thread. Jobs run one at a time, in the order they were submitted, so a job
-    must never wait for another one (it would wait forever)."""
-    global _POOL
+def submit(job: Callable[..., Any], *args: Any, inputs: bool = False) -> Future:
+    """Run ``job(*args)`` on the outputs' hashing thread (with ``inputs``, on the inputs'). Each thread runs its jobs
+    one at a time, in the order they were submitted, so a job must never wait for a later one of the same thread."""
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-hash")
-        return _POOL.submit(job, *args)
+        if inputs not in _POOLS:
+            name = "hubmerge-input-hash" if inputs else "hubmerge-hash"
+            _POOLS[inputs] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        return _POOLS[inputs].submit(job, *args)
 
 
 Key = tuple[int, int, int, int, int]
@@ -197,7 +198,8 @@ _READAHEAD_BYTES = [4 * 2**30]  # what prehash may still ask the kernel to read 
 
 
 def prehash(folders: Iterable[str | Path]) -> None:
-    """Start hashing (SHA256, on the hashing thread) the weight files of whichever of ``folders`` exist locally.
+    """Start hashing (SHA256, on the inputs' hashing thread) the weight files of whichever of ``folders`` exist
+    locally.
 
     The CLI calls this before importing torch: the import keeps one core busy for seconds, during which the other
     reads and hashes the inputs the recipe must record, leaving them in the page cache for the merge. Files the hash
@@ -211,7 +213,7 @@ def prehash(folders: Iterable[str | Path]) -> None:
             if path.suffix in PREHASH_SUFFIXES and path.is_file():
                 key = file_key(path.stat())
                 if key not in _EARLY:
-                    _EARLY[key] = submit(_sha256, path, None, True)
+                    _EARLY[key] = submit(_sha256, path, None, True, inputs=True)
 
 
 def _sha256(path: Path, progress: Callable[[int], object] | None = None, read_ahead: bool = False) -> str:
