@@ -365,15 +365,6 @@ def _download_verified(source: Source, name: str, hub: Hub, progress: Progress) 
     raise AssertionError("unreachable")
 
 
-def _sha256_with_progress(path: Path, name: str, progress: Progress) -> str:
-    """SHA256 of a downloaded file, reported as a task of its own for big ones (a 10 GB shard takes a while)."""
-    size = path.stat().st_size
-    if size < _VERIFY_BAR_BYTES:
-        return file_digest(path)
-    with progress.task("verify", name, size) as update:
-        return file_digest(path, progress=update)
-
-
 def mismatch(source: Source, name: str, local: Path, progress: Progress, *, sha256: str | None = None) -> str | None:
     """What is wrong with a downloaded file (None when it matches the Hub's record and the known-hash table);
     records its SHA256 in ``source.hashes``. ``sha256``: the file's digest when the caller hashed it as it arrived
@@ -386,10 +377,14 @@ def mismatch(source: Source, name: str, local: Path, progress: Progress, *, sha2
     size = local.stat().st_size
     if size != record.size:
         return f"size {size} differs from the Hub's {record.size}"
-    shown = False  # whether hashing had a task of its own (a big file read again)
+    # A big file read again to hash it gets a task of its own (a 10 GB shard takes a while)
+    shown = bool(record.sha256) and sha256 is None and size >= _VERIFY_BAR_BYTES
     if record.sha256:
-        shown = sha256 is None and size >= _VERIFY_BAR_BYTES
-        digest = sha256 or _sha256_with_progress(local, name, progress)
+        if shown:
+            with progress.task("verify", name, size) as update:
+                digest = file_digest(local, progress=update)
+        else:
+            digest = sha256 or file_digest(local)
         if digest != record.sha256:
             return f"SHA256 {digest[:16]}... differs from the Hub's {record.sha256[:16]}..."
     else:
