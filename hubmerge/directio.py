@@ -124,7 +124,31 @@ class DirectAppender:
 _WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubmerge-direct-write")
 
 
-class DirectReader(io.BufferedIOBase):
+class Positioned:
+    """The position keeping of a seekable reader that reads at ``_pos`` (``readable``, ``seekable``, ``tell``,
+    ``seek``, never before the start); the reader says how long its file is (:meth:`_size`)."""
+
+    _pos = 0
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size()}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+
+class DirectReader(Positioned, io.BufferedIOBase):
     """A file read front to back (and rewound by retries) with O_DIRECT, ``STAGE_BYTES`` at a time into one aligned
     buffer: what an upload reads through (``read``, ``readinto``, ``seek``, ``tell``, ``fileno``). ``on_read`` is
     told how many bytes each read returned. Falls back to ordinary reads where the filesystem refuses O_DIRECT."""
@@ -139,26 +163,15 @@ class DirectReader(io.BufferedIOBase):
         self._len = 0  # valid bytes in the buffer
         self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def fileno(self) -> int:
         return self._fd
 
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: os.fstat(self._fd).st_size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
-            size = max(0, os.fstat(self._fd).st_size - self._pos)
+            size = max(0, self._size() - self._pos)
         start = self._pos - self._at
         if 0 <= start and start + size <= self._len:  # the usual upload read: one copy, out of the buffer
             self._pos += size

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx2
 
-from ..directio import STAGE_BYTES, DirectAppender
+from ..directio import STAGE_BYTES, DirectAppender, Positioned
 from ..errors import CorruptFileError, VerificationError
 from ..progress import Progress
 from ..verification.hashing import remember
@@ -93,7 +93,7 @@ def read_range(source: Source, name: str, hub: Hub, start: int, end: int) -> byt
     return bytes(data[: end - start])
 
 
-class RemoteFile(io.RawIOBase):
+class RemoteFile(Positioned, io.RawIOBase):
     """A Hub file read by range requests, for a parser that seeks about a file it only needs a little of (the zip
     directory and ``data.pkl`` of a torch checkpoint). Reads are widened to ``chunk`` bytes (near the end, to the
     file's last ``chunk`` bytes, where a zip keeps its directory) and every chunk is kept, so the parser's many small
@@ -112,19 +112,8 @@ class RemoteFile(io.RawIOBase):
         self._chunks: list[tuple[int, bytes]] = []  # (file offset, bytes) of every range fetched
         self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+    def _size(self) -> int:
+        return self.size
 
     def readinto(self, b) -> int:
         out = memoryview(b).cast("B")
