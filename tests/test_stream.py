@@ -94,10 +94,10 @@ def _uploads(server) -> list[str]:
     ]
 
 
-def _stream(server, tmp_path, repo: str, **kw):
+def _stream(server, tmp_path, repo: str, base: str = SHARDED, **kw):
     return merge(
         [LLAMA, ALPACA],
-        SHARDED,
+        base,
         push_to=repo,
         max_shard_size=OUT_SHARD,
         token=server.tokens["alice"],
@@ -236,17 +236,7 @@ def test_a_bin_base_streams_shard_by_shard_into_the_files_a_local_merge_writes(s
     monkeypatch.setattr(streaming, "download_verified", download_and_count)
     monkeypatch.chdir(tmp_path)
     before = len(shared.requests)
-    result = merge(
-        [LLAMA, ALPACA],
-        repo,
-        push_to="alice/bin-streamed",
-        max_shard_size=OUT_SHARD,
-        keep_downloads=False,
-        token=shared.tokens["alice"],
-        endpoint=shared.url,
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
+    result = _stream(shared, tmp_path, "alice/bin-streamed", base=repo, keep_downloads=False)
     pushed = _repo_files(shared, "alice/bin-streamed")
     written = sorted(p.name for p in ref.iterdir() if p.name.startswith("model"))
     assert len(written) >= 5 and all(n in pushed for n in written)
@@ -379,17 +369,7 @@ def test_only_this_runs_downloads_are_removed(shared, tmp_path, models, monkeypa
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    result = merge(
-        [LLAMA, ALPACA],
-        repo,
-        push_to="alice/cache-respected",
-        max_shard_size=OUT_SHARD,
-        token=shared.tokens["alice"],
-        endpoint=shared.url,
-        cache_dir=cache,
-        progress=False,
-        keep_downloads=False,
-    )
+    result = _stream(shared, tmp_path, "alice/cache-respected", base=repo, keep_downloads=False)
     assert any("removed 2 base shards" in line for line in result.summary())
     for name, (link, blob, ino, mtime) in before.items():  # untouched, link and content
         assert link.is_file() and blob.stat().st_ino == ino and blob.stat().st_mtime_ns == mtime, name
