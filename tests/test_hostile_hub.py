@@ -322,8 +322,8 @@ def test_failed_verification_never_deletes_a_file_outside_the_cache(scene, hub):
 STREAM_WEIGHTS = "model.safetensors"
 
 
-def _stream(scene: Scene, repo: str) -> subprocess.CompletedProcess:
-    return scene.run(LLAMA, "--base", BASE, "--push-to", repo, "--out", scene.tmp / "out", "-q")
+def _stream(scene: Scene, repo: str, base: str = BASE) -> subprocess.CompletedProcess:
+    return scene.run(LLAMA, "--base", base, "--push-to", repo, "--out", scene.tmp / "out", "-q")
 
 
 def test_streamed_base_with_an_endless_body_stops_at_its_size_in_one_line(scene, hub):
@@ -341,15 +341,25 @@ def test_streamed_base_with_an_endless_body_stops_at_its_size_in_one_line(scene,
     scene.assert_nothing_lost_or_run(before)
 
 
-def test_streamed_base_cut_then_resumed_from_a_server_that_ignores_range(scene, hub, tmp_path):
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_streamed_base_cut_then_resumed_from_a_server_that_ignores_range(scene, hub, models, tmp_path, weights):
     # Every answer from the start stops halfway (its Content-Length promises the rest); every ranged request, the
-    # resume and the header probes, gets the whole file with 200, as from a server that ignores Range: the bytes
-    # before the asked offset must be dropped, and the result is the same file.
-    whole = (hub.local["base"] / STREAM_WEIGHTS).read_bytes()
+    # resume and the index reads (a safetensors header, a .bin's zip directory at the file's end), gets the whole
+    # file with 200, as from a server that ignores Range: the bytes before the asked offset must be dropped, and the
+    # result is the same file.
+    base, folder, name = BASE, hub.local["base"], STREAM_WEIGHTS
+    if weights == "bin":
+        base, folder, name = "alice/llama-tiny-bin-hostile", models.base(weights="bin"), "pytorch_model.bin"
+        try:
+            hub.create_repo(base, private=True)
+            hub.commit_files(base, {p.name: p for p in sorted(folder.iterdir()) if p.is_file()})
+        except Exception:  # already published on the session's Hub
+            pass
+    whole = (folder / name).read_bytes()
     cut = []
 
     def ignore_range(x: Exchange) -> None:
-        if not _stream_get(x):
+        if not _stream_get(x, base, name):
             return
         if any(k.lower() == "range" for k in x.request_headers):
             x.status, x.body = 200, whole
@@ -359,23 +369,23 @@ def test_streamed_base_cut_then_resumed_from_a_server_that_ignores_range(scene, 
             x.body, x.declared = whole[: len(whole) // 2], len(whole)
 
     scene.proxy.rewrite = ignore_range
-    done = _stream(scene, "alice/range-ignored")
+    done = _stream(scene, f"alice/range-ignored-{weights}", base)
     assert done.returncode == 0, done.stderr
     assert cut, "the download was never cut"
     from hubmerge import merge
 
-    reference = merge([hub.local[LLAMA]], hub.local["base"], tmp_path / "reference", progress=False)
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        ours, theirs = scene.tmp / "out" / name, reference.out / name
+    reference = merge([hub.local[LLAMA]], folder, tmp_path / "reference", progress=False)
+    for out in ("model.safetensors", "model.safetensors.index.json"):
+        ours, theirs = scene.tmp / "out" / out, reference.out / out
         assert ours.exists() == theirs.exists()
         if ours.exists():
             assert ours.read_bytes() == theirs.read_bytes()
 
 
-def _stream_get(x: Exchange) -> bool:
+def _stream_get(x: Exchange, base: str = BASE, name: str = STREAM_WEIGHTS) -> bool:
     return (
         x.method == "GET"
         and "/resolve/" in x.path
-        and x.path.split("?")[0].endswith(f"/{STREAM_WEIGHTS}")
-        and (f"/{BASE}/" in x.path)
+        and x.path.split("?")[0].endswith(f"/{name}")
+        and (f"/{base}/" in x.path)
     )
