@@ -281,6 +281,8 @@ EXAMPLES = """examples:
   hubmerge ziqingyang/chinese-alpaca-lora-7b --base ./llama-hf
   hubmerge ziqingyang/chinese-llama-plus-lora-7b ziqingyang/chinese-alpaca-plus-lora-7b --base ./llama-hf \\
            --out ./alpaca-plus-7b --format hf,gguf --push-to you/chinese-alpaca-plus-7b
+  hubmerge ziqingyang/chinese-alpaca-lora-7b --base you/llama-7b-hf --push-to you/chinese-alpaca-7b
+           (no --out: Hub to Hub as one stream, a few shards on disk at a time)
   hubmerge org/adapter@v1.0 --base you/llama-7b-hf --dry-run
   hubmerge convert ./LLaMA/7B --out ./llama-7b-hf
   hubmerge demo"""
