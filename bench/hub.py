@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.shapes import SHAPES, folder_bytes, input_folders, result_path
 
@@ -154,15 +155,19 @@ def drop_repo(url: str, token: str, repo_id: str) -> None:
     HfApi(endpoint=url, token=token).delete_repo(repo_id, missing_ok=True)
 
 
+def _median(items: list, key) -> Any:
+    """The median item by ``key`` (the lower one of an even count: a round that ran, not an average)."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
+
+
 def median_run(done: list[dict]) -> dict:
     """One command's rounds as one result: the median wall time (every round's kept) and CPU times, the worst exit
     status and peak disk, and the log of the median round."""
-    ordered = sorted(done, key=lambda r: r["wall_s"])
-    mid = ordered[(len(ordered) - 1) // 2]
+    mid = _median(done, lambda r: r["wall_s"])
     result = {**mid, "walls_s": [r["wall_s"] for r in done], "exit": max(r["exit"] for r in done)}
     for key in ("cpu_s", "hub_cpu_s"):
         if key in mid:
-            result[key] = sorted(r[key] for r in done)[(len(done) - 1) // 2]
+            result[key] = _median([r[key] for r in done], float)
     if "peak_disk_gb" in mid:
         result["peak_disk_gb"] = max(r["peak_disk_gb"] for r in done)
     return result
@@ -219,7 +224,7 @@ def run_rate(rate: int, args, base: Path, adapter: Path, token: str, hub_root: P
         summary = Path(runs["stream"]["log"]).read_text(errors="replace").splitlines()
         runs["stream"]["summary"] = [line for line in summary if line.startswith(("stream:", "time:", "published:"))]
         floor = max(runs["download"]["wall_s"], runs["upload"]["wall_s"])
-        stream = runs["stream"]
+        stream, cores = runs["stream"], os.cpu_count() or 1
         return {
             "rate_bytes_s": rate,
             "runs": runs,
@@ -227,7 +232,8 @@ def run_rate(rate: int, args, base: Path, adapter: Path, token: str, hub_root: P
             "wall_over_floor": round(stream["wall_s"] / floor, 2),
             # The stream's CPU time and the local Hub's spread over every core: no schedule of that work on this
             # machine ends sooner. Near 1.3 x floor, the target asks for more than the machine has.
-            "cpu_bound_s": round((stream["cpu_s"] + stream["hub_cpu_s"]) / (os.cpu_count() or 1), 2),
+            "cores": cores,
+            "cpu_bound_s": round((stream["cpu_s"] + stream["hub_cpu_s"]) / cores, 2),
         }
     finally:
         server.stop()
@@ -259,7 +265,7 @@ def table(result: dict) -> str:
     for r in result["rates"]:
         cpu = " ".join(f"{n} {x['cpu_s']:.1f} + {x['hub_cpu_s']:.1f};" for n, x in r["runs"].items())
         lines.append(
-            f"{format_rate(r['rate_bytes_s']):>10} {cpu} stream's CPU over {os.cpu_count()} cores: {r['cpu_bound_s']:.2f} s"
+            f"{format_rate(r['rate_bytes_s']):>10} {cpu} stream's CPU over {r['cores']} cores: {r['cpu_bound_s']:.2f} s"
             f" = {r['cpu_bound_s'] / r['floor_s']:.2f} x max"
         )
     lines += ["", "targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["targets_met"].items())]
