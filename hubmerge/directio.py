@@ -95,7 +95,8 @@ class DirectAppender:
         return self._pending is None and (self.staged == 0 or self._flushed == self.at + self.staged)
 
     def stop(self) -> None:
-        """Write the buffered bytes through the page cache and leave O_DIRECT (to seek back, or read back)."""
+        """Write the buffered bytes through the page cache and leave O_DIRECT: the filesystem refused a direct write,
+        and the rest of the file goes through the page cache."""
         self.wait()
         self._fall_back()
         self._write(self._maps[self._cur], self.staged, self.staged, self.at)
