@@ -14,6 +14,7 @@ import fcntl
 import io
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -24,6 +25,30 @@ STAGE_BYTES = 16 * 2**20  # the aligned buffer of a direct file: big writes keep
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)  # what a filesystem without O_DIRECT answers
 _DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
 USE_DIRECT = bool(_DIRECT_FLAG)  # False: every file goes through the page cache (tests force the fallback)
+
+
+_SPARE_STAGES = 8  # stage buffers kept for reuse: as many as a streamed push has in use at once (128 MiB)
+_spare: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+
+
+def stage_buffer() -> mmap.mmap:
+    """A page-aligned buffer of ``STAGE_BYTES``, one a closed direct file gave back when there is one: fresh memory
+    costs ~1 CPU-s per GB at its first touch here (page faults, zeroing), a reused buffer nothing."""
+    with _spare_lock:
+        while _spare:
+            buffer = _spare.pop()
+            if len(buffer) == STAGE_BYTES:  # (tests change the size)
+                return buffer
+    return mmap.mmap(-1, STAGE_BYTES)
+
+
+def release_stage(buffer: mmap.mmap) -> None:
+    """Give back a :func:`stage_buffer` that nothing reads or writes any more (beyond the spares kept, it is left to
+    the garbage collector, which unmaps it once its last view is gone)."""
+    with _spare_lock:
+        if len(_spare) < _SPARE_STAGES:
+            _spare.append(buffer)
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -44,12 +69,12 @@ class DirectAppender:
     write in flight at a time); :meth:`flush` writes the partial buffer padded to ``ALIGN`` and cuts the file back to
     its real length. Where the filesystem refuses O_DIRECT (when opening or at a write), the bytes go through the
     page cache instead and :attr:`direct` is False (an owner that also seeks then stops using it). Call
-    :meth:`wait` before closing the file: a write may still be in flight."""
+    :meth:`close` before closing the file: a write may still be in flight, and the buffers go back for reuse."""
 
     def __init__(self, fd: int, at: int = 0):
         self.fd = fd
         self.direct = USE_DIRECT and _set_direct(fd, True)
-        self._maps = [mmap.mmap(-1, STAGE_BYTES), mmap.mmap(-1, STAGE_BYTES)]  # page-aligned
+        self._maps = [stage_buffer(), stage_buffer()]
         self._cur = 0  # the buffer being filled
         self._buf = np.frombuffer(self._maps[0], dtype=np.uint8)
         self._pending: Future[None] | None = None  # the write of the other buffer
@@ -88,6 +113,18 @@ class DirectAppender:
             self._buf[self.staged : padded] = 0
             self._write(self._maps[self._cur], padded if self.direct else self.staged, self.staged, self.at)
             os.ftruncate(self.fd, end)
+
+    def close(self) -> None:
+        """Wait for the write in flight (raising its error, if any) and give the buffers back; nothing is appended
+        after this."""
+        pending = self._pending
+        try:
+            self.wait()
+        finally:
+            if pending is None or pending.done():  # no thread writes from them any more
+                for buffer in self._maps:
+                    release_stage(buffer)
+            self._maps, self._buf = [], np.empty(0, dtype=np.uint8)
 
     @property
     def flushed(self) -> bool:
@@ -159,7 +196,7 @@ class DirectReader(Positioned, io.BufferedIOBase):
         self._raw, self.on_read = raw, on_read
         self._fd = raw.fileno()
         self._direct = USE_DIRECT and _set_direct(self._fd, True)
-        self._map = mmap.mmap(-1, STAGE_BYTES)  # page-aligned
+        self._map = stage_buffer()
         self._at = 0  # file offset of the buffer's first byte (a multiple of ALIGN)
         self._len = 0  # valid bytes in the buffer
         self._pos = 0
@@ -171,6 +208,8 @@ class DirectReader(Positioned, io.BufferedIOBase):
         return self._fd
 
     def read(self, size: int | None = -1) -> bytes:
+        if self.closed:  # its buffer may be another file's by now
+            raise ValueError("read of a closed file")
         if size is None or size < 0:
             size = max(0, self._size() - self._pos)
         start = self._pos - self._at
@@ -191,6 +230,8 @@ class DirectReader(Positioned, io.BufferedIOBase):
         return self.read(size)
 
     def readinto(self, b) -> int:
+        if self.closed:
+            raise ValueError("read of a closed file")
         out = memoryview(b).cast("B")
         if not self._at <= self._pos < self._at + self._len and not self._fill():
             return 0
@@ -217,6 +258,6 @@ class DirectReader(Positioned, io.BufferedIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._map.close()
+            release_stage(self._map)
             self._raw.close()
         super().close()

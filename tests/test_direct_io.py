@@ -156,3 +156,29 @@ def test_disk_full_mid_write_then_abort_raises_nothing_more(tmp_path, monkeypatc
     tries = len(calls)
     w.abort()
     assert len(calls) == tries and w.sha256 is None
+
+
+def test_closed_direct_files_give_their_buffers_to_the_next(tmp_path):
+    """Fresh memory is costly at its first touch: a closed appender's or reader's buffers serve the next file, and
+    a closed reader cannot read from a buffer that is another file's by now."""
+    with open(tmp_path / "a", "wb") as f:
+        first = direct.DirectAppender(f.fileno())
+        first.append(memoryview(b"x" * (STAGE + 5)))
+        first.flush(STAGE + 5)
+        used = {id(b) for b in first._maps}
+        first.close()
+    with open(tmp_path / "b", "wb") as f:
+        second = direct.DirectAppender(f.fileno())
+        assert {id(b) for b in second._maps} == used
+        second.append(memoryview(b"y" * 7))
+        second.flush(7)
+        second.close()
+    assert (tmp_path / "a").read_bytes() == b"x" * (STAGE + 5) and (tmp_path / "b").read_bytes() == b"y" * 7
+
+    reader = direct.DirectReader(open(tmp_path / "a", "rb", buffering=0))
+    assert reader.read(STAGE + 5) == b"x" * (STAGE + 5)
+    buffer = reader._map
+    reader.close()
+    with pytest.raises(ValueError):
+        reader.read(1)
+    assert direct.stage_buffer() is buffer

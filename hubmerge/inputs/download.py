@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx2
 
-from ..directio import STAGE_BYTES, DirectAppender, Positioned
+from ..directio import STAGE_BYTES, DirectAppender, Positioned, release_stage, stage_buffer
 from ..errors import CorruptFileError, VerificationError
 from ..progress import Progress
 from ..verification.hashing import remember
@@ -179,6 +179,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     of its own): receiving never waits for the disk or the hash unless both buffers are still busy."""
     record = source.remote[name]
     tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    stages = [stage_buffer(), stage_buffer()]  # the receiving buffers
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     # Its own hashing and writing threads: the outputs' hashing thread is busy with the output shards the merge
     # writes meanwhile, and a download queued behind them would hold up both.
@@ -187,7 +188,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     out = None
     try:
         sha, out = hashlib.sha256(), DirectAppender(fd)
-        buffers = [memoryview(bytearray(CHUNK)) for _ in range(2)]
+        buffers = [memoryview(stage) for stage in stages]
         busy: list[list[Future]] = [[], []]
         current, filled, total = 0, 0, 0
 
@@ -233,8 +234,10 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     finally:
         for pool in (writer, hasher):
             pool.shutdown(wait=True, cancel_futures=True)
+        for stage in stages:  # no job reads them any more
+            release_stage(stage)
         if out is not None:
             with contextlib.suppress(OSError):  # no write may outlive the file descriptor
-                out.wait()
+                out.close()
         os.close(fd)
         tmp.unlink(missing_ok=True)

@@ -43,7 +43,10 @@ class OutputFile:
         self._direct: DirectAppender | None = None
         if direct and USE_DIRECT:
             appender = DirectAppender(self._raw.fileno())
-            self._direct = appender if appender.direct else None
+            if appender.direct:
+                self._direct = appender
+            else:
+                appender.close()
         self._end = 0  # bytes in the file (where the next write goes)
         self._advised = 0  # [0, _advised) was handed to writeback (hashing thread only)
         self._valid = True
@@ -106,7 +109,7 @@ class OutputFile:
         finally:
             if self._direct is not None:
                 with contextlib.suppress(OSError):  # no write may outlive the file (an abort: its error is moot)
-                    self._direct.wait()
+                    self._direct.close()
             self._direct = None
             self._raw.close()
 
@@ -124,6 +127,7 @@ class OutputFile:
         if self._direct is not None:
             end = self._direct.at + self._direct.staged
             self._direct.stop()
+            self._direct.close()
             self._direct = None
             self._raw.seek(end)  # direct writes were positioned: the file's own offset never moved
 

@@ -794,7 +794,7 @@ class HubStorage:
                     out.flush(size)
                 finally:
                     with contextlib.suppress(OSError):  # no write may outlive the file (flush raised its error)
-                        out.wait()
+                        out.close()
             sha = h.hexdigest()
             if expected_size is not None and size != expected_size:
                 raise BadRequest(f"Size mismatch: expected {expected_size} bytes, received {size}")
