@@ -23,6 +23,7 @@ from .tensorio.source import row_count
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # fp32 working size of one block: big enough for full-speed I/O
 QUEUE_BLOCKS = 3  # blocks computed ahead of the writer
+READ_AHEAD = 2  # input blocks read ahead of the merge, on the reading thread
 CHUNK_ELEMS = 512 * 1024  # fp32 elements updated at once (2 MB: stays in the CPU's cache)
 
 
@@ -51,13 +52,14 @@ class BufferPool:
             self._free.put(None)  # allocated on first use, at the size the first block needs
         self.failed = threading.Event()
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, stop: threading.Event | None = None) -> torch.Tensor:
+        """A buffer of at least ``nbytes``, once one is free; raises once the writer failed (or ``stop`` is set)."""
         while True:
             try:
                 buf = self._free.get(timeout=0.1)
                 break
             except queue.Empty:
-                if self.failed.is_set():
+                if self.failed.is_set() or (stop is not None and stop.is_set()):
                     raise RuntimeError("the writer thread stopped") from None
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -182,16 +184,18 @@ def _apply(term: _Term, w: torch.Tensor, a: int, b: int) -> None:
             w.mul_((term.magnitude[a:b] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
 
 
-def _column_factors(source, terms: list[_Term], step: int) -> None:
+def _column_factors(reader: _Reader, index: int, rows: int, terms: list[_Term], step: int) -> None:
     """DoRA on an embedding scales each column by magnitude / that column's norm over every row: for each such term,
-    one pass over the tensor (with the terms before it applied) sums the squares first. Memory: one block."""
-    rows = row_count(source.shape)
+    one pass over the tensor (``index``, from ``reader``; with the terms before it applied) sums the squares first.
+    Memory: one block."""
     for j, term in enumerate(terms):
         if not term.columns or term.magnitude is None:
             continue
         squares = torch.zeros_like(term.magnitude)
         for start in range(0, rows, step):
-            w = source.read(start, min(start + step, rows)).float()
+            raw, buf = reader.take(index, start)
+            w = raw.float()
+            reader.give(buf)
             for t in terms[: j + 1]:  # this term's factor is not set yet: W + delta
                 _apply(t, w, start, start + w.shape[0])
             squares += w.square().sum(dim=0)
@@ -218,6 +222,108 @@ def _add_factors(raw: torch.Tensor, out: torch.Tensor, terms: list[_Term], start
     return finite
 
 
+def _column_passes(tensor: TensorPlan) -> int:
+    """How many DoRA embedding terms the tensor has: its rows are read once more for each (their column norms)."""
+    return sum(t.pair.kind == "embedding" and len(t.pair.tensors) > 2 for t in tensor.terms)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Rows ``[start, stop)`` of plan tensor ``index``, read as they are into a block of the output
+    (``passthrough``) or into a raw input buffer for the arithmetic."""
+
+    index: int
+    start: int
+    stop: int
+    passthrough: bool
+
+
+def _input_steps(plan: MergePlan, todo: Sequence[int], block_bytes: int) -> list[_Step]:
+    """Every block of input rows :func:`merge_blocks` reads, in the order it reads them."""
+    steps = []
+    for index in todo:
+        tensor = plan.tensors[index]
+        rows = row_count(tensor.shape)
+        step = block_rows(tensor.shape, plan.base.head_dim, block_bytes)
+        passthrough = not tensor.terms and tensor.source.dtype == plan.out_dtype(tensor)
+        for _ in range(_column_passes(tensor)):
+            steps += [_Step(index, a, min(a + step, rows), False) for a in range(0, rows, step)]
+        steps += [_Step(index, a, min(a + step, rows), passthrough) for a in range(0, rows, step)]
+    return steps
+
+
+class _Reader:
+    """Reads the input rows of :func:`_input_steps` on a thread of its own, up to ``READ_AHEAD`` blocks ahead of
+    the merge: the copy out of the page cache, a wait for the disk or for a shard still downloading happen there,
+    while the merge thread computes. A failed read is raised by :meth:`take`, where the merge would have read.
+
+    A pass-through block is read into an ``out`` pool buffer (it goes to the writer as it is); every other block
+    into one of this reader's own buffers, which the merge gives back (:meth:`give`) once it is done with it."""
+
+    def __init__(self, plan: MergePlan, steps: list[_Step], out: BufferPool | None) -> None:
+        self._plan, self._steps, self._out = plan, steps, out
+        self._raw = BufferPool(READ_AHEAD + 1)  # queued + being read + being merged
+        self._ready: queue.Queue[tuple[_Step, torch.Tensor | None, torch.Tensor | None, BaseException | None]]
+        self._ready = queue.Queue(maxsize=READ_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hubmerge-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        order = list(dict.fromkeys(step.index for step in self._steps))
+        following = dict(zip(order, order[1:], strict=False))
+        current = -1
+        for step in self._steps:
+            data = buffer = None
+            error: BaseException | None = None
+            try:
+                source = self._plan.tensors[step.index].source
+                if step.index != current:  # the disk reads the next tensor while this one is read and merged
+                    current = step.index
+                    if current in following:
+                        self._plan.tensors[following[current]].source.prefetch()
+                nbytes = (step.stop - step.start) * _numel(source.shape[1:]) * source.dtype.itemsize
+                pool = self._out if step.passthrough else self._raw
+                if pool is None:  # pass-through blocks without a pool are the caller's to keep: fresh ones
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                else:
+                    buffer = pool.take(nbytes, self._stop)
+                data = source.read_into(buffer, step.start, step.stop)
+            except BaseException as exc:  # raised on the merge thread, where it reads this block
+                error = exc
+            while not self._stop.is_set():
+                try:
+                    self._ready.put((step, data, buffer, error), timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if error is not None or self._stop.is_set():
+                return
+
+    def take(self, index: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of tensor ``index`` from row ``start`` (the next step) and the buffer holding them."""
+        while True:
+            try:
+                step, data, buffer, error = self._ready.get(timeout=0.2)  # a timed wait keeps Ctrl-C working
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._ready.empty():
+                    raise RuntimeError("the reading thread stopped") from None
+        if error is not None:
+            raise error
+        assert (step.index, step.start) == (index, start) and data is not None, "merge and reader out of step"
+        return data, buffer
+
+    def give(self, buffer: torch.Tensor | None) -> None:
+        self._raw.give(buffer)
+
+    def close(self) -> None:
+        """Stop reading: the merge ended (the thread is done) or failed. A read still waiting for a shard that is
+        downloading is not waited for: the thread ends at its next step, touching nothing the merge uses."""
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
 RUNTIME_BYTES = 320 * 2**20  # python, torch and hubmerge themselves (measured: ~300 MB before the first block)
 
 
@@ -233,7 +339,8 @@ def estimate_memory(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, dep
         largest_out = max(largest_out, n * plan.out_dtype(t).itemsize)
         largest_in = max(largest_in, n * t.source.dtype.itemsize)
         factors = max(factors, sum(4 * _numel(r.shape) for x in t.terms for r in x.pair.tensors))
-    return RUNTIME_BYTES + (depth + 2) * largest_out + largest_in + CHUNK_ELEMS * 4 + 2 * factors
+    blocks = (depth + 2 + READ_AHEAD + 1) * largest_out + (READ_AHEAD + 1) * largest_in
+    return RUNTIME_BYTES + blocks + CHUNK_ELEMS * 4 + 2 * factors
 
 
 def merge_blocks(
@@ -255,7 +362,7 @@ def merge_blocks(
         CorruptFileError: an adapter tensor is NaN/Inf, or a file is truncated.
     """
     align = plan.base.head_dim
-    scratch: dict[str, torch.Tensor] = {}  # reused between blocks: raw input rows, the fp32 work block
+    scratch: dict[str, torch.Tensor] = {}  # reused between blocks: the fp32 work block
 
     def buffer(key: str, nbytes: int) -> torch.Tensor:
         buf = scratch.get(key)
@@ -264,54 +371,51 @@ def merge_blocks(
         return buf
 
     todo = [i for i in range(len(plan.tensors)) if i not in skip]
-
-    def prefetch(index: int) -> None:  # the disk reads the next tensor while this one is merged
-        if index < len(todo):
-            plan.tensors[todo[index]].source.prefetch()
-
-    prefetch(0)
-    for position, index in enumerate(todo):
-        tensor = plan.tensors[index]
-        prefetch(position + 1)
-        source, out_dtype = tensor.source, plan.out_dtype(tensor)
-        factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
-        rows = row_count(tensor.shape)
-        step = block_rows(tensor.shape, align, block_bytes)
-        if any(t.columns for t in factors):
-            _column_factors(source, factors, step)
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
-            n = (stop - start) * (_numel(tensor.shape) // rows if rows else 0)
-            out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
-            out = out_buf[: n * out_dtype.itemsize].view(out_dtype).reshape(shape) if out_buf is not None else None
-            if not factors and source.dtype == out_dtype:  # pass-through: bytes, no arithmetic
-                if out_buf is not None:
-                    block = source.read_into(out_buf, start, stop)
+    reader = _Reader(plan, _input_steps(plan, todo, block_bytes), pool)
+    try:
+        for index in todo:
+            tensor = plan.tensors[index]
+            out_dtype = plan.out_dtype(tensor)
+            factors = _factors(plan, tensor, join=out_dtype.itemsize < 4)
+            rows = row_count(tensor.shape)
+            step = block_rows(tensor.shape, align, block_bytes)
+            if _column_passes(tensor):
+                _column_factors(reader, index, rows, factors, step)
+            for start in range(0, rows, step):
+                stop = min(start + step, rows)
+                shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
+                n = (stop - start) * (_numel(tensor.shape) // rows if rows else 0)
+                raw, raw_buf = reader.take(index, start)
+                if not factors and tensor.source.dtype == out_dtype:  # pass-through: read into the block itself
+                    block, out_buf = raw, (raw_buf if pool is not None else None)
                 else:
-                    block = source.read(start, stop)
-                    if out is not None:
-                        block = out.copy_(block)
-            else:
-                raw = source.read_into(buffer("raw", n * source.dtype.itemsize), start, stop)
-                if out is None:
-                    out = torch.empty(shape, dtype=out_dtype)
-                if factors:
-                    finite = _add_factors(raw, out, factors, start, buffer("work", CHUNK_ELEMS * 4).view(torch.float32))
-                else:
-                    out.copy_(raw)
-                block = out
-            if tensor.changed and block.is_floating_point() and not (finite if factors else _finite(block)):
-                if pool is not None:
-                    pool.give(out_buf)
-                origin = (
-                    tensor.origin if not factors else ", ".join(plan.adapters[t.adapter].label for t in tensor.terms)
-                )
-                raise IncompatibleError(
-                    f"{tensor.name}: the merge gives NaN/Inf in {str(out_dtype).removeprefix('torch.')} "
-                    f"(from {origin}); the adapter is damaged or its values overflow: try --dtype bfloat16"
-                )
-            yield Block(index, tensor.name, start, block, out_buf)
+                    out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
+                    if out_buf is not None:
+                        out = out_buf[: n * out_dtype.itemsize].view(out_dtype).reshape(shape)
+                    else:
+                        out = torch.empty(shape, dtype=out_dtype)
+                    if factors:
+                        work = buffer("work", CHUNK_ELEMS * 4).view(torch.float32)
+                        finite = _add_factors(raw, out, factors, start, work)
+                    else:
+                        out.copy_(raw)
+                    reader.give(raw_buf)
+                    block = out
+                if tensor.changed and block.is_floating_point() and not (finite if factors else _finite(block)):
+                    if pool is not None:
+                        pool.give(out_buf)
+                    origin = (
+                        tensor.origin
+                        if not factors
+                        else ", ".join(plan.adapters[t.adapter].label for t in tensor.terms)
+                    )
+                    raise IncompatibleError(
+                        f"{tensor.name}: the merge gives NaN/Inf in {str(out_dtype).removeprefix('torch.')} "
+                        f"(from {origin}); the adapter is damaged or its values overflow: try --dtype bfloat16"
+                    )
+                yield Block(index, tensor.name, start, block, out_buf)
+    finally:
+        reader.close()
 
 
 def merge_into(
