@@ -158,6 +158,42 @@ class DirectAppender:
                 nbytes = min(nbytes, real)  # and no padding
 
 
+def pread_direct(path: os.PathLike | str, offset: int, nbytes: int, buffer: memoryview) -> int | None:
+    """Read the ``nbytes`` at ``offset`` of ``path`` with O_DIRECT into ``buffer`` (page-aligned, with room for the
+    aligned stretch around them: ``nbytes + 2 * ALIGN``). Returns where in ``buffer`` they start, or None when the
+    file cannot be read that way (no O_DIRECT, a refusing filesystem, a buffer too small): read them another way.
+    Fewer bytes than asked (the file is shorter) raise ``EOFError``."""
+    start = offset - offset % ALIGN
+    length = -(-(offset + nbytes - start) // ALIGN) * ALIGN
+    if not USE_DIRECT or len(buffer) < length:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | _DIRECT_FLAG)
+    except OSError as exc:
+        if exc.errno in _REFUSED:
+            return None
+        raise
+    try:
+        done = 0
+        while done < length:
+            try:
+                got = os.preadv(fd, [buffer[done:length]], start + done)
+            except OSError as exc:
+                if exc.errno in _REFUSED and done == 0:
+                    return None
+                raise
+            if got == 0:
+                break
+            done += got
+            if done % ALIGN:  # a short read ends at the end of the file
+                break
+    finally:
+        os.close(fd)
+    if done < offset - start + nbytes:
+        raise EOFError(done - (offset - start))
+    return offset - start
+
+
 # The writing threads of every DirectAppender (each has at most one write in flight).
 _WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubmerge-direct-write")
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .directio import ALIGN
 from .errors import CorruptFileError, IncompatibleError
 from .model.adapters import LoraPair
 from .plan import MergePlan, TensorPlan
-from .tensorio.source import row_count
+from .tensorio.source import aligned_buffer, row_count
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # fp32 working size of one block: big enough for full-speed I/O
 QUEUE_BLOCKS = 3  # blocks computed ahead of the writer
@@ -61,8 +62,8 @@ class BufferPool:
             except queue.Empty:
                 if self.failed.is_set() or (stop is not None and stop.is_set()):
                     raise RuntimeError("the writer thread stopped") from None
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+        if buf is None or buf.numel() < nbytes + 2 * ALIGN:
+            buf = aligned_buffer(nbytes)  # a block may be read into it with O_DIRECT
         return buf
 
     def give(self, buf: torch.Tensor | None) -> None:

@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +222,14 @@ class ShardFeed:
     def _fetch(self, shard: _Shard) -> None:
         """Download ``shard`` (hashed as it arrives: verified when its last byte lands) or verify the cached copy,
         then check it holds the tensors planned with, and read them from it from now on."""
-        if shard.fresh and self.source.remote[shard.name].sha256:
+        downloaded = shard.fresh and bool(self.source.remote[shard.name].sha256)
+        if downloaded:
             local = download_verified(self.source, shard.name, self.hub, self.progress)
         else:
             local = fetch_file(self.source, shard.name, self.hub, self.progress)
         refs = _read_weights(local)
+        if downloaded:  # written with O_DIRECT and read once: the merge reads it the same way, past the page cache
+            refs = {name: replace(ref, direct=True) for name, ref in refs.items()}
         if _layout(refs) != _layout(shard.refs):
             raise VerificationError(
                 f"{self.source.label}/{shard.name}: its tensors differ from those of the index the Hub served "

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hubmerge import directio as direct
+from hubmerge.errors import CorruptFileError
 from hubmerge.tensorio import SafetensorsWriter, TorchZipWriter, output
 from hubmerge.tensorio.source import Entry
 
@@ -182,3 +183,42 @@ def test_closed_direct_files_give_their_buffers_to_the_next(tmp_path):
     with pytest.raises(ValueError):
         reader.read(1)
     assert direct.stage_buffer() is buffer
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_downloaded_shard_is_read_past_the_page_cache_with_the_same_rows(tmp_path, monkeypatch, refuse):
+    """The merge reads a shard this run downloaded with O_DIRECT (TensorRef.direct), into an aligned buffer: every
+    block of rows, at any offset, equals an ordinary read; a filesystem refusing O_DIRECT gets ordinary reads; a
+    file cut short is refused in one line naming it."""
+    from dataclasses import replace
+
+    from hubmerge.tensorio.safetensors import read_safetensors
+    from hubmerge.tensorio.source import aligned_buffer
+
+    path = tmp_path / "shard.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(output, "USE_DIRECT", False)
+        write(path)
+    real_open, direct_opens = os.open, []
+
+    def recording_open(name, flags, *args, **kw):
+        if flags & os.O_DIRECT:
+            direct_opens.append(name)
+            if refuse:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(name, flags, *args, **kw)
+
+    monkeypatch.setattr(direct.os, "open", recording_open)
+    refs = read_safetensors(path)
+    for name, ref in refs.items():
+        rows = ref.shape[0]
+        for start, stop in {(0, rows), (0, 1), (rows // 3, rows), (1, max(1, rows - 1)), (rows - 1, rows)}:
+            buffer = aligned_buffer((stop - start) * ref.row_bytes)
+            got = replace(ref, direct=True).read_into(buffer, start, stop)
+            assert torch.equal(got, ref.read(start, stop)), (name, start, stop)
+    assert direct_opens and (refuse or supports_direct(tmp_path))
+
+    last = max(refs.values(), key=lambda r: r.offset)
+    os.truncate(path, last.offset + last.nbytes - 5)
+    with pytest.raises(CorruptFileError, match=f"{path}: file is truncated"):
+        replace(last, direct=True).read_into(aligned_buffer(last.nbytes), 0, last.shape[0])

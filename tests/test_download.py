@@ -28,8 +28,7 @@ SMALL = 64 * 1024  # small buffers: a ~1 MB file crosses many of them
 
 @pytest.fixture
 def blob(hub, monkeypatch):
-    monkeypatch.setattr(download, "CHUNK", SMALL)
-    monkeypatch.setattr(directio, "STAGE_BYTES", 3 * directio.ALIGN)
+    monkeypatch.setattr(directio, "STAGE_BYTES", 3 * directio.ALIGN)  # small buffers: the file crosses many
     data = random.Random(12).randbytes(16 * SMALL + 4321)  # not a multiple of any buffer: a padded, cut-back tail
     try:
         hub.create_repo(REPO, private=True)

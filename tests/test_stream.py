@@ -194,9 +194,20 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
         out_seen.append(count_out())  # a shard was just finished; the previous one may still be uploading
         call(self, path, digest)
 
+    from hubmerge import directio
+
+    real_open, read_direct = os.open, set()
+
+    def open_and_note(path, flags, *args, **kw):  # read past the page cache: shards this run downloaded and reads once
+        if flags & os.O_DIRECT and not flags & (os.O_WRONLY | os.O_RDWR):
+            read_direct.add(Path(path).name)
+        return real_open(path, flags, *args, **kw)
+
     monkeypatch.setattr(streaming, "download_verified", download_and_count)
     monkeypatch.setattr(streaming.ShardUploader, "__call__", upload_and_count)
+    monkeypatch.setattr(directio.os, "open", open_and_note)
     result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False, work_dir=work)
+    assert read_direct == set(SHARDS)
     assert list(work.iterdir()) == [] and not list(tmp_path.glob("*.hubmerge-push"))
     assert len(base_seen) == 4 and max(base_seen) <= 2, base_seen
     assert len(out_seen) >= 6 and max(out_seen) <= 2, out_seen
@@ -481,11 +492,10 @@ def test_head_start_lets_torch_import_once_the_first_shard_is_arriving(slower_hu
 def test_a_run_that_fails_first_cancels_the_head_start_leaving_nothing_half_written(slower_hub, tmp_path, monkeypatch):
     # A push that fails early (a bad adapter, say) exits while the head start is still downloading: at exit it is
     # cancelled, and its partial file goes, instead of staying in the cache under a name no run will resume.
-    from hubmerge import headstart
-    from hubmerge.inputs import download
+    from hubmerge import directio, headstart
     from hubmerge.inputs.hub import hub_from_args
 
-    monkeypatch.setattr(download, "CHUNK", 16 * 1024)  # progress reports (where a cancel is noticed) every 16 kB
+    monkeypatch.setattr(directio, "STAGE_BYTES", 16 * 1024)  # progress reports (where a cancel is noticed) every 16 kB
     hub = hub_from_args(slower_hub.tokens["alice"], tmp_path / "cache", slower_hub.url)
     started = headstart.head_start(SHARDED, hub, "alice/head-start-cancelled", overwrite=False)
     assert started.begun.wait(30)

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import httpx2
 
-from ..directio import STAGE_BYTES, DirectAppender, Positioned, release_stage, stage_buffer
+from ..directio import DirectAppender, Positioned, release_stage, stage_buffer
 from ..errors import CorruptFileError, VerificationError
 from ..progress import Progress
 from ..verification.hashing import remember
 from .hub import Hub, hub_errors
 from .sources import Source, mismatch, repo_cache
 
-CHUNK = STAGE_BYTES  # bytes gathered from the socket before they are hashed and written in one go
 _MAX_ATTEMPTS = 20  # a bound of its own; the guard's retry budget (HUBMERGE_HUB_RETRIES) ends it well before
 
 
@@ -189,6 +188,7 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
     try:
         sha, out = hashlib.sha256(), DirectAppender(fd)
         buffers = [memoryview(stage) for stage in stages]
+        chunk = len(stages[0])  # bytes gathered from the socket before they are hashed and written in one go
         busy: list[list[Future]] = [[], []]
         current, filled, total = 0, 0, 0
 
@@ -213,10 +213,10 @@ def _fetch(source: Source, name: str, hub: Hub, progress: Progress, blob: Path) 
                     with _hub_bytes(source, name, hub, total + filled) as body:
                         for piece in body:
                             while piece:
-                                k = min(len(piece), CHUNK - filled)
+                                k = min(len(piece), chunk - filled)
                                 buffers[current][filled : filled + k] = piece[:k]
                                 filled, piece = filled + k, piece[k:]
-                                if filled == CHUNK:
+                                if filled == chunk:
                                     hand_over(update)
                     break
                 except httpx2.TransportError:

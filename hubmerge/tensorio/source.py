@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..directio import ALIGN, pread_direct
 from ..errors import CorruptFileError, InputError
 from .output import OutputFile
 
@@ -35,8 +36,10 @@ class TensorSource(Protocol):
         ...
 
     def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Like :meth:`read`, into the front of ``buffer`` (1-D uint8 with room for the rows); returns the typed
-        view of ``buffer`` holding them, so a caller reading block after block reuses one buffer."""
+        """Like :meth:`read`, into ``buffer`` (1-D uint8 with room for the rows, and ``2 * ALIGN`` bytes more when
+        it is an :func:`aligned_buffer`); returns the typed view of ``buffer`` holding them (at its front unless a
+        direct read put them where the disk's alignment falls), so a caller reading block after block reuses one
+        buffer."""
         ...
 
     def prefetch(self) -> None:
@@ -67,6 +70,7 @@ class TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...] | None = None  # only set for non-contiguous tensors (rare in pickles)
     span: int = 0  # elements of storage covered from ``offset`` (non-contiguous only)
+    direct: bool = False  # read with O_DIRECT: a file written that way and read once (a downloaded shard)
 
     @property
     def label(self) -> str:
@@ -87,7 +91,7 @@ class TensorRef:
             # A strided view: read its storage span once and let torch do the indexing.
             flat = _pread_tensor(self.path, self.offset, self.span, self.dtype)
             return flat.as_strided(self.shape, self.stride)[start:stop].clone()
-        return self.read_into(torch.empty((stop - start) * self.row_bytes, dtype=torch.uint8), start, stop)
+        return self.read_into(aligned_buffer((stop - start) * self.row_bytes), start, stop)
 
     @property
     def row_bytes(self) -> int:
@@ -97,7 +101,7 @@ class TensorRef:
     def prefetch(self) -> None:
         """Ask the kernel to start reading this tensor's bytes into the page cache (asynchronously), so that a later
         :meth:`read` finds them there instead of waiting for the disk."""
-        if not hasattr(os, "posix_fadvise"):
+        if self.direct or not hasattr(os, "posix_fadvise"):  # a direct read bypasses the page cache
             return
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -111,15 +115,45 @@ class TensorRef:
             os.close(fd)
 
     def read_into(self, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Like :meth:`read`, but into the front of ``buffer`` (a 1-D uint8 tensor with room for the rows), so a
-        caller reading block after block reuses one buffer instead of faulting in fresh memory each time.
-        Returns the typed view of ``buffer`` holding the rows."""
+        """Like :meth:`read`, but into ``buffer`` (a 1-D uint8 tensor with room for the rows), so a caller reading
+        block after block reuses one buffer instead of faulting in fresh memory each time. Returns the typed view
+        of ``buffer`` holding the rows: at its front, or, for a :attr:`direct` file read into an
+        :func:`aligned_buffer`, where the disk's alignment puts them."""
         if self.stride is not None:
             return read_rows_into(self, buffer, start, stop)
         stop = row_count(self.shape) if stop is None else stop
-        data = buffer[: (stop - start) * self.row_bytes]
-        _pread_into(self.path, self.offset + start * self.row_bytes, data)
+        nbytes, offset = (stop - start) * self.row_bytes, self.offset + start * self.row_bytes
+        at = None
+        if self.direct and nbytes and offset % self.dtype.itemsize == 0 and buffer.data_ptr() % ALIGN == 0:
+            try:
+                at = pread_direct(self.path, offset, nbytes, buffer.numpy().data)
+            except OSError as exc:
+                raise _unreadable(self.path, exc) from None
+            except EOFError as exc:
+                raise _truncated(self.path, nbytes, offset, max(0, exc.args[0])) from None
+        if at is None:
+            at = 0
+            _pread_into(self.path, offset, buffer[:nbytes])
+        data = buffer[at : at + nbytes]
         return data.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A page-aligned uint8 buffer for ``nbytes`` with ``ALIGN`` to spare at each end: room for the aligned stretch
+    a :attr:`TensorRef.direct` read covers, so :meth:`TensorRef.read_into` can read straight into it."""
+    raw = torch.empty(nbytes + 3 * ALIGN, dtype=torch.uint8)
+    pad = -raw.data_ptr() % ALIGN
+    return raw[pad : pad + nbytes + 2 * ALIGN]
+
+
+def _unreadable(path: Path, exc: OSError) -> InputError:
+    return InputError(f"{path}: cannot read ({exc.strerror}); check the file exists and is readable")
+
+
+def _truncated(path: Path, nbytes: int, offset: int, got: int) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path}: file is truncated (needed {nbytes} bytes at offset {offset}, got {got}); download it again"
+    )
 
 
 def _pread_tensor(path: Path, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,16 +170,13 @@ def _pread_into(path: Path, offset: int, out: torch.Tensor) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror}); check the file exists and is readable") from None
+        raise _unreadable(path, exc) from None
     try:
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise CorruptFileError(
-                    f"{path}: file is truncated (needed {nbytes} bytes at offset {offset}, got {done}); "
-                    "download it again"
-                )
+                raise _truncated(path, nbytes, offset, done)
             done += got
     finally:
         os.close(fd)
