@@ -1,4 +1,5 @@
-"""The ``hubmerge`` command as a user runs it: a separate process, exit codes, what it prints."""
+"""The ``hubmerge`` command as a user runs it: a separate process, exit codes, what it prints (main() in-process
+where a test slows a step down)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,25 @@ def test_errors_are_one_line_with_exit_status_1(models, tmp_path):
 def test_help_lists_every_command():
     done = run("--help")
     assert done.returncode == 0 and "--base" in done.stdout and "other commands:" in done.stdout
+
+
+def test_the_summary_times_the_whole_command(models, tmp_path, monkeypatch, capsys):
+    """The time printed is what the user waited: what runs before the merge itself (hashing the inputs while torch
+    imports, a streamed push's head start) counts too."""
+    import time
+
+    from hubmerge import cli as hubmerge_cli
+    from hubmerge.verification import hashing
+
+    base = models.base()
+    adapter = models.adapter(base, seed=41)
+    prehash = hashing.prehash
+
+    def slow_prehash(*args, **kw):
+        time.sleep(1.5)
+        return prehash(*args, **kw)
+
+    monkeypatch.setattr(hashing, "prehash", slow_prehash)
+    assert hubmerge_cli.main([str(adapter), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time: "))
+    assert float(line.split()[1]) >= 1.5, line
