@@ -70,6 +70,25 @@ def test_download_is_the_clients_cache_entry_verified(hub, blob, tmp_path):
     assert os.path.samefile(again, path)
 
 
+def test_a_download_reads_the_socket_in_large_pieces(hub, blob, tmp_path, monkeypatch):
+    """Each read of a response is a trip through the HTTP client's Python: a big file is read up to READ_BYTES at a
+    time, not the client's default 64 KiB."""
+    from httpcore2._backends.sync import SyncStream
+
+    source, settings = _source(hub, tmp_path)
+    asked: list[int] = []
+    real_read = SyncStream.read
+
+    def read(self, max_bytes, timeout=None):
+        asked.append(max_bytes)
+        return real_read(self, max_bytes, timeout)
+
+    monkeypatch.setattr(SyncStream, "read", read)
+    path = download.download_verified(source, NAME, settings, Progress())
+    assert path.read_bytes() == blob
+    assert asked and min(asked) >= download.READ_BYTES > 64 * 1024
+
+
 def test_a_damaged_download_is_fetched_again_then_refused(hub, blob, tmp_path):
     source, settings = _source(hub, tmp_path)
     hub.faults.corrupt(REPO, NAME, times=1)
