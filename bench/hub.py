@@ -88,8 +88,9 @@ class Server:
         self._log.close()
 
 
-def disk_bytes(folders: list[Path]) -> int:
-    """Allocated bytes of every file under ``folders`` (what the disk really holds, sparse or not)."""
+def disk_bytes(folders: list[Path], pid: int | None = None) -> int:
+    """Allocated bytes of every file under ``folders`` (what the disk really holds, sparse or not), and of the files
+    there that process ``pid`` removed but still holds open (a shard being uploaded keeps its space until then)."""
     total = 0
     for folder in folders:
         for dirpath, _, names in os.walk(folder):
@@ -98,6 +99,14 @@ def disk_bytes(folders: list[Path]) -> int:
                     total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
                 except OSError:  # removed meanwhile
                     pass
+    fds, roots = Path(f"/proc/{pid}/fd"), [os.path.realpath(f) for f in folders]
+    for fd in os.listdir(fds) if pid is not None and fds.exists() else []:
+        try:
+            target = os.readlink(fds / fd)
+            if target.endswith(" (deleted)") and any(target.startswith(f"{r}/") for r in roots):
+                total += os.stat(fds / fd).st_blocks * 512
+        except OSError:  # closed meanwhile
+            pass
     return total
 
 
@@ -117,7 +126,7 @@ def timed(
 
     def poll() -> None:
         while not done.wait(0.05):
-            peak[0] = max(peak[0], disk_bytes(watch or []))
+            peak[0] = max(peak[0], disk_bytes(watch or [], proc.pid))
 
     watcher = threading.Thread(target=poll, daemon=True)
     os.sync()  # the previous command's writes reach the disk now, not during this one
