@@ -52,7 +52,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shard-size",
         help=f"largest HF safetensors shard (default: {DEFAULT_MAX_SHARD_SIZE}; with --push-to, a sixteenth of the "
-        "model within 200MB..2GB)",
+        "model within 128MB..2GB)",
     )
     p.add_argument("--pth-shards", type=int, help="pth model-parallel shards (default: by model size, 7B=1 ... 65B=8)")
     p.add_argument(

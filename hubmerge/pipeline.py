@@ -80,7 +80,7 @@ def merge(
             ``"gguf"`` (one llama.cpp file, ``model-<f16|bf16|f32>.gguf``).
         dtype: output dtype (``float16``, ``bfloat16``, ``float32``); default: the base's.
         max_shard_size: HF shard size limit, e.g. ``"5GB"`` (the default; with ``push_to``, a sixteenth of the model
-            within 200 MB..2 GB). pth_shards: pth model-parallel shards (default by size).
+            within 128 MB..2 GB). pth_shards: pth model-parallel shards (default by size).
         overwrite: replace an existing ``out``, and allow pushing into a repo that already has files.
         verify: check a Meta checkpoint base against its checklists and the known hashes first.
         push_to: publish the HF output to this Hub repo, private unless ``public``. Download, merge and upload then

@@ -53,8 +53,10 @@ from .tensorio.source import TensorRef, TensorSource
 from .tensorio.torchzip import read_torch_zip
 
 # Output shards of a streamed push: about a sixteenth of the model, so the first upload starts early and the last
-# one is a short tail, but never smaller than 200 MB (no flood of small files) nor larger than 2 GB (disk).
-STREAM_SHARD_MIN, STREAM_SHARD_MAX, STREAM_SHARD_PARTS = 200 * 10**6, 2 * 10**9, 16
+# one is a short tail, but never smaller than 128 MB (no flood of small files) nor larger than 2 GB (disk). Two
+# are on disk at once (OUTPUT_IN_FLIGHT): for a 2.2 GB model in 450 MB base shards, 2 x 147 MB + 2 x 450 MB stays
+# within 1.2 GB.
+STREAM_SHARD_MIN, STREAM_SHARD_MAX, STREAM_SHARD_PARTS = 128 * 10**6, 2 * 10**9, 16
 AHEAD = 1  # base shards downloaded beyond those the merge is reading
 OUTPUT_IN_FLIGHT = 2  # output shards on disk at once: one uploading, one being written
 _HEADER_PROBE = 64 * 1024  # first range request of a remote header; LLaMA shard headers are a few tens of kB
@@ -337,7 +339,7 @@ class ShardUploader:
     def __call__(self, path: Path, digest: str) -> None:
         from huggingface_hub import CommitOperationAdd
 
-        self._wait(keep=1)  # raises a failed upload's error before starting another
+        self._wait(keep=OUTPUT_IN_FLIGHT - 1)  # raises a failed upload's error before starting another
         path = Path(path)
         size = path.stat().st_size
         op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
@@ -351,7 +353,7 @@ class ShardUploader:
         thread = threading.Thread(target=self._upload, args=(op, raw, size), name="hubmerge-upload", daemon=True)
         thread.start()
         self._pending.append(thread)
-        self._wait(keep=1)
+        self._wait(keep=OUTPUT_IN_FLIGHT - 1)
 
     def _wait(self, keep: int) -> None:
         """Wait until at most ``keep`` uploads (the newest) are still running; raise what an upload raised."""
