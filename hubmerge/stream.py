@@ -69,6 +69,12 @@ def stream_shard_size(nbytes: int) -> int:
     return min(STREAM_SHARD_MAX, max(STREAM_SHARD_MIN, nbytes // STREAM_SHARD_PARTS))
 
 
+def output_in_flight(shard_limit: int, largest: int = 0) -> int:
+    """The most output bytes a streamed push holds on disk (see :class:`ShardUploader`): the uploads the next shard
+    may be written beside, and that shard (a tensor larger than ``shard_limit``, ``largest``, fills one alone)."""
+    return (OUTPUT_IN_FLIGHT - 1) * shard_limit + max(shard_limit, largest)
+
+
 # -- download ahead ---------------------------------------------------------------------------------------------------
 @dataclass
 class _Shard:
@@ -319,27 +325,29 @@ class ShardUploader:
     """Uploads each finished output file (LFS pre-upload) on a thread of its own while the merge goes on.
 
     Called by the HF writer as each shard is complete (on the writer thread), it starts that shard's upload at once,
-    beside the previous one's, then waits for the previous one to finish: two uploads share the link, so one's
-    requests (upload modes, LFS batch, verify) overlap the other's bytes and the link never idles between shards,
-    yet no more than two output shards are ever on disk (the writer writes the next one only once the older upload
-    is done). With ``remove``, a shard's name is removed as its upload starts and its disk space is freed when the
-    upload ends (the open file keeps it until then).
+    beside the previous one's, then waits until the shards still uploading leave room for the next one (up to
+    ``shard_limit``) within ``OUTPUT_IN_FLIGHT`` shards: two uploads share the link, so one's requests (upload
+    modes, LFS batch, verify) overlap the other's bytes and the link never idles between shards, yet the output
+    never holds more than two shards' worth of disk (a shard larger than the limit, one tensor alone, is uploaded
+    before the next one is written). With ``remove``, a shard's name is removed as its upload starts and its disk
+    space is freed when the upload ends (the open file keeps it until then).
     :meth:`finish` returns the uploaded operations for the final commit.
     """
 
-    def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: Progress) -> None:
+    def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: Progress, shard_limit: int) -> None:
         self.hub, self.repo_id, self.remove, self.progress = hub, repo_id, remove, progress
+        self.room = (OUTPUT_IN_FLIGHT - 1) * shard_limit  # bytes that may still upload while the next is written
         self.ops: dict[str, Any] = {}
         self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
         self.skipped = 0  # shards the Hub already had
-        self._pending: list[threading.Thread] = []
+        self._pending: list[tuple[threading.Thread, int]] = []  # uploads running, oldest first, with their size
         self._failure: BaseException | None = None
         self._lock = threading.Lock()  # two upload threads count into the same totals
 
     def __call__(self, path: Path, digest: str) -> None:
         from huggingface_hub import CommitOperationAdd
 
-        self._wait(keep=OUTPUT_IN_FLIGHT - 1)  # raises a failed upload's error before starting another
+        self._wait(self.room)  # raises a failed upload's error before starting another
         path = Path(path)
         size = path.stat().st_size
         op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))  # reads 512 bytes, no hash
@@ -352,13 +360,14 @@ class ShardUploader:
             path.unlink()
         thread = threading.Thread(target=self._upload, args=(op, raw, size), name="hubmerge-upload", daemon=True)
         thread.start()
-        self._pending.append(thread)
-        self._wait(keep=OUTPUT_IN_FLIGHT - 1)
+        self._pending.append((thread, size))
+        self._wait(self.room)
 
-    def _wait(self, keep: int) -> None:
-        """Wait until at most ``keep`` uploads (the newest) are still running; raise what an upload raised."""
-        while len(self._pending) > keep:
-            oldest = self._pending.pop(0)
+    def _wait(self, room: int) -> None:
+        """Wait until the uploads still running (the newest) hold at most ``room`` bytes; raise what an upload
+        raised."""
+        while self._pending and sum(size for _, size in self._pending) > room:
+            oldest, _ = self._pending.pop(0)
             while oldest.is_alive():  # a timed join keeps Ctrl-C working
                 oldest.join(0.2)
         if self._failure is not None:
@@ -393,7 +402,7 @@ class ShardUploader:
         Raises:
             whatever an upload raised (HubAccessError...).
         """
-        self._wait(keep=0)
+        self._wait(0)
         return self.ops
 
 
@@ -506,7 +515,7 @@ def preview_disk(
     sizes = sorted((base_src.remote[n].size for n in names if fresh(base_src, n, hub)), reverse=True)
     whole = 0 if names else sum(base_src.remote[n].size for n in not_cached(base_src, hub))
     adapters = sum(s.remote[n].size for s in adapter_srcs for n in not_cached(s, hub))
-    output = out_nbytes if keep_output else OUTPUT_IN_FLIGHT * shard_limit
+    output = out_nbytes if keep_output else output_in_flight(shard_limit)
     plan = disk_plan(
         sum(sizes) + whole, sum(sizes[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out
     )
@@ -568,7 +577,7 @@ def merge_push(
         plan = build_plan(inputs.base, inputs.adapters, dtype)
         shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
         largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
-        output = plan.nbytes * len(formats) if keep_output else OUTPUT_IN_FLIGHT * max(shard_limit, largest)
+        output = plan.nbytes * len(formats) if keep_output else output_in_flight(shard_limit, largest)
         if feed is not None:
             feed.schedule(plan)
         disk = disk_plan(
@@ -580,7 +589,7 @@ def merge_push(
             hub.cache_root,
             out_dir.parent,
         )
-        uploader = ShardUploader(hub, push_to, remove=not keep_output, progress=progress)
+        uploader = ShardUploader(hub, push_to, remove=not keep_output, progress=progress, shard_limit=shard_limit)
         if feed is not None:
             feed.start(remove=not disk.keep)
         written = write_outputs(

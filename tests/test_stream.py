@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from support import hubmerge, one_line_error
 from hubmerge import merge
 from hubmerge import stream as streaming
 from hubmerge.errors import VerificationError
+from hubmerge.sizes import parse_size
 from hubmerge.testing.localhub import LocalHub
 
 SHARDED = "alice/llama-tiny-sharded"
@@ -94,12 +96,12 @@ def _uploads(server) -> list[str]:
     ]
 
 
-def _stream(server, tmp_path, repo: str, base: str = SHARDED, **kw):
+def _stream(server, tmp_path, repo: str, base: str = SHARDED, shard: str = OUT_SHARD, **kw):
     return merge(
         [LLAMA, ALPACA],
         base,
         push_to=repo,
-        max_shard_size=OUT_SHARD,
+        max_shard_size=shard,
         token=server.tokens["alice"],
         endpoint=server.url,
         cache_dir=tmp_path / "cache",
@@ -163,7 +165,7 @@ def test_streamed_push_publishes_the_files_a_non_streamed_run_writes(shared, tmp
 
 def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, monkeypatch):
     snapshot_dir = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
-    base_seen, out_seen = [], []
+    base_seen, out_seen, out_bytes = [], [], []
     work = tmp_path / "work"  # the job folder a Space passes: the shards in flight go there, not to the current one
     work.mkdir()
     monkeypatch.chdir(tmp_path)
@@ -172,14 +174,17 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
         return len(list(snapshot_dir.glob("snapshots/*/*.safetensors")))
 
     def count_out() -> int:  # output shards on disk: named ones, and removed ones still open (being uploaded)
-        named = {str(p) for p in work.rglob("*.safetensors")}
-        held = set()
+        named = {p: p.stat().st_size for p in work.rglob("*.safetensors")}
+        held = {}
         for fd in os.listdir("/proc/self/fd"):
             try:
-                held.add(os.readlink(f"/proc/self/fd/{fd}"))
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(work)) and target.endswith(".safetensors (deleted)"):
+                    held[target] = os.stat(f"/proc/self/fd/{fd}").st_size
             except OSError:  # closed meanwhile
                 pass
-        return len(named) + len({h for h in held if h.startswith(str(work)) and h.endswith(".safetensors (deleted)")})
+        out_bytes.append(sum(named.values()) + sum(held.values()))
+        return len(named) + len(held)
 
     download = streaming.download_verified
 
@@ -206,12 +211,18 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
     monkeypatch.setattr(streaming, "download_verified", download_and_count)
     monkeypatch.setattr(streaming.ShardUploader, "__call__", upload_and_count)
     monkeypatch.setattr(directio.os, "open", open_and_note)
-    result = _stream(slow_hub, tmp_path, "alice/bounded", keep_downloads=False, work_dir=work)
+    limit = "30KB"  # below the largest tensors (the embeddings): each fills a shard alone
+    result = _stream(slow_hub, tmp_path, "alice/bounded", shard=limit, keep_downloads=False, work_dir=work)
     assert read_direct == set(SHARDS)
     assert list(work.iterdir()) == [] and not list(tmp_path.glob("*.hubmerge-push"))
     assert len(base_seen) == 4 and max(base_seen) <= 2, base_seen
     assert len(out_seen) >= 6 and max(out_seen) <= 2, out_seen
     assert max(out_seen) == 2, "the next shard should be written while the previous one uploads"
+    # in bytes too: the embeddings, larger than a shard, are each uploaded before the next shard is written
+    plan = result.plan
+    largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
+    assert largest > parse_size(limit)
+    assert max(out_bytes) <= streaming.output_in_flight(parse_size(limit), largest), out_bytes
     assert count_base() == 0  # each removed once merged
     assert any("removed 4 base shards" in line for line in result.summary())
     assert set(_repo_files(slow_hub, "alice/bounded")) >= {"README.md", "hubmerge.json", "config.json"}
