@@ -1,9 +1,10 @@
 """Execute a :class:`~hubmerge.plan.MergePlan`: yield every output tensor as blocks of rows, merged in fp32 and cast
-once to the output dtype. Nothing larger than one block (plus one adapter's LoRA factors) is ever in memory.
+once to the output dtype. Nothing larger than a few blocks (plus one adapter's LoRA factors) is ever in memory.
 
-:func:`merge_into` runs the merge on the calling thread and hands the blocks to the writers on a writer thread
-(writing, hashing and fsync release the GIL, as torch's kernels do), through a bounded queue of reused buffers, so
-reading, computing and writing overlap and memory stays a few blocks.
+The input rows are read on a reading thread, a couple of blocks ahead (:class:`_Reader`). :func:`merge_into` runs
+the merge on the calling thread and hands the blocks to the writers on a writer thread (reading, writing, hashing
+and fsync release the GIL, as torch's kernels do), through bounded queues of reused buffers, so reading, computing
+and writing overlap and memory stays a few blocks.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ def estimate_memory(plan: MergePlan, block_bytes: int = DEFAULT_BLOCK_BYTES, dep
         largest_out = max(largest_out, n * plan.out_dtype(t).itemsize)
         largest_in = max(largest_in, n * t.source.dtype.itemsize)
         factors = max(factors, sum(4 * _numel(r.shape) for x in t.terms for r in x.pair.tensors))
-    blocks = (depth + 2 + READ_AHEAD + 1) * largest_out + (READ_AHEAD + 1) * largest_in
+    blocks = (depth + 2) * largest_out + (READ_AHEAD + 1) * largest_in  # the output pool and the reader's own
     return RUNTIME_BYTES + blocks + CHUNK_ELEMS * 4 + 2 * factors
 
 
@@ -434,7 +435,7 @@ def merge_into(
     Errors of either side stop both and are raised here, after the writer thread has ended (writers can then be
     aborted safely).
     """
-    pool = BufferPool(depth + 2)  # queued + being written + being computed (estimate_memory counts them)
+    pool = BufferPool(depth + 2)  # queued + being written + being computed or read (estimate_memory counts them)
     blocks: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
     failure: list[BaseException] = []
     stop = threading.Event()
