@@ -17,8 +17,8 @@ then runs, round-robin and each ``--repeat`` times, every variant in a child pro
   (issue 12's reference);
 * ``device``: the same bytes written with ``dd oflag=direct`` + ``sync``: the disk's own speed, without the page
   cache. On a virtual machine the ``cp`` floor swings with the cost of fresh page-cache pages (0.3 CPU-s per GB when
-  the guest reuses pages it freed moments ago, 2.4-3.8 when the host must back them again, measured), this one does not: it is
-  printed for reference, no target uses it.
+  the guest reuses pages it freed moments ago, 2.4-3.8 when the host must back them again, measured); this one does
+  not. It is printed for reference; no target uses it.
 
 Wall time and peak RSS come from the OS (``os.wait4``'s rusage of the child). With ``--cold`` the page cache is
 dropped before every run (needs root); otherwise inputs are read once before each run so that every variant starts

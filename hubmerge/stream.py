@@ -336,7 +336,7 @@ class ShardUploader:
 
     def __init__(self, hub: Hub, repo_id: str, *, remove: bool, progress: Progress, shard_limit: int) -> None:
         self.hub, self.repo_id, self.remove, self.progress = hub, repo_id, remove, progress
-        self.room = (OUTPUT_IN_FLIGHT - 1) * shard_limit  # bytes that may still upload while the next is written
+        self.room = output_in_flight(shard_limit) - shard_limit  # may still upload while the next one is written
         self.ops: dict[str, Any] = {}
         self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
         self.skipped = 0  # shards the Hub already had
