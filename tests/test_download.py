@@ -210,3 +210,60 @@ def test_direct_reader_reads_the_file_as_written_and_rewinds(tmp_path, monkeypat
         assert f.read() == data
         f.seek(-100, io.SEEK_END)
         assert f.read(1000) == data[-100:] and f.tell() == len(data)
+
+
+def test_an_upload_sends_large_pieces_and_a_retry_sends_the_whole_shard(hub, tmp_path, monkeypatch):
+    """An output shard's upload (the streamed push's ShardUploader) hands the socket UPLOAD_CHUNK bytes at a time,
+    not the client's default 64 KiB; when the Hub fails the first attempt, the retry sends the shard whole again
+    (the Hub checks its size and SHA256)."""
+    from httpcore2._backends.sync import SyncStream
+
+    from hubmerge.inputs import guard
+    from hubmerge.stream import ShardUploader
+
+    repo = "alice/upload-pieces"
+    hub.create_repo(repo, private=True)
+    data = os.urandom(3 * guard.UPLOAD_CHUNK + 4321)
+    path = tmp_path / "model-00001-of-00001.safetensors"
+    path.write_bytes(data)
+    sent: list[int] = []
+    real_write = SyncStream.write
+
+    def write(self, buffer, timeout=None):
+        sent.append(len(buffer))
+        return real_write(self, buffer, timeout)
+
+    monkeypatch.setattr(SyncStream, "write", write)
+    hub.faults.fail_status("/_localhub/lfs-upload/", 500, times=1, method="PUT")
+    hub.clear_requests()
+    settings = Hub(endpoint=hub.url, token=hub.tokens["alice"], cache_dir=tmp_path / "cache")
+    uploader = ShardUploader(settings, repo, remove=False, progress=Progress(), shard_limit=len(data))
+    sha = hashlib.sha256(data).hexdigest()
+    uploader(path, sha)
+    assert list(uploader.finish()) == [path.name]
+    assert hub.storage.object_path("model", repo, sha).read_bytes() == data
+    assert [r.status for r in hub.requests if r.method == "PUT"] == [500, 200]
+    # the body in full pieces (three, and a short tail, in the attempt the Hub took), never more at once
+    assert sent.count(guard.UPLOAD_CHUNK) >= 3 and max(sent) == guard.UPLOAD_CHUNK > 64 * 1024
+
+
+def test_a_multipart_upload_part_is_sent_as_its_slice_alone(tmp_path):
+    """The real Hub may ask for a big file in parts: each part's request carries that slice (its length declared,
+    not chunk-encoded), in UPLOAD_CHUNK pieces, and a body sent again (a redirect) is whole again."""
+    from huggingface_hub.utils._lfs import SliceFileObj
+
+    from hubmerge.inputs import guard
+
+    data = os.urandom(5 * guard.UPLOAD_CHUNK // 2)
+    (tmp_path / "shard").write_bytes(data)
+    client = guard._client()
+    with (
+        open(tmp_path / "shard", "rb") as f,
+        SliceFileObj(f, seek_from=1000, read_limit=guard.UPLOAD_CHUNK + 7) as part,
+    ):
+        request = client.build_request("PUT", "http://127.0.0.1:9/part", data=part)
+        assert request.headers["content-length"] == str(guard.UPLOAD_CHUNK + 7)
+        assert "transfer-encoding" not in request.headers
+        first = list(request.stream)
+        assert [len(c) for c in first] == [guard.UPLOAD_CHUNK, 7]
+        assert b"".join(first) == b"".join(request.stream) == data[1000 : 1000 + guard.UPLOAD_CHUNK + 7]
