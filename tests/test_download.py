@@ -267,3 +267,17 @@ def test_a_multipart_upload_part_is_sent_as_its_slice_alone(tmp_path):
         first = list(request.stream)
         assert [len(c) for c in first] == [guard.UPLOAD_CHUNK, 7]
         assert b"".join(first) == b"".join(request.stream) == data[1000 : 1000 + guard.UPLOAD_CHUNK + 7]
+
+
+def test_a_body_that_cannot_seek_is_still_sent(tmp_path):
+    """A file body that cannot tell its position (a pipe) is sent as the HTTP client sends it, chunk-encoded, rather
+    than refused."""
+    from hubmerge.inputs import guard
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"piped bytes")
+    os.close(write_end)
+    with open(read_end, "rb") as pipe:
+        request = guard._client().build_request("PUT", "http://127.0.0.1:9/pipe", content=pipe)
+        assert request.headers.get("transfer-encoding") == "chunked"
+        assert b"".join(request.stream) == b"piped bytes"

@@ -176,7 +176,8 @@ class _Client(httpx2.Client):
         if data is not None and not isinstance(data, Mapping):  # raw bytes or a file passed as ``data``
             content, data = data, None
         if isinstance(content, SeekableFile):
-            content = UploadBody(content)
+            with contextlib.suppress(OSError):  # not seekable (a pipe): sent the client's own way, chunk-encoded
+                content = UploadBody(content)
         return super().build_request(method, url, content=content, data=data, **kwargs)
 
 
