@@ -195,7 +195,7 @@ def _column_factors(reader: _Reader, index: int, rows: int, terms: list[_Term], 
             continue
         squares = torch.zeros_like(term.magnitude)
         for start in range(0, rows, step):
-            raw, buf = reader.take(index, start)
+            _, raw, buf = reader.take(index, start)
             w = raw.float()
             reader.give(buf)
             for t in terms[: j + 1]:  # this term's factor is not set yet: W + delta
@@ -302,8 +302,8 @@ class _Reader:
             if error is not None or self._stop.is_set():
                 return
 
-    def take(self, index: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rows of tensor ``index`` from row ``start`` (the next step) and the buffer holding them."""
+    def take(self, index: int, start: int) -> tuple[_Step, torch.Tensor, torch.Tensor | None]:
+        """The next step (rows of tensor ``index`` from row ``start``), its rows and the buffer holding them."""
         while True:
             try:
                 step, data, buffer, error = self._ready.get(timeout=0.2)  # a timed wait keeps Ctrl-C working
@@ -314,7 +314,7 @@ class _Reader:
         if error is not None:
             raise error
         assert (step.index, step.start) == (index, start) and data is not None, "merge and reader out of step"
-        return data, buffer
+        return step, data, buffer
 
     def give(self, buffer: torch.Tensor | None) -> None:
         self._raw.give(buffer)
@@ -384,11 +384,10 @@ def merge_blocks(
             if _column_passes(tensor):
                 _column_factors(reader, index, rows, factors, step)
             for start in range(0, rows, step):
-                stop = min(start + step, rows)
-                shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
-                n = (stop - start) * (_numel(tensor.shape) // rows if rows else 0)
-                raw, raw_buf = reader.take(index, start)
-                if not factors and tensor.source.dtype == out_dtype:  # pass-through: read into the block itself
+                read, raw, raw_buf = reader.take(index, start)
+                shape = (read.stop - start, *tensor.shape[1:]) if tensor.shape else ()
+                n = (read.stop - start) * (_numel(tensor.shape) // rows if rows else 0)
+                if read.passthrough:  # no arithmetic: the reader read the rows into the block itself
                     block, out_buf = raw, (raw_buf if pool is not None else None)
                 else:
                     out_buf = pool.take(n * out_dtype.itemsize) if pool is not None else None
