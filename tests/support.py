@@ -1,5 +1,5 @@
 """Shared test helpers: a cache of tiny real-format models, readers that follow other tools' rules (llama.cpp's
-joining of pth shards), and the PEFT oracle comparison."""
+joining of pth shards), the PEFT oracle comparison, and a spy on the real code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,18 @@ def assert_matches_peft(out_hf: Path, base: Path, adapters: Sequence[Path], dtyp
     check = tm.check_against_peft(out_hf, base, adapters, dtype)
     assert check.max_diff <= check.tolerance, check
     assert check.moved > 10 * check.tolerance, f"the adapters should change the logits measurably: {check}"
+
+
+def spy(monkeypatch, owner: Any, name: str, note: Callable[..., object]) -> None:
+    """Make ``owner.name`` (a function, or a method with its ``self``) tell ``note`` its arguments before it runs as
+    it always does: the real code does the work, the test sees what it was asked."""
+    real = getattr(owner, name)
+
+    def noted(*args, **kwargs):
+        note(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, noted)
 
 
 def no_partial_left(out: Path) -> bool:

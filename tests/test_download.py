@@ -14,6 +14,7 @@ import random
 
 import pytest
 from huggingface_hub import hf_hub_download
+from support import spy
 
 from hubmerge import directio
 from hubmerge.errors import CorruptFileError, HubAccessError, VerificationError
@@ -77,13 +78,7 @@ def test_a_download_reads_the_socket_in_large_pieces(hub, blob, tmp_path, monkey
 
     source, settings = _source(hub, tmp_path)
     asked: list[int] = []
-    real_read = SyncStream.read
-
-    def read(self, max_bytes, timeout=None):
-        asked.append(max_bytes)
-        return real_read(self, max_bytes, timeout)
-
-    monkeypatch.setattr(SyncStream, "read", read)
+    spy(monkeypatch, SyncStream, "read", lambda self, max_bytes, timeout=None: asked.append(max_bytes))
     path = download.download_verified(source, NAME, settings, Progress())
     assert path.read_bytes() == blob
     assert asked and min(asked) >= download.READ_BYTES > 64 * 1024
@@ -227,13 +222,7 @@ def test_an_upload_sends_large_pieces_and_a_retry_sends_the_whole_shard(hub, tmp
     path = tmp_path / "model-00001-of-00001.safetensors"
     path.write_bytes(data)
     sent: list[int] = []
-    real_write = SyncStream.write
-
-    def write(self, buffer, timeout=None):
-        sent.append(len(buffer))
-        return real_write(self, buffer, timeout)
-
-    monkeypatch.setattr(SyncStream, "write", write)
+    spy(monkeypatch, SyncStream, "write", lambda self, buffer, timeout=None: sent.append(len(buffer)))
     hub.faults.fail_status("/_localhub/lfs-upload/", 500, times=1, method="PUT")
     hub.clear_requests()
     settings = Hub(endpoint=hub.url, token=hub.tokens["alice"], cache_dir=tmp_path / "cache")

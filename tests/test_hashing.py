@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 from support import ALPACA_REPO as ALPACA
+from support import spy
 
 from hubmerge.inputs.hub import Hub
 from hubmerge.inputs.sources import fetch, resolve
@@ -26,13 +27,7 @@ def reads(tmp_path, monkeypatch):
     """A private cache file for the test, and the list of files hashing reads (appended to as they are read)."""
     monkeypatch.setenv("HUBMERGE_HASH_CACHE", str(tmp_path / "hashes.json"))
     seen: list[Path] = []
-    real = hashing._read_into
-
-    def counting(path, hashers, progress=None):
-        seen.append(Path(path))
-        return real(path, hashers, progress)
-
-    monkeypatch.setattr(hashing, "_read_into", counting)
+    spy(monkeypatch, hashing, "_read_into", lambda path, hashers, progress=None: seen.append(Path(path)))
     return seen
 
 
