@@ -22,6 +22,7 @@ from hubmerge.inputs import download
 from hubmerge.inputs.hub import Hub
 from hubmerge.inputs.sources import fetch, resolve
 from hubmerge.progress import Progress, ProgressEvent
+from hubmerge.tensorio import output
 
 REPO, NAME = "alice/download-blobs", "model.safetensors"
 SMALL = 64 * 1024  # small buffers: a ~1 MB file crosses many of them
@@ -179,10 +180,23 @@ def test_remote_file_reads_by_few_ranges_within_its_budget(hub, blob, tmp_path):
         greedy.read(2 * SMALL)
 
 
-@pytest.mark.parametrize("refuse", [False, True])
-def test_direct_reader_reads_the_file_as_written_and_rewinds(tmp_path, monkeypatch, refuse):
+def _write_held(path, data: bytes, pool) -> None:
+    """``data`` written as an output file held in ``pool``, as a streamed push's HF writer does."""
+    out = output.OutputFile(path, direct=True, held=pool)
+    for k in range(0, len(data), 4000):  # odd sizes cross the buffers
+        out.write(data[k : k + 4000])
+    assert pool.take(path) is None  # not complete yet
+    out.finish()
+    assert out.digest() == hashlib.sha256(data).hexdigest() and not path.exists()
+
+
+@pytest.mark.parametrize("source", ["direct", "refused", "held"])
+def test_upload_readers_read_the_file_as_written_and_rewind(tmp_path, monkeypatch, source):
+    """What an output shard's upload reads through: the file with O_DIRECT (or without, where the filesystem refuses
+    it), or the shard held in memory."""
     monkeypatch.setattr(directio, "STAGE_BYTES", 3 * directio.ALIGN)
-    if refuse:  # a filesystem without O_DIRECT: refused at the first read
+    monkeypatch.setattr(output, "STAGE_BYTES", 3 * directio.ALIGN)
+    if source == "refused":  # a filesystem without O_DIRECT: refused at the first read
         real = os.preadv
 
         def preadv(fd, buffers, offset):
@@ -192,41 +206,58 @@ def test_direct_reader_reads_the_file_as_written_and_rewinds(tmp_path, monkeypat
 
         monkeypatch.setattr(directio.os, "preadv", preadv)
     data = os.urandom(7 * directio.ALIGN + 555)
-    (tmp_path / "shard").write_bytes(data)
+    pool = output.HeldFiles(len(data), 1)
+    if source == "held":
+        _write_held(tmp_path / "shard", data, pool)
+        reader = pool.take(tmp_path / "shard").reader()
+        assert pool.live == 1 and pool.held == len(data)
+    else:
+        (tmp_path / "shard").write_bytes(data)
+        reader = directio.DirectReader(io.FileIO(tmp_path / "shard", "r"))
     seen: list[int] = []
-    with directio.DirectReader(io.FileIO(tmp_path / "shard", "r")) as f:
+    with reader as f:
         f.on_read = seen.append
         assert isinstance(f, io.BufferedIOBase)  # what huggingface_hub uploads from
         parts = []
         while chunk := f.read(5000):  # odd sizes cross the aligned buffer
-            parts.append(chunk)
+            parts.append(bytes(chunk))
         assert b"".join(parts) == data and sum(seen) == len(data)
         f.seek(0)  # a retried upload starts over
-        assert f.read() == data
+        assert bytes(f.read()) == data
         f.seek(-100, io.SEEK_END)
-        assert f.read(1000) == data[-100:] and f.tell() == len(data)
+        assert bytes(f.read(1000)) == data[-100:] and f.tell() == len(data)
+    assert pool.live == 0 and pool.held == 0  # a held shard's memory is given back when its upload closes it
+    with pytest.raises(ValueError):
+        f.read(1)
 
 
-def test_an_upload_sends_large_pieces_and_a_retry_sends_the_whole_shard(hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [False, True], ids=["on-disk", "in-memory"])
+def test_an_upload_sends_large_pieces_and_a_retry_sends_the_whole_shard(hub, tmp_path, monkeypatch, held):
     """An output shard's upload (the streamed push's ShardUploader) hands the socket UPLOAD_CHUNK bytes at a time,
     not the client's default 64 KiB; when the Hub fails the first attempt, the retry sends the shard whole again
-    (the Hub checks its size and SHA256)."""
+    (the Hub checks its size and SHA256), from its file or from memory (buffers smaller than a piece: pieces cross
+    them)."""
     from httpcore2._backends.sync import SyncStream
 
     from hubmerge.inputs import guard
     from hubmerge.stream import ShardUploader
 
-    repo = "alice/upload-pieces"
+    repo = f"alice/upload-pieces-{held}"
     hub.create_repo(repo, private=True)
     data = os.urandom(3 * guard.UPLOAD_CHUNK + 4321)
     path = tmp_path / "model-00001-of-00001.safetensors"
-    path.write_bytes(data)
+    monkeypatch.setattr(output, "STAGE_BYTES", guard.UPLOAD_CHUNK * 3 // 4)
+    pool = output.HeldFiles(len(data), 1) if held else None
+    if pool is not None:
+        _write_held(path, data, pool)
+    else:
+        path.write_bytes(data)
     sent: list[int] = []
     spy(monkeypatch, SyncStream, "write", lambda self, buffer, timeout=None: sent.append(len(buffer)))
     hub.faults.fail_status("/_localhub/lfs-upload/", 500, times=1, method="PUT")
     hub.clear_requests()
     settings = Hub(endpoint=hub.url, token=hub.tokens["alice"], cache_dir=tmp_path / "cache")
-    uploader = ShardUploader(settings, repo, remove=False, progress=Progress(), shard_limit=len(data))
+    uploader = ShardUploader(settings, repo, remove=False, progress=Progress(), shard_limit=len(data), held=pool)
     sha = hashlib.sha256(data).hexdigest()
     uploader(path, sha)
     assert list(uploader.finish()) == [path.name]
@@ -234,6 +265,7 @@ def test_an_upload_sends_large_pieces_and_a_retry_sends_the_whole_shard(hub, tmp
     assert [r.status for r in hub.requests if r.method == "PUT"] == [500, 200]
     # the body in full pieces (three, and a short tail, in the attempt the Hub took), never more at once
     assert sent.count(guard.UPLOAD_CHUNK) >= 3 and max(sent) == guard.UPLOAD_CHUNK > 64 * 1024
+    assert pool is None or (pool.live == 0 and not path.exists())  # sent from memory, given back
 
 
 def test_a_multipart_upload_part_is_sent_as_its_slice_alone(tmp_path):

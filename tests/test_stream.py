@@ -163,9 +163,12 @@ def test_streamed_push_publishes_the_files_a_non_streamed_run_writes(shared, tmp
     assert any("kept in the cache" in line for line in result.summary())
 
 
-def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [False, True], ids=["output-on-disk", "output-in-memory"])
+def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, monkeypatch, held):
+    # Output shards in flight within HOLD_BYTES are held in memory and never touch the disk; larger ones go to disk.
+    monkeypatch.setattr(streaming, "HOLD_BYTES", 2**40 if held else 0)
     snapshot_dir = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
-    base_seen, out_seen, out_bytes = [], [], []
+    base_seen, out_seen, out_bytes, pools = [], [], [], set()
     work = tmp_path / "work"  # the job folder a Space passes: the shards in flight go there, not to the current one
     work.mkdir()
     monkeypatch.chdir(tmp_path)
@@ -196,7 +199,16 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
     call = streaming.ShardUploader.__call__
 
     def upload_and_count(self, path, digest):
-        out_seen.append(count_out())  # a shard was just finished; the previous one may still be uploading
+        # a shard was just finished; the previous one may still be uploading
+        on_disk = count_out()
+        assert (self.held is not None) == held
+        if held:
+            assert on_disk == 0 and not path.exists()
+            pools.add(self.held)
+            out_seen.append(self.held.live)
+            out_bytes.append(self.held.held)
+        else:
+            out_seen.append(on_disk)
         call(self, path, digest)
 
     from hubmerge import directio
@@ -223,6 +235,9 @@ def test_disk_holds_at_most_two_base_and_two_output_shards(slow_hub, tmp_path, m
     largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
     assert largest > parse_size(limit)
     assert max(out_bytes) <= streaming.output_in_flight(parse_size(limit), largest), out_bytes
+    assert all(p.live == 0 and p.held == 0 for p in pools) and len(pools) == held  # all memory given back
+    summary = result.summary()
+    assert any(("held in memory" in line) == held for line in summary if "output shards of up to" in line), summary
     assert count_base() == 0  # each removed once merged
     assert any("removed 4 base shards" in line for line in result.summary())
     assert set(_repo_files(slow_hub, "alice/bounded")) >= {"README.md", "hubmerge.json", "config.json"}

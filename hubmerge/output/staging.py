@@ -38,6 +38,7 @@ from ..plan import MergePlan, dtype_name
 from ..progress import Progress
 from ..resources import check_disk, check_memory
 from ..sizes import format_size
+from ..tensorio.output import HeldFiles
 from ..verification.hashing import file_digest, submit
 from .formats import format_folder
 from .recipe import RECIPE_NAME, build_recipe, hash_inputs, input_files, tool_versions, write_recipe
@@ -313,6 +314,7 @@ def write_outputs(
     block_bytes: int,
     disk_needed: int | None = None,
     on_file_done: Callable[[Path, str], None] | None = None,
+    held: HeldFiles | None = None,
 ) -> Written:
     """Write ``plan`` (a merge, or a conversion: a plan without adapters) in every format under ``out_dir``.
 
@@ -321,6 +323,8 @@ def write_outputs(
     on the other core meanwhile. The sibling folder carries a journal of finished files: after a kill or Ctrl-C,
     the same command on the same inputs keeps them and writes only the rest. ``on_file_done(path, sha256)`` is also
     called as each HF shard is finished (a streamed push uploads it); ``disk_needed`` replaces the room checked.
+    ``held``: the HF shards are held in memory there instead of written to disk (up to its budget, on top of the
+    merge's own memory), for ``on_file_done`` to take.
 
     Raises:
         OutputError: no room (before writing, or the disk filled up meanwhile); any writer's IncompatibleError:
@@ -328,7 +332,7 @@ def write_outputs(
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     check_disk(out_dir.parent, plan.nbytes * len(formats) + 64 * 2**20 if disk_needed is None else disk_needed)
-    check_memory(estimate_memory(plan, block_bytes))
+    check_memory(estimate_memory(plan, block_bytes) + (held.budget if held is not None else 0))
     staging = partial_folder(out_dir)
     options = {"formats": list(formats), "max_shard_size": max_shard_size, "pth_shards": pth_shards}
     journal = Journal(staging, fingerprint(plan, [p for files in input_files(plan) for p in files], options))
@@ -339,7 +343,16 @@ def write_outputs(
     try:
         folders = {f: staging / format_folder(f) if len(formats) > 1 else staging for f in formats}
         for fmt in formats:  # each writer checks the plan fits its format before creating a file
-            writers.append(make_writer(fmt, folders[fmt], plan, max_shard_size=max_shard_size, pth_shards=pth_shards))
+            writers.append(
+                make_writer(
+                    fmt,
+                    folders[fmt],
+                    plan,
+                    max_shard_size=max_shard_size,
+                    pth_shards=pth_shards,
+                    held=held if fmt == "hf" else None,
+                )
+            )
         skip = set(range(len(plan.tensors)))
         for fmt, w in zip(formats, writers):  # a tensor is skipped only when no writer needs it any more
             skip &= w.resume(journal.done)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CorruptFileError, InputError
 from ..jsonio import parse_json
-from .output import OutputFile
+from .output import HeldFiles, OutputFile
 from .source import Entry, StreamingTensorWriter, TensorRef
 
 DTYPES: dict[str, torch.dtype] = {
@@ -137,9 +137,17 @@ class SafetensorsWriter(StreamingTensorWriter):
     """Writes one safetensors file from tensors declared up front and then streamed in order.
 
     The header is written first (every offset is known from the declared shapes), so no tensor is ever held whole.
+    With ``held`` the file is held in memory there instead of written to disk (see :class:`HeldFiles`).
     """
 
-    def __init__(self, path: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[Entry],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        held: HeldFiles | None = None,
+    ):
         super().__init__(path, entries)
         header: dict[str, object] = {}
         if metadata:
@@ -155,7 +163,7 @@ class SafetensorsWriter(StreamingTensorWriter):
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
         self.size = 8 + len(raw) + offset
-        self._file = OutputFile(self.path, direct=True)
+        self._file = OutputFile(self.path, direct=True, held=held)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def _put(self, data: memoryview) -> None:

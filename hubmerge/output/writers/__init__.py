@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...plan import MergePlan
+from ...tensorio.output import HeldFiles
 from ..formats import format_folder
 from .base import Writer
 from .gguf import GGUFOutput
@@ -16,10 +17,19 @@ from .meta import MetaWriter
 __all__ = ["Writer", "make_writer", "HFWriter", "MetaWriter", "GGUFOutput"]
 
 
-def make_writer(fmt: str, folder: Path, plan: MergePlan, *, max_shard_size: int, pth_shards: int | None) -> Writer:
-    """The writer of one format (``hf``, ``pth``, ``gguf`` or ``gguf:<type>``) for ``plan`` into ``folder``."""
+def make_writer(
+    fmt: str,
+    folder: Path,
+    plan: MergePlan,
+    *,
+    max_shard_size: int,
+    pth_shards: int | None,
+    held: HeldFiles | None = None,
+) -> Writer:
+    """The writer of one format (``hf``, ``pth``, ``gguf`` or ``gguf:<type>``) for ``plan`` into ``folder``;
+    ``held``: the HF shards are held in memory there instead of written to disk."""
     if fmt == "hf":
-        return HFWriter(folder, plan, max_shard_size)
+        return HFWriter(folder, plan, max_shard_size, held=held)
     if fmt == "pth":
         return MetaWriter(folder, plan, pth_shards)
     if format_folder(fmt) == "gguf":

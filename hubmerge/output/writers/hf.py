@@ -10,6 +10,7 @@ from pathlib import Path
 from ...merging import Block
 from ...plan import MergePlan
 from ...tensorio import SafetensorsWriter
+from ...tensorio.output import HeldFiles
 from ...tensorio.source import Entry
 from .base import Writer
 
@@ -22,10 +23,11 @@ def _json_dump(path: Path, data: dict) -> None:
 
 class HFWriter(Writer):
     """Writes ``model.safetensors`` or ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size``
-    bytes (a single larger tensor gets a shard of its own), in plan order, one shard open at a time."""
+    bytes (a single larger tensor gets a shard of its own), in plan order, one shard open at a time. With ``held``
+    the shards are held in memory there instead of written to disk (a streamed push uploads them from there)."""
 
-    def __init__(self, folder: Path, plan: MergePlan, max_shard_size: int):
-        self.folder, self.plan, self.max_shard_size = Path(folder), plan, max_shard_size
+    def __init__(self, folder: Path, plan: MergePlan, max_shard_size: int, *, held: HeldFiles | None = None):
+        self.folder, self.plan, self.max_shard_size, self.held = Path(folder), plan, max_shard_size, held
         groups: list[list[int]] = [[]]
         size = 0
         for i, t in enumerate(plan.tensors):
@@ -74,7 +76,9 @@ class HFWriter(Writer):
                 self._close_shard()
             self._open = (
                 k,
-                SafetensorsWriter(self.folder / self.shard_names[k], self._entries(k), metadata={"format": "pt"}),
+                SafetensorsWriter(
+                    self.folder / self.shard_names[k], self._entries(k), metadata={"format": "pt"}, held=self.held
+                ),
             )
         self._open[1].write(block.data)
         if self._open[1].complete:  # closed (and handed to ``on_file_done``) now, not when the next shard begins
