@@ -27,28 +27,44 @@ _DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
 USE_DIRECT = bool(_DIRECT_FLAG)  # False: every file goes through the page cache (tests force the fallback)
 
 
-_SPARE_STAGES = 8  # stage buffers kept for reuse: as many as a streamed push has in use at once (128 MiB)
-_spare: list[mmap.mmap] = []
-_spare_lock = threading.Lock()
+class StagePool:
+    """Page-aligned buffers kept for reuse: fresh memory costs ~1 CPU-s per GB at its first touch here (page faults,
+    zeroing), a reused buffer nothing. Up to ``spares`` buffers given back are kept; beyond them, a buffer is left to
+    the garbage collector, which unmaps it once its last view is gone."""
+
+    def __init__(self, spares: int) -> None:
+        self.spares = spares
+        self._spare: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap:
+        """A buffer of ``size`` bytes, one given back when there is one."""
+        with self._lock:
+            while self._spare:
+                buffer = self._spare.pop()
+                if len(buffer) == size:  # (tests change the size)
+                    return buffer
+        return mmap.mmap(-1, size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Give back a buffer that nothing reads or writes any more."""
+        with self._lock:
+            if len(self._spare) < self.spares:
+                self._spare.append(buffer)
+
+
+# The stage buffers of direct files: as many spares as a streamed push has in use at once (128 MiB).
+_STAGES = StagePool(8)
 
 
 def stage_buffer() -> mmap.mmap:
-    """A page-aligned buffer of ``STAGE_BYTES``, one a closed direct file gave back when there is one: fresh memory
-    costs ~1 CPU-s per GB at its first touch here (page faults, zeroing), a reused buffer nothing."""
-    with _spare_lock:
-        while _spare:
-            buffer = _spare.pop()
-            if len(buffer) == STAGE_BYTES:  # (tests change the size)
-                return buffer
-    return mmap.mmap(-1, STAGE_BYTES)
+    """A buffer of ``STAGE_BYTES`` from the direct files' pool (one a closed direct file gave back, if any)."""
+    return _STAGES.take(STAGE_BYTES)
 
 
 def release_stage(buffer: mmap.mmap) -> None:
-    """Give back a :func:`stage_buffer` that nothing reads or writes any more (beyond the spares kept, it is left to
-    the garbage collector, which unmaps it once its last view is gone)."""
-    with _spare_lock:
-        if len(_spare) < _SPARE_STAGES:
-            _spare.append(buffer)
+    """Give back a :func:`stage_buffer` that nothing reads or writes any more."""
+    _STAGES.give(buffer)
 
 
 def _set_direct(fd: int, on: bool) -> bool:

@@ -12,8 +12,8 @@
 * each output shard is pre-uploaded (LFS) as soon as it is written (:class:`ShardUploader`) and, without ``--out``,
   deleted once the Hub has it; when the shards in flight fit in ``HOLD_BYTES`` they are held in memory instead and
   never touch the disk (a byte written and read back for its upload crosses the disk twice, and the disk is as much
-  the stream's bottleneck as the CPU: 1.1 s of ~9.5 on the hub benchmark at 400 MB/s). One commit at the end adds every file with the model card, so the repo never shows
-  half a model; a rerun after an interruption finds the shards already on the Hub (their LFS objects exist) and does
+  the stream's bottleneck as the CPU: 1.1 s of ~9.5 on the hub benchmark at 400 MB/s). One commit at the end adds
+  every file with the model card, so the repo never shows half a model; a rerun after an interruption finds the shards already on the Hub (their LFS objects exist) and does
   not send them again. A repo this run created is deleted if the run fails before the commit (not when it is
   interrupted: its uploaded shards are what a rerun resumes from).
 

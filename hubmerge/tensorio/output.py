@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..directio import STAGE_BYTES, USE_DIRECT, DirectAppender, Positioned
+from ..directio import STAGE_BYTES, USE_DIRECT, DirectAppender, Positioned, StagePool
 from ..verification.hashing import remember, submit
 
 WRITEBACK_BYTES = 64 * 2**20  # start writing out final bytes every this many
@@ -187,18 +187,18 @@ class HeldFiles:
     """Output files held in memory instead of written to disk, each until its reader is closed: a streamed push
     writes its shards here and uploads them from here (:meth:`take`).
 
-    The bytes live in buffers of ``STAGE_BYTES`` that go back to this pool as each file's reader closes: memory
-    touched for the first time costs ~1 CPU-s per GB here (page faults, zeroing), reused memory nothing. The caller
-    bounds what is held at once: at most ``nbytes`` in ``files`` files (the pool never keeps more buffers than that
-    takes; :attr:`budget` is the memory it comes to).
+    The bytes live in buffers of ``STAGE_BYTES`` (a :class:`~hubmerge.directio.StagePool` of its own) that are
+    reused as each file's reader closes. The caller bounds what is held at once: at most ``nbytes`` in ``files`` files
+    (the pool keeps no more buffers than that takes; :attr:`budget` is the memory it comes to).
     """
 
     def __init__(self, nbytes: int, files: int) -> None:
-        self.budget = nbytes + files * STAGE_BYTES  # each file's last buffer is partly empty
+        self.stage = STAGE_BYTES
+        self.budget = nbytes + files * self.stage  # each file's last buffer is partly empty
         self.held = 0  # bytes in the files not yet released
         self.live = 0  # files not yet released
         self._files: dict[Path, HeldFile] = {}
-        self._spare: list[mmap.mmap] = []
+        self._stages = StagePool(self.budget // self.stage)
         self._lock = threading.Lock()
 
     def create(self, path: Path) -> HeldFile:
@@ -223,10 +223,7 @@ class HeldFiles:
             return held
 
     def _buffer(self) -> mmap.mmap:
-        with self._lock:
-            if self._spare:
-                return self._spare.pop()
-        return mmap.mmap(-1, STAGE_BYTES)
+        return self._stages.take(self.stage)
 
     def _grew(self, nbytes: int) -> None:
         with self._lock:
@@ -236,7 +233,8 @@ class HeldFiles:
         with self._lock:
             self.held -= nbytes
             self.live -= 1
-            self._spare.extend(buffers[: max(0, self.budget // STAGE_BYTES - len(self._spare))])
+        for buffer in buffers:
+            self._stages.give(buffer)
 
 
 class HeldFile:
@@ -251,13 +249,13 @@ class HeldFile:
         self._released = False
 
     def append(self, view: memoryview) -> None:
-        src = np.frombuffer(view, dtype=np.uint8)
+        src, stage = np.frombuffer(view, dtype=np.uint8), self._pool.stage
         done = 0
         while done < len(src):
-            at = self.size % STAGE_BYTES
+            at = self.size % stage
             if at == 0:
                 self._buffers.append(self._pool._buffer())
-            k = min(len(src) - done, STAGE_BYTES - at)
+            k = min(len(src) - done, stage - at)
             np.frombuffer(self._buffers[-1], dtype=np.uint8)[at : at + k] = src[done : done + k]  # copies off the GIL
             self.size += k
             done += k
@@ -282,8 +280,9 @@ class HeldFile:
 
     def view(self, start: int, size: int) -> memoryview:
         """``size`` bytes from ``start`` within one buffer (``start`` to the end of its buffer at most)."""
-        k, at = divmod(start, STAGE_BYTES)
-        return memoryview(self._buffers[k])[at : at + min(size, STAGE_BYTES - at, self.size - start)]
+        stage = self._pool.stage
+        k, at = divmod(start, stage)
+        return memoryview(self._buffers[k])[at : at + min(size, stage - at, self.size - start)]
 
 
 class HeldReader(Positioned, io.BufferedIOBase):
