@@ -64,7 +64,10 @@ AHEAD = 1  # base shards downloaded beyond those the merge is reading
 OUTPUT_IN_FLIGHT = 2  # output shards on disk at once: one uploading, one being written
 # Output shards in flight up to this many bytes in all are held in memory, not written to disk (the default shards
 # of models up to ~4 GB; 7B-sized ones go to disk).
-HOLD_BYTES = 512 * 2**20
+HOLD_BYTES = 640 * 2**20
+# Held in memory, up to this many are in flight: a backlog the uploads still send while the downloads slow the merge
+# (with two, the link idled whenever a shard came late: a 2.2 GB push at 400 MB/s took 0.3-0.45 s longer).
+HELD_IN_FLIGHT = 4
 _HEADER_PROBE = 64 * 1024  # first range request of a remote header; LLaMA shard headers are a few tens of kB
 _MAX_REMOTE_HEADER = 16 * 2**20
 _MARGIN = 64 * 2**20  # small files (config, tokenizer, recipe) and filesystem slack
@@ -75,17 +78,19 @@ def stream_shard_size(nbytes: int) -> int:
     return min(STREAM_SHARD_MAX, max(STREAM_SHARD_MIN, nbytes // STREAM_SHARD_PARTS))
 
 
-def output_in_flight(shard_limit: int, largest: int = 0) -> int:
-    """The most output bytes a streamed push holds on disk or in memory (see :class:`ShardUploader`): the uploads the
-    next shard may be written beside, and that shard (a tensor larger than ``shard_limit``, ``largest``, fills one
-    alone)."""
-    return (OUTPUT_IN_FLIGHT - 1) * shard_limit + max(shard_limit, largest)
+def output_in_flight(shard_limit: int, largest: int = 0, shards: int = OUTPUT_IN_FLIGHT) -> int:
+    """The most output bytes a streamed push holds on disk or in memory with ``shards`` in flight (see
+    :class:`ShardUploader`): the uploads the next shard may be written beside, and that shard (a tensor larger than
+    ``shard_limit``, ``largest``, fills one alone)."""
+    return (shards - 1) * shard_limit + max(shard_limit, largest)
 
 
-def held_in_memory(in_flight: int, keep_output: bool) -> bool:
-    """Whether a streamed push holds its output shards in flight (``in_flight`` bytes) in memory: when it keeps no
-    output on disk and they fit in ``HOLD_BYTES``."""
-    return not keep_output and in_flight <= HOLD_BYTES
+def held_in_memory(shard_limit: int, largest: int, keep_output: bool) -> int:
+    """How many output shards in flight a streamed push holds in memory: ``HELD_IN_FLIGHT``, or fewer (down to two)
+    so that they fit in ``HOLD_BYTES``; 0 when it keeps its output on disk or even two do not fit (then
+    ``OUTPUT_IN_FLIGHT`` are on disk)."""
+    fits = (n for n in range(HELD_IN_FLIGHT, 1, -1) if output_in_flight(shard_limit, largest, n) <= HOLD_BYTES)
+    return 0 if keep_output else next(fits, 0)
 
 
 # -- download ahead ---------------------------------------------------------------------------------------------------
@@ -339,10 +344,10 @@ class ShardUploader:
 
     Called by the HF writer as each shard is complete (on the writer thread), it starts that shard's upload at once,
     beside the previous one's, then waits until the shards still uploading leave room for the next one (up to
-    ``shard_limit``) within ``OUTPUT_IN_FLIGHT`` shards: two uploads share the link, so one's requests (upload
-    modes, LFS batch, verify) overlap the other's bytes and the link never idles between shards, yet the output
-    never holds more than two shards' worth of disk (a shard larger than the limit, one tensor alone, is uploaded
-    before the next one is written). With ``remove``, a shard's name is removed as its upload starts and its disk
+    ``shard_limit``) within ``shards`` in flight: uploads share the link, so one's requests (upload modes, LFS batch,
+    verify) overlap another's bytes and the link never idles between shards, yet the output never holds more than
+    ``shards`` shards' worth of disk or memory (a shard larger than the limit, one tensor alone, is uploaded before
+    the next one is written). With ``remove``, a shard's name is removed as its upload starts and its disk
     space is freed when the upload ends (the open file keeps it until then).
     :meth:`finish` returns the uploaded operations for the final commit.
     """
@@ -355,10 +360,12 @@ class ShardUploader:
         remove: bool,
         progress: Progress,
         shard_limit: int,
+        shards: int = OUTPUT_IN_FLIGHT,
         held: HeldFiles | None = None,
     ) -> None:
         self.hub, self.repo_id, self.remove, self.progress, self.held = hub, repo_id, remove, progress, held
-        self.room = output_in_flight(shard_limit) - shard_limit  # may still upload while the next one is written
+        # may still upload while the next one is written: in bytes, and in shards (small ones would fit more)
+        self.room = output_in_flight(shard_limit, shards=shards) - shard_limit, shards - 1
         self.ops: dict[str, Any] = {}
         self.sent = 0  # bytes actually sent (shards already on the Hub are skipped by the client)
         self.skipped = 0  # shards the Hub already had
@@ -370,7 +377,7 @@ class ShardUploader:
         from huggingface_hub import CommitOperationAdd
         from huggingface_hub.lfs import UploadInfo
 
-        self._wait(self.room)  # raises a failed upload's error before starting another
+        self._wait(*self.room)  # raises a failed upload's error before starting another
         path = Path(path)
         # Opened here, on the writer's thread, while the name is certain: once the last shard is done, the staging
         # folder is moved into place (or removed) and the upload thread could no longer find it by name.
@@ -391,12 +398,12 @@ class ShardUploader:
         thread = threading.Thread(target=self._upload, args=(op, body, size), name="hubmerge-upload", daemon=True)
         thread.start()
         self._pending.append((thread, size))
-        self._wait(self.room)
+        self._wait(*self.room)
 
-    def _wait(self, room: int) -> None:
-        """Wait until the uploads still running (the newest) hold at most ``room`` bytes; raise what an upload
-        raised."""
-        while self._pending and sum(size for _, size in self._pending) > room:
+    def _wait(self, room: int, files: int) -> None:
+        """Wait until the uploads still running (the newest) hold at most ``room`` bytes in ``files`` shards; raise
+        what an upload raised."""
+        while self._pending and (sum(size for _, size in self._pending) > room or len(self._pending) > files):
             oldest, _ = self._pending.pop(0)
             while oldest.is_alive():  # a timed join keeps Ctrl-C working
                 oldest.join(0.2)
@@ -432,7 +439,7 @@ class ShardUploader:
         Raises:
             whatever an upload raised (HubAccessError...).
         """
-        self._wait(0)
+        self._wait(0, 0)
         return self.ops
 
 
@@ -554,8 +561,9 @@ def preview_disk(
     sizes = sorted((base_src.remote[n].size for n in names if fresh(base_src, n, hub)), reverse=True)
     whole = 0 if names else sum(base_src.remote[n].size for n in not_cached(base_src, hub))
     adapters = sum(s.remote[n].size for s in adapter_srcs for n in not_cached(s, hub))
-    in_flight = output_in_flight(shard_limit)
-    held = in_flight if held_in_memory(in_flight, keep_output) else 0
+    held_shards = held_in_memory(shard_limit, 0, keep_output)
+    in_flight = output_in_flight(shard_limit, shards=held_shards or OUTPUT_IN_FLIGHT)
+    held = in_flight if held_shards else 0
     output = out_nbytes if keep_output else in_flight - held
     plan = disk_plan(
         sum(sizes) + whole, sum(sizes[: AHEAD + 1]) + whole, adapters, output, keep_downloads, hub.cache_root, out, held
@@ -618,8 +626,10 @@ def merge_push(
         plan = build_plan(inputs.base, inputs.adapters, dtype)
         shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
         largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
-        in_flight = output_in_flight(shard_limit, largest)
-        held = HeldFiles(in_flight, OUTPUT_IN_FLIGHT) if held_in_memory(in_flight, keep_output) else None
+        held_shards = held_in_memory(shard_limit, largest, keep_output)
+        shards = held_shards or OUTPUT_IN_FLIGHT
+        in_flight = output_in_flight(shard_limit, largest, shards)
+        held = HeldFiles(in_flight, shards) if held_shards else None
         output = plan.nbytes * len(formats) if keep_output else 0 if held else in_flight
         if feed is not None:
             feed.schedule(plan)
@@ -634,7 +644,7 @@ def merge_push(
             in_flight if held else 0,
         )
         uploader = ShardUploader(
-            hub, push_to, remove=not keep_output, progress=progress, shard_limit=shard_limit, held=held
+            hub, push_to, remove=not keep_output, progress=progress, shard_limit=shard_limit, shards=shards, held=held
         )
         if feed is not None:
             feed.start(remove=not disk.keep)
