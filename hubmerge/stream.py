@@ -44,10 +44,12 @@ from .inputs.download import RemoteFile, download_verified, read_range
 from .inputs.hub import Hub, hub_errors
 from .inputs.loading import open_inputs, resolve_inputs
 from .inputs.sources import Source, fetch, fetch_file, not_cached, streamable_shards
+from .merging import estimate_memory
 from .output.staging import Written, check_output, partial_folder, write_outputs
 from .plan import MergePlan, build_plan
 from .progress import Progress
 from .publish import PushTarget, check_push_target, push
+from .resources import available_memory
 from .result import MergeResult
 from .sizes import format_size, parse_size
 from .tensorio.output import HeldFiles, HeldReader
@@ -85,12 +87,16 @@ def output_in_flight(shard_limit: int, largest: int = 0, shards: int = OUTPUT_IN
     return (shards - 1) * shard_limit + max(shard_limit, largest)
 
 
-def held_in_memory(shard_limit: int, largest: int, keep_output: bool) -> int:
+def held_in_memory(shard_limit: int, largest: int, keep_output: bool, spare: int | None = None) -> int:
     """How many output shards in flight a streamed push holds in memory: ``HELD_IN_FLIGHT``, or fewer (down to two)
-    so that they fit in ``HOLD_BYTES``; 0 when it keeps its output on disk or even two do not fit (then
-    ``OUTPUT_IN_FLIGHT`` are on disk)."""
-    fits = (n for n in range(HELD_IN_FLIGHT, 1, -1) if output_in_flight(shard_limit, largest, n) <= HOLD_BYTES)
-    return 0 if keep_output else next(fits, 0)
+    so that they fit in ``HOLD_BYTES`` and in ``spare`` (the memory the machine has beyond the merge's own, when
+    known); 0 when it keeps its output on disk or even two do not fit (then ``OUTPUT_IN_FLIGHT`` are on disk)."""
+
+    def fits(n: int) -> bool:
+        nbytes = output_in_flight(shard_limit, largest, n)
+        return nbytes <= HOLD_BYTES and (spare is None or HeldFiles.memory(nbytes, n) <= spare)
+
+    return 0 if keep_output else next((n for n in range(HELD_IN_FLIGHT, 1, -1) if fits(n)), 0)
 
 
 # -- download ahead ---------------------------------------------------------------------------------------------------
@@ -626,7 +632,9 @@ def merge_push(
         plan = build_plan(inputs.base, inputs.adapters, dtype)
         shard_limit = parse_size(max_shard_size) if max_shard_size is not None else stream_shard_size(plan.nbytes)
         largest = max(plan.out_dtype(t).itemsize * math.prod(t.shape) for t in plan.tensors)
-        held_shards = held_in_memory(shard_limit, largest, keep_output)
+        available = available_memory()  # a machine short of memory writes its shards to disk instead
+        spare = None if available is None else available - estimate_memory(plan, block_bytes)
+        held_shards = held_in_memory(shard_limit, largest, keep_output, spare)
         shards = held_shards or OUTPUT_IN_FLIGHT
         in_flight = output_in_flight(shard_limit, largest, shards)
         held = HeldFiles(in_flight, shards) if held_shards else None

@@ -26,6 +26,7 @@ from hubmerge import merge
 from hubmerge import stream as streaming
 from hubmerge.errors import VerificationError
 from hubmerge.sizes import parse_size
+from hubmerge.tensorio.output import HeldFiles
 from hubmerge.testing.localhub import LocalHub
 
 SHARDED = "alice/llama-tiny-sharded"
@@ -163,10 +164,19 @@ def test_streamed_push_publishes_the_files_a_non_streamed_run_writes(shared, tmp
     assert any("kept in the cache" in line for line in result.summary())
 
 
-@pytest.mark.parametrize("held", [False, True], ids=["output-on-disk", "output-in-memory"])
-def test_disk_holds_at_most_two_base_shards_and_the_output_in_flight(slow_hub, tmp_path, monkeypatch, held):
-    # Output shards in flight within HOLD_BYTES are held in memory and never touch the disk; larger ones go to disk.
-    monkeypatch.setattr(streaming, "HOLD_BYTES", 2**40 if held else 0)
+@pytest.mark.parametrize(
+    ("hold", "short", "held"),
+    [(0, False, False), (2**40, False, True), (2**40, True, False)],
+    ids=["output-on-disk", "output-in-memory", "memory-short"],
+)
+def test_disk_holds_at_most_two_base_shards_and_the_output_in_flight(
+    slow_hub, tmp_path, monkeypatch, hold, short, held
+):
+    # Output shards in flight within HOLD_BYTES are held in memory and never touch the disk; larger ones go to disk,
+    # and so do those of a machine without the memory to spare.
+    monkeypatch.setattr(streaming, "HOLD_BYTES", hold)
+    if short:
+        monkeypatch.setattr(streaming, "available_memory", lambda: 1)
     snapshot_dir = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}"
     base_seen, out_seen, out_bytes, pools = [], [], [], set()
     work = tmp_path / "work"  # the job folder a Space passes: the shards in flight go there, not to the current one
@@ -244,6 +254,23 @@ def test_disk_holds_at_most_two_base_shards_and_the_output_in_flight(slow_hub, t
     assert count_base() == 0  # each removed once merged
     assert any("removed 4 base shards" in line for line in result.summary())
     assert set(_repo_files(slow_hub, "alice/bounded")) >= {"README.md", "hubmerge.json", "config.json"}
+
+
+def test_held_output_shards_are_as_many_as_hold_bytes_and_the_spare_memory_allow():
+    mb = 10**6
+    limit, embeddings = 147 * mb, 205 * mb  # the 1b push: a sixteenth of the model; the embeddings fill one alone
+    assert streaming.held_in_memory(limit, embeddings, keep_output=False) == streaming.HELD_IN_FLIGHT == 4
+    assert streaming.held_in_memory(limit, embeddings, keep_output=True) == 0  # --out: the output is on disk anyway
+
+    def memory(n: int) -> int:
+        return HeldFiles.memory(streaming.output_in_flight(limit, embeddings, n), n)
+
+    assert [streaming.held_in_memory(limit, embeddings, False, memory(n)) for n in (4, 3, 2)] == [4, 3, 2]
+    assert streaming.held_in_memory(limit, embeddings, False, memory(4) - 1) == 3
+    assert streaming.held_in_memory(limit, embeddings, False, memory(2) - 1) == 0  # on disk, two at most
+    # the 7b push's default shards (861 MB) are too large to hold: on disk
+    assert streaming.held_in_memory(861 * mb, 861 * mb, keep_output=False) == 0
+    assert streaming.output_in_flight(861 * mb, 861 * mb) == 2 * 861 * mb
 
 
 def test_a_bin_base_streams_shard_by_shard_into_the_files_a_local_merge_writes(shared, tmp_path, models, monkeypatch):

@@ -194,12 +194,17 @@ class HeldFiles:
 
     def __init__(self, nbytes: int, files: int) -> None:
         self.stage = STAGE_BYTES
-        self.budget = nbytes + files * self.stage  # each file's last buffer is partly empty
+        self.budget = self.memory(nbytes, files)
         self.held = 0  # bytes in the files not yet released
         self.live = 0  # files not yet released
         self._files: dict[Path, HeldFile] = {}
         self._stages = StagePool(self.budget // self.stage)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def memory(nbytes: int, files: int) -> int:
+        """The memory that holding ``nbytes`` in ``files`` files takes: each file's last buffer is partly empty."""
+        return nbytes + files * STAGE_BYTES
 
     def create(self, path: Path) -> HeldFile:
         """A new empty file held under ``path`` (one held there before, never taken, is dropped)."""
