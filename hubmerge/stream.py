@@ -12,10 +12,11 @@
 * each output shard is pre-uploaded (LFS) as soon as it is written (:class:`ShardUploader`) and, without ``--out``,
   deleted once the Hub has it; when the shards in flight fit in ``HOLD_BYTES`` they are held in memory instead and
   never touch the disk (a byte written and read back for its upload crosses the disk twice, and the disk is as much
-  the stream's bottleneck as the CPU: 1.1 s of ~9.5 on the hub benchmark at 400 MB/s). One commit at the end adds
-  every file with the model card, so the repo never shows half a model; a rerun after an interruption finds the shards already on the Hub (their LFS objects exist) and does
-  not send them again. A repo this run created is deleted if the run fails before the commit (not when it is
-  interrupted: its uploaded shards are what a rerun resumes from).
+  the stream's bottleneck as the CPU: 1.1 s of ~9.5 on the hub benchmark at 400 MB/s), up to ``HELD_IN_FLIGHT`` of
+  them. One commit at the end adds every file with the model card, so the repo never shows half a model; a rerun
+  after an interruption finds the shards already on the Hub (their LFS objects exist) and does not send them again.
+  A repo this run created is deleted if the run fails before the commit (not when it is interrupted: its uploaded
+  shards are what a rerun resumes from).
 
 The output bytes are the ones a non-streaming run with the same ``max_shard_size`` writes: the same writers write
 them; only where they go afterwards differs.
